@@ -1,0 +1,150 @@
+"""The one typed rollout batch: produced by rollout workers, consumed by the learner.
+
+It is the only thing `rollout_server/` and `learner/` share. Rows are completions; rows of
+one prompt are consecutive (a group of G rows with the same ``group_ids`` value). Ragged
+token lists keep it cheap to pickle through Ray; ``to_tensors`` pads for the learner.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: list[list[int]]  # per row (the group's prompt, repeated per row)
+    completion_ids: list[list[int]]  # generated tokens, EOS included when generated
+    sampling_logp: list[list[float]]  # vLLM log-prob of each generated token
+    truncated: list[bool]  # hit max_completion_length without EOS
+    rewards: list[float]  # combined reward per row; NaN = no usable reward
+    reward_components: dict[str, list[float]]  # per reward function, NaN where missing
+    group_ids: list[int]  # equal for rows of the same prompt; consecutive
+    weight_version: int  # learner step whose weights generated this batch
+    prompts: list[str] = field(default_factory=list)  # prompt text per row (logging, rewards)
+    completions: list[str] = field(default_factory=list)  # decoded completion per row
+    answers: list[str] = field(default_factory=list)  # reference answer per row
+    advantages: list[float] | None = None  # filled by the driver before training
+    timings: dict[str, float] = field(default_factory=dict)  # seconds, by phase
+    metrics: dict[str, float] = field(default_factory=dict)  # e.g. reward failures by function/kind
+
+    def __post_init__(self) -> None:
+        n = len(self.completion_ids)
+        for name in ("prompt_ids", "sampling_logp", "truncated", "rewards", "group_ids"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"RolloutBatch.{name} has {len(getattr(self, name))} rows, expected {n}")
+        for name, vals in self.reward_components.items():
+            if len(vals) != n:
+                raise ValueError(f"RolloutBatch.reward_components[{name!r}] has {len(vals)} rows, expected {n}")
+        for i, (c, lp) in enumerate(zip(self.completion_ids, self.sampling_logp)):
+            if len(c) != len(lp):
+                raise ValueError(f"row {i}: {len(c)} completion tokens but {len(lp)} sampling log-probs")
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def num_groups(self) -> int:
+        return len(set(self.group_ids))
+
+    def select(self, rows: list[int]) -> "RolloutBatch":
+        """A new batch holding ``rows`` (in that order)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "reward_components":
+                out[f.name] = {k: [vals[i] for i in rows] for k, vals in v.items()}
+            elif isinstance(v, list) and len(v) == len(self) and f.name not in ("timings", "metrics"):
+                out[f.name] = [v[i] for i in rows]
+            elif isinstance(v, list) and not v:
+                out[f.name] = []
+            else:
+                out[f.name] = v
+        return replace(self, **out)
+
+    def shard(self, rank: int, world_size: int) -> "RolloutBatch":
+        """Contiguous equal shard for data-parallel rank ``rank``."""
+        if len(self) % world_size:
+            raise ValueError(f"{len(self)} rows cannot be split evenly over {world_size} ranks")
+        per = len(self) // world_size
+        return self.select(list(range(rank * per, (rank + 1) * per)))
+
+    @staticmethod
+    def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":
+        """Concatenate batches; group ids are renumbered so they stay unique and consecutive."""
+        if not batches:
+            raise ValueError("cannot concatenate zero batches")
+        versions = {b.weight_version for b in batches}
+        if len(versions) != 1:
+            raise ValueError(f"refusing to mix weight versions {sorted(versions)} in one batch")
+        out: dict[str, Any] = {}
+        for f in fields(RolloutBatch):
+            vals = [getattr(b, f.name) for b in batches]
+            if f.name == "group_ids":
+                merged, offset = [], 0
+                for g in vals:
+                    remap = {old: offset + k for k, old in enumerate(dict.fromkeys(g))}
+                    merged += [remap[x] for x in g]
+                    offset += len(remap)
+                out[f.name] = merged
+            elif f.name == "reward_components":
+                keys = list(dict.fromkeys(k for v in vals for k in v))
+                out[f.name] = {
+                    k: [x for b, v in zip(batches, vals) for x in v.get(k, [math.nan] * len(b))] for k in keys
+                }
+            elif f.name == "advantages":
+                out[f.name] = None if any(v is None for v in vals) else [x for v in vals for x in v]
+            elif f.name in ("timings", "metrics"):
+                acc: dict[str, float] = {}
+                for d in vals:
+                    for k, x in d.items():
+                        acc[k] = acc.get(k, 0.0) + x
+                out[f.name] = acc
+            elif f.name == "weight_version":
+                out[f.name] = vals[0]
+            else:
+                out[f.name] = [x for v in vals for x in v]
+        return RolloutBatch(**out)
+
+    def rewards_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.rewards, dtype=torch.float32)
+
+    def to_tensors(self, pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Right-padded ``prompt + completion`` sequences for a causal-LM forward.
+
+        Returns input_ids_BL, attention_mask_BL, prompt_len_B, completion_ids_BT, completion
+        mask_BT (1 on generated tokens, EOS included), sampling_logp_BT and adv_B (if set),
+        where T = longest completion in the batch.
+        """
+        B = len(self)
+        L = max(len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids))
+        T = max(1, max(len(c) for c in self.completion_ids))
+        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        comp = torch.full((B, T), pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.float32)
+        slogp = torch.zeros((B, T), dtype=torch.float32)
+        plen = torch.zeros(B, dtype=torch.long)
+        for i, (p, c, lp) in enumerate(zip(self.prompt_ids, self.completion_ids, self.sampling_logp)):
+            seq = p + c
+            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attn[i, : len(seq)] = 1
+            plen[i] = len(p)
+            if c:
+                comp[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+                mask[i, : len(c)] = 1.0
+                slogp[i, : len(c)] = torch.tensor(lp, dtype=torch.float32)
+        out = {
+            "input_ids_BL": input_ids,
+            "attention_mask_BL": attn,
+            "prompt_len_B": plen,
+            "completion_ids_BT": comp,
+            "mask_BT": mask,
+            "sampling_logp_BT": slogp,
+        }
+        if self.advantages is not None:
+            out["adv_B"] = torch.tensor(self.advantages, dtype=torch.float32)
+        return {k: v.to(device) for k, v in out.items()}

@@ -1,0 +1,289 @@
+"""The one configuration schema of grpo-dist.
+
+YAML in, validated before anything starts. Every section is a pydantic model with
+``extra="forbid"``: an unknown or misspelt key is an error that names the field, never
+silently ignored. Nothing here rewrites a user's value; impossible combinations fail.
+Each component receives only its own section (``cfg.rollout``, ``cfg.learner``, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field("runs/tiny-model", description="HF model id or local directory of the policy.")
+    tokenizer_path: str | None = Field(None, description="Tokenizer location; defaults to `path`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Training/inference dtype. `auto`: bfloat16 on CUDA, float32 on CPU."
+    )
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+class SyntheticTaskConfig(_Section):
+    num_train: int = Field(20000, gt=0, description="Distinct training problems generated.")
+    num_test: int = Field(200, gt=0, description="Held-out problems (disjoint from train).")
+    max_operand: int = Field(99, ge=1, description="Operands are drawn from [0, max_operand].")
+    ops: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"])
+    seed: int = 1234
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "gsm8k", "hf"] = Field(
+        "synthetic", description="`synthetic` arithmetic, `gsm8k` local JSONL dir, `hf` any datasets-loadable local file."
+    )
+    path: str | None = Field(None, description="gsm8k: directory with train.jsonl/test.jsonl; hf: data file or dir.")
+    train_split: str = "train"
+    test_split: str = "test"
+    prompt_column: str = "question"
+    answer_column: str = "answer"
+    system_prompt: str | None = None
+    use_chat_template: bool = Field(True, description="Apply the tokenizer's chat template when it has one.")
+    max_prompt_length: int = Field(256, gt=0, description="Rows whose prompt is longer (tokens) are dropped at load.")
+    shuffle_seed: int = 0
+    synthetic: SyntheticTaskConfig = Field(default_factory=SyntheticTaskConfig)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataConfig":
+        if self.source in ("gsm8k", "hf") and not self.path:
+            raise ValueError(f"data.path is required for data.source={self.source!r}")
+        return self
+
+
+class RewardSpec(_Section):
+    name: str = Field(..., description="Registry name (`accuracy`, `format`, `length`) or import path `pkg.mod:fn`.")
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the function.")
+
+
+class RewardsConfig(_Section):
+    functions: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=0.2)]
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Per-call timeout of one reward function on one batch.")
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "RewardsConfig":
+        if not self.functions:
+            raise ValueError("rewards.functions must list at least one reward function")
+        return self
+
+
+class AlgoConfig(_Section):
+    """The GRPO algorithm. Field names follow TRL's GRPOConfig where TRL has one."""
+
+    num_generations: int = Field(8, ge=2, description="G: completions per prompt (one vLLM call with n=G).")
+    beta: float = Field(0.04, ge=0, description="KL coefficient; 0 skips the reference model entirely.")
+    epsilon_low: float = Field(0.2, ge=0, description="Lower clip: ratio >= 1 - epsilon_low.")
+    epsilon_high: float = Field(0.2, ge=0, description="Upper clip: ratio <= 1 + epsilon_high (DAPO clip-higher).")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "grpo", description="Token aggregation, see grpo_dist.losses."
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    advantage: Literal["grpo", "rloo", "softmax"] = Field(
+        "grpo", description="`grpo` group z-score, `rloo` leave-one-out baseline, `softmax` seed-003 weights."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Std used by `grpo` advantages; `none` is Dr. GRPO."
+    )
+    adv_eps: float = Field(1e-4, gt=0, description="Added to the std before dividing.")
+    softmax_temperature: float = Field(1.0, gt=0, description="Temperature of the `softmax` advantage weights.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; logits are divided by it in the loss.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, description="-1 disables top-k.")
+    max_completion_length: int = Field(64, gt=0)
+    num_iterations: int = Field(1, ge=1, description="mu: optimisation passes over each generated batch.")
+    tis_cap: float | None = Field(
+        None, gt=0, description="Truncated importance-sampling cap for vLLM-vs-trainer log-prob mismatch; None = off."
+    )
+    dynamic_sampling: bool = Field(False, description="Drop zero-variance groups and top the batch up (DAPO).")
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="Rollout actors, each owning one vLLM engine.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM TP size per worker (GPU).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    cpu_kvcache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per worker on CPU.")
+    cpu_threads_per_worker: int = Field(1, ge=1, description="OMP threads (and cores bound) per worker on CPU.")
+    max_model_len: int | None = Field(None, description="Defaults to max_prompt_length + max_completion_length.")
+    enforce_eager: bool = True
+    enable_sleep_mode: bool = Field(False, description="vLLM sleep mode (GPU only; refused on CPU).")
+    seed: int = 0
+    generate_timeout_s: float = Field(600.0, gt=0)
+
+
+class LearnerConfig(_Section):
+    num_ranks: int = Field(2, ge=1, description="Data-parallel DeepSpeed ranks (one Ray actor each).")
+    zero_stage: Literal[2, 3] = 2
+    micro_batch_size: int = Field(4, ge=1, description="Rows per rank per forward/backward.")
+    optimizer_steps_per_batch: int = Field(
+        1, ge=1, description="Mini-batches (optimizer steps) each rollout batch is split into, per iteration."
+    )
+    lr: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    max_grad_norm: float = Field(1.0, gt=0)
+    ref_sync_every: int | None = Field(None, ge=1, description="TRL sync_ref_model: refresh the reference every K steps.")
+    ref_sync_alpha: float = Field(1.0, gt=0, le=1, description="ref <- alpha*policy + (1-alpha)*ref at each refresh.")
+    weight_sync_bucket_mb: float = Field(64.0, gt=0, description="Max bucket size of one weight broadcast.")
+
+
+class TrainerConfig(_Section):
+    steps: int = Field(20, ge=1, description="GRPO steps (one rollout batch each).")
+    prompts_per_step: int = Field(16, ge=1, description="Unique prompts per step; rows = prompts_per_step * G.")
+    sync_every: int = Field(1, ge=1, description="Broadcast weights to rollout workers every N steps.")
+    max_staleness: int = Field(0, ge=0, description="0 = on-policy; k >= 1 = async, batches at most k versions old.")
+    eval_every: int | None = Field(None, ge=1)
+    eval_num_prompts: int = Field(200, ge=1)
+    eval_num_samples: int = Field(1, ge=1, description="k samples per eval prompt (1 + temperature 0 = greedy).")
+    eval_temperature: float = Field(0.0, ge=0)
+    seed: int = 0
+    output_dir: str = "runs/default"
+
+
+class CheckpointConfig(_Section):
+    save_every: int | None = Field(None, ge=1, description="Save every N steps (None: only at the end).")
+    save_at_end: bool = True
+    dir: str | None = Field(None, description="Defaults to <output_dir>/checkpoints.")
+    keep_last: int = Field(2, ge=1)
+
+
+class LoggingConfig(_Section):
+    jsonl: bool = True
+    tensorboard: bool = True
+    progress_bar: bool = True
+    ray_metrics: bool = True
+    log_completions: int = Field(2, ge=0, description="Sample completions printed per step.")
+
+
+class ClusterConfig(_Section):
+    address: str | None = Field(None, description="Ray address; None starts a local head (with dashboard).")
+    num_cpus_per_rollout: float = Field(1.0, gt=0)
+    num_gpus_per_rollout: float = Field(0.0, ge=0)
+    num_cpus_per_learner: float = Field(1.0, gt=0)
+    num_gpus_per_learner: float = Field(0.0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    rpc_timeout_s: float = Field(600.0, gt=0, description="Bound on any single actor call.")
+    collective_timeout_s: float = Field(300.0, gt=0, description="torch.distributed / weight-sync timeout.")
+    max_worker_restarts: int = Field(3, ge=0)
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    algorithm: AlgoConfig = Field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        rows = self.trainer.prompts_per_step * self.algorithm.num_generations
+        ln = self.learner
+        per_opt = ln.num_ranks * ln.micro_batch_size * ln.optimizer_steps_per_batch
+        if rows % per_opt:
+            raise ValueError(
+                f"trainer.prompts_per_step * algorithm.num_generations = {rows} rows per step is not divisible by "
+                f"learner.num_ranks * learner.micro_batch_size * learner.optimizer_steps_per_batch = {per_opt}"
+            )
+        if self.data.max_prompt_length + self.algorithm.max_completion_length > self.max_model_len:
+            raise ValueError(
+                f"rollout.max_model_len={self.rollout.max_model_len} is shorter than data.max_prompt_length + "
+                f"algorithm.max_completion_length = {self.data.max_prompt_length + self.algorithm.max_completion_length}"
+            )
+        if self.learner.ref_sync_every is not None and self.algorithm.beta == 0:
+            raise ValueError("learner.ref_sync_every is set but algorithm.beta=0 means no reference model is used")
+        return self
+
+    @property
+    def max_model_len(self) -> int:
+        return self.rollout.max_model_len or (self.data.max_prompt_length + self.algorithm.max_completion_length)
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.trainer.prompts_per_step * self.algorithm.num_generations
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        ln = self.learner
+        return self.rows_per_step // (ln.num_ranks * ln.micro_batch_size * ln.optimizer_steps_per_batch)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or str(Path(self.trainer.output_dir) / "checkpoints")
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names the field(s)."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (not in the schema)"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    # YAML scalar parsing so `--set algorithm.beta=0` gives 0 (int) and `x=null` gives None.
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a raw config dict (before validation)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or defaults if ``path`` is None), apply overrides, validate. Raises ConfigError."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at top level, got {type(loaded).__name__}")
+        raw = loaded
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

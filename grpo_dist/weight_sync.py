@@ -1,0 +1,177 @@
+"""Weight-sync protocol between learner rank 0 and the rollout engines (pure torch).
+
+Both sides import this module; neither imports the other. Protocol, per update:
+
+1. The driver asks the learner for the parameter manifest (name, shape, dtype) and the
+   version (learner step); it hands the manifest to every rollout worker, which checks it
+   against its own model and refuses a mismatch before any tensor moves.
+2. Learner rank 0 (group rank 0, the store master) and every rollout engine worker
+   (ranks 1..N) join a dedicated process group: its own ``TCPStore`` rendezvous, gloo on
+   CPU and NCCL on CUDA, an explicit timeout. It is separate from DeepSpeed's group.
+3. Rank 0 broadcasts the parameters in size-bounded buckets (one flat buffer per bucket,
+   per dtype), not one collective or RPC per tensor. Receivers unflatten each bucket and
+   stream ``(name, tensor)`` pairs into the engine's weight loader.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # e.g. "float32" (strings so the manifest pickles/JSONs cleanly)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.torch_dtype).element_size()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def spec_of(name: str, t: torch.Tensor) -> ParamSpec:
+    return ParamSpec(name, tuple(t.shape), dtype_name(t.dtype))
+
+
+def plan_buckets(manifest: list[ParamSpec], bucket_bytes: int) -> list[list[int]]:
+    """Group manifest indices into buckets of one dtype and at most ``bucket_bytes`` each.
+
+    Order is preserved (so the sender can stream parameters layer by layer). A tensor larger
+    than the bound gets a bucket of its own.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError("bucket_bytes must be positive")
+    buckets: list[list[int]] = []
+    cur: list[int] = []
+    cur_bytes = 0
+    cur_dtype: str | None = None
+    for i, spec in enumerate(manifest):
+        nb = spec.nbytes
+        if cur and (spec.dtype != cur_dtype or cur_bytes + nb > bucket_bytes):
+            buckets.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(i)
+        cur_bytes += nb
+        cur_dtype = spec.dtype
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def check_manifest(manifest: list[ParamSpec], expected: dict[str, ParamSpec]) -> None:
+    """Raise ValueError naming every parameter whose name, shape or dtype does not match."""
+    problems = []
+    got = {s.name for s in manifest}
+    for s in manifest:
+        e = expected.get(s.name)
+        if e is None:
+            problems.append(f"unknown parameter {s.name!r}")
+        elif e.shape != s.shape:
+            problems.append(f"{s.name}: shape {list(s.shape)} != expected {list(e.shape)}")
+        elif e.dtype != s.dtype:
+            problems.append(f"{s.name}: dtype {s.dtype} != expected {e.dtype}")
+    missing = sorted(set(expected) - got)
+    if missing:
+        problems.append(f"missing parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
+        raise ValueError(f"weight update refused: {shown}")
+
+
+def pick_backend(device: torch.device | str | None = None) -> str:
+    """NCCL when CUDA is present (or the device is CUDA), gloo otherwise."""
+    if device is not None:
+        return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_sync_group(
+    host: str, port: int, rank: int, world_size: int, timeout_s: float, backend: str = "gloo"
+) -> dist.ProcessGroup:
+    """Join the weight-sync group (all ranks call this concurrently).
+
+    Rank 0 hosts the TCPStore (``wait_for_workers=False``: the store starts without peers);
+    building the group then waits for every rank at most ``timeout_s`` and raises
+    ``TimeoutError`` naming the group if one never joins, instead of hanging."""
+    timeout = _dt.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(
+        host, port, world_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False
+    )
+    try:
+        if backend == "gloo":
+            return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        if backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    except dist.DistStoreError as e:
+        raise TimeoutError(
+            f"weight-sync group {host}:{port} (rank {rank} of {world_size}): not every rank joined "
+            f"within {timeout_s:.0f}s ({e})"
+        ) from None
+    raise ValueError(f"unknown weight-sync backend {backend!r}")
+
+
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1).clone()
+
+
+def send_weights(
+    group: dist.ProcessGroup,
+    manifest: list[ParamSpec],
+    tensors: Iterable[torch.Tensor],
+    bucket_bytes: int,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Broadcast ``tensors`` (in manifest order) from group rank 0. Returns bytes sent.
+
+    ``tensors`` may be a generator so ZeRO-3 callers gather one layer at a time.
+    """
+    it = iter(tensors)
+    sent = 0
+    for bucket in plan_buckets(manifest, bucket_bytes):
+        parts = []
+        for i in bucket:
+            t = next(it)
+            spec = manifest[i]
+            if tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype:
+                raise ValueError(f"sender: {spec.name} is {tuple(t.shape)}/{t.dtype}, manifest says {spec}")
+            parts.append(t.detach().to(device))
+        flat = _flatten(parts)
+        group.broadcast(flat, 0).wait()
+        sent += flat.numel() * flat.element_size()
+    return sent
+
+
+def recv_weights(
+    group: dist.ProcessGroup, manifest: list[ParamSpec], bucket_bytes: int, device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Receive what ``send_weights`` broadcasts; yields ``(name, tensor)`` bucket by bucket."""
+    for bucket in plan_buckets(manifest, bucket_bytes):
+        specs = [manifest[i] for i in bucket]
+        flat = torch.empty(sum(s.numel for s in specs), dtype=specs[0].torch_dtype, device=device)
+        group.broadcast(flat, 0).wait()
+        offset = 0
+        for s in specs:
+            yield s.name, flat[offset : offset + s.numel].view(s.shape)
+            offset += s.numel
