@@ -1,0 +1,235 @@
+"""Prompt datasets and the deterministic prompt sampler.
+
+``load_split(data_cfg, tokenizer, split)`` reads one split from the configured source:
+
+- ``synthetic``: ``grpo_dist.synthetic.make_split`` (train and test disjoint by construction);
+  ``split`` must be ``data.train_split`` or ``data.test_split``.
+- ``gsm8k``: ``<path>/<split>.jsonl``; the reference answer is the text after ``####``.
+- ``hf``: any ``datasets``-loadable local data: a directory (splits from file names, e.g.
+  ``train.jsonl``/``test.csv``, or a ``save_to_disk`` dataset) or a single json/jsonl/csv/parquet
+  file (which then serves only ``data.train_split``).
+
+Every row becomes ``{"prompt", "prompt_ids", "answer", "question"}``: ``prompt`` is the text fed
+to the model (the tokenizer's chat template with the optional system prompt when
+``use_chat_template`` and the tokenizer has a template; otherwise ``system_prompt + "\\n\\n" +
+question``), ``prompt_ids`` its tokens. Malformed rows are dropped with a count per reason
+(``PromptDataset.dropped``) and a logged summary; a split left empty raises ValueError.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from grpo_dist.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+_HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class PromptDataset:
+    split: str
+    source: str
+    rows: list[dict[str, Any]]
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows dropped
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+# ---------------------------------------------------------------- raw rows per source
+
+
+def _synthetic_rows(cfg: DataConfig, split: str) -> list[dict[str, Any]]:
+    from grpo_dist.synthetic import make_split
+
+    roles = {cfg.train_split: "train", cfg.test_split: "test"}
+    if split not in roles:
+        raise ValueError(f"synthetic data has splits {sorted(roles)} (data.train_split/test_split), not {split!r}")
+    s = cfg.synthetic
+    return make_split(roles[split], s.num_train, s.num_test, s.seed, s.max_operand, list(s.ops))
+
+
+def _read_jsonl(path: Path) -> Iterable[Any]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                yield {"__malformed__": f"{path.name}:{lineno}"}
+
+
+def _gsm8k_rows(cfg: DataConfig, split: str) -> list[Any]:
+    path = Path(cfg.path) / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"gsm8k split {split!r}: {path} does not exist (data.path={cfg.path!r})")
+    return list(_read_jsonl(path))
+
+
+def _hf_rows(cfg: DataConfig, split: str) -> list[Any]:
+    import datasets
+
+    path = Path(cfg.path)
+    if not path.exists():
+        raise FileNotFoundError(f"data.path={cfg.path!r} does not exist")
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"split {split!r} not in {path} (has {sorted(ds)})")
+            ds = ds[split]
+    elif path.is_dir():
+        ds = datasets.load_dataset(str(path), split=split)
+    else:
+        builder = _HF_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"data.path={cfg.path!r}: unsupported file type; use one of {sorted(_HF_BUILDERS)}")
+        if split != cfg.train_split:
+            raise ValueError(
+                f"data.path={cfg.path!r} is a single file, which serves only split {cfg.train_split!r}; "
+                f"for split {split!r} point data.path at a directory with one file per split"
+            )
+        ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+    return list(ds)
+
+
+_SOURCES = {"synthetic": _synthetic_rows, "gsm8k": _gsm8k_rows, "hf": _hf_rows}
+
+
+# ---------------------------------------------------------------- row -> prompt
+
+
+def build_prompt(question: str, tokenizer: Any, system_prompt: str | None, use_chat_template: bool) -> tuple[str, bool]:
+    """(prompt text, whether the chat template was applied)."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": question}
+        ]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    return (f"{system_prompt}\n\n{question}" if system_prompt else question), False
+
+
+def _reference(raw: Any, source: str) -> str | None:
+    if raw is None:
+        return None
+    text = str(raw)
+    if source == "gsm8k":
+        if "####" not in text:
+            return None
+        text = text.rsplit("####", 1)[1]
+    return text.strip() or None
+
+
+def _prepare(raw: Any, cfg: DataConfig, tokenizer: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """(row, None) or (None, reason it was dropped)."""
+    if not isinstance(raw, dict) or "__malformed__" in raw:
+        return None, "malformed_record"
+    if cfg.source == "synthetic":
+        q_key, a_key = "question", "answer"
+    else:
+        q_key, a_key = cfg.prompt_column, cfg.answer_column
+    question = raw.get(q_key)
+    if not isinstance(question, str):
+        return None, f"missing_{q_key}"
+    if not question.strip():
+        return None, "empty_prompt"
+    if raw.get(a_key) is None:
+        return None, f"missing_{a_key}"
+    answer = _reference(raw[a_key], cfg.source)
+    if answer is None:
+        return None, "no_final_answer"
+    prompt, templated = build_prompt(question, tokenizer, cfg.system_prompt, cfg.use_chat_template)
+    # A chat template writes its own special tokens (BOS); adding them again would double them.
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=not templated)["input_ids"])
+    if not prompt_ids:
+        return None, "empty_prompt"
+    if len(prompt_ids) > cfg.max_prompt_length:
+        return None, "prompt_too_long"
+    return {"prompt": prompt, "prompt_ids": prompt_ids, "answer": answer, "question": question}, None
+
+
+def load_split(data_cfg: DataConfig, tokenizer: Any, split: str) -> PromptDataset:
+    """Load, format, tokenize and filter one split (see the module docstring)."""
+    raw_rows = _SOURCES[data_cfg.source](data_cfg, split)
+    rows, dropped = [], {}
+    for raw in raw_rows:
+        row, reason = _prepare(raw, data_cfg, tokenizer)
+        if row is None:
+            dropped[reason] = dropped.get(reason, 0) + 1
+        else:
+            rows.append(row)
+    where = f"{data_cfg.source} split {split!r}"
+    if dropped:
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()))
+        log.warning("%s: dropped %d of %d rows (%s)", where, sum(dropped.values()), len(raw_rows), detail)
+    if not rows:
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "the source has no rows"
+        raise ValueError(
+            f"{where} is empty after filtering ({detail}); data.max_prompt_length={data_cfg.max_prompt_length}"
+        )
+    log.info("%s: %d prompts", where, len(rows))
+    return PromptDataset(split=split, source=data_cfg.source, rows=rows, dropped=dropped)
+
+
+# ---------------------------------------------------------------- sampler
+
+
+class PromptSampler:
+    """Endless deterministic stream of row indices, ``prompts_per_step`` at a time.
+
+    Epoch ``e`` visits every row once in the order ``permutation(seed + e)``; a step that
+    crosses an epoch boundary takes the rest of one epoch and the start of the next (so the
+    same prompt can appear twice in that one step when ``num_rows`` is small). The position is
+    two integers, so save/restore resumes the exact stream.
+    """
+
+    def __init__(self, num_rows: int, prompts_per_step: int, seed: int) -> None:
+        if num_rows < 1 or prompts_per_step < 1:
+            raise ValueError(
+                f"PromptSampler needs num_rows >= 1 and prompts_per_step >= 1, got {num_rows}, {prompts_per_step}"
+            )
+        self.num_rows, self.prompts_per_step, self.seed = num_rows, prompts_per_step, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        return np.random.default_rng(self.seed + epoch).permutation(self.num_rows).tolist()
+
+    def next_indices(self) -> list[int]:
+        out: list[int] = []
+        while len(out) < self.prompts_per_step:
+            if self.pos == self.num_rows:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(self.prompts_per_step - len(out), self.num_rows - self.pos)
+            out += self._order[self.pos : self.pos + take]
+            self.pos += take
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "num_rows": self.num_rows,
+            "prompts_per_step": self.prompts_per_step,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "pos": self.pos,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("num_rows", "seed"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]} but this sampler has {getattr(self, key)}")
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._permutation(self.epoch)

@@ -1,0 +1,288 @@
+"""The GRPO objective: token log-probs, per-token loss, and token aggregation.
+
+Per token (``A`` = the row's advantage, ``ratio = pi / pi_old``)::
+
+    loss_t = -min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) * tis_t
+             + beta * KL_t
+
+- ``old_logp_BT=None`` is the on-policy case (mu = 1): ``ratio = exp(logp - logp.detach())``,
+  whose value is exactly 1 but whose gradient is ``grad logp``.
+- ``KL_t`` estimates KL(pi || pi_ref) from the sampled token (``d = ref_logp - logp``):
+  ``k1 = -d``, ``k2 = d**2 / 2``, ``k3 = exp(d) - d - 1`` (default; non-negative, unbiased).
+  Skipped when ``beta == 0`` or ``ref_logp_BT is None``.
+- Truncated importance sampling (``tis_t``): vLLM samples from a slightly different
+  distribution than the trainer computes (kernels, precision). When ``cfg.tis_cap`` is set and
+  vLLM's ``sampling_logp_BT`` is given, the policy term is multiplied by the detached weight
+  ``min(exp(logp_old - sampling_logp), tis_cap)``, with ``logp_old = old_logp_BT`` or, on-policy,
+  ``logp.detach()``. The KL term is not reweighted. Otherwise ``tis_t = 1``.
+
+Aggregation (``AlgoConfig.loss_type``) over the optimizer-step batch of ``B_tot`` rows and
+``N_tot`` unmasked tokens (all ranks, all micro-batches):
+
+- ``grpo``: mean over each sequence's tokens, then mean over sequences
+  (``sum_i [sum_t l_it / n_i] / B_tot``).
+- ``bnpo``: mean over every token of the batch (``sum l / N_tot``).
+- ``dr_grpo``: ``sum l / (B_tot * max_completion_length)``.
+- ``dapo``: ``sum l / N_tot`` with ``N_tot = global_num_tokens``; defined on the full batch,
+  this is the same objective as ``bnpo`` (TRL differs only in normalizing ``bnpo`` by the
+  local micro-batch, which is what both do here when the totals are not passed).
+
+Distributed use: ``aggregate`` divides a micro-batch's token-loss sum by the *step totals*
+``num_sequences_total`` (rows) and ``num_tokens_total`` (mask sum), so the SUM of the losses of
+every micro-batch on every rank equals the full-batch loss, and so do the gradients. Pass
+``num_sequences_total = rows per optimizer step (all ranks)`` and
+``num_tokens_total = mask sum over those rows``. DeepSpeed averages gradients over the ``R``
+data-parallel ranks and divides each ``engine.backward`` by the gradient-accumulation steps
+``GAS``, so the learner calls ``engine.backward(loss * R * GAS)`` to obtain exactly the
+full-batch gradient (tested in tests/test_losses.py). Without the totals each micro-batch is
+normalized by its own counts (single-process use).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from grpo_dist.config import AlgoConfig
+
+
+# ---------------------------------------------------------------- log-probs from logits
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    # bf16/fp16 logsumexp over a large vocab loses precision; float64 stays float64.
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _row_logp(logits_TV: torch.Tensor, ids_T: torch.Tensor) -> torch.Tensor:
+    # One row at a time bounds the extra memory to [T, V] instead of [B, T, V].
+    logits_TV = _at_least_fp32(logits_TV)
+    picked_T = logits_TV.gather(-1, ids_T.unsqueeze(-1)).squeeze(-1)
+    return picked_T - torch.logsumexp(logits_TV, dim=-1)
+
+
+def selective_log_softmax(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[ids]`` (``[B, T]``, at least float32) without materializing ``[B, T, V]`` log-probs."""
+    if logits_BTV.shape[:-1] != ids_BT.shape:
+        raise ValueError(f"logits {tuple(logits_BTV.shape)} do not match ids {tuple(ids_BT.shape)}")
+    return torch.stack([_row_logp(logits_BTV[i], ids_BT[i]) for i in range(ids_BT.shape[0])])
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the last dim (at least float32), e.g. ``[B, T, V] -> [B, T]``."""
+    logits = _at_least_fp32(logits)
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def _completion_slices(logits_BLV: torch.Tensor, prompt_len_B: torch.Tensor, T: int):
+    """Per row: (row, logits predicting completion tokens 0..n-1, their positions in input_ids, n).
+
+    The logit at position ``p`` predicts token ``p + 1``, so completion token ``t`` of a row
+    with prompt length ``P`` (at position ``P + t``) is scored by the logit at ``P + t - 1``.
+    ``n = min(T, L - P)``: a short completion next to a long prompt ends before ``T``.
+    """
+    B, L, _ = logits_BLV.shape
+    if prompt_len_B.shape != (B,):
+        raise ValueError(f"prompt_len_B has shape {tuple(prompt_len_B.shape)}, expected ({B},)")
+    for i, P in enumerate(prompt_len_B.tolist()):
+        if not 1 <= P <= L:
+            raise ValueError(f"row {i}: prompt length {P} outside [1, {L}] (a completion needs a prompt token)")
+        n = min(T, L - P)
+        yield i, logits_BLV[i, P - 1 : P - 1 + n], P, n
+
+
+def completion_logprobs(
+    logits_BLV: torch.Tensor,
+    input_ids_BL: torch.Tensor,
+    prompt_len_B: torch.Tensor,
+    T: int,
+    temperature: float,
+) -> torch.Tensor:
+    """Per-token log-probs ``logp_BT`` (at least float32) of the completion tokens of right-padded
+    ``prompt + completion`` rows (``RolloutBatch.to_tensors``), under ``softmax(logits / temperature)``
+    (the distribution vLLM sampled from). Positions past a row's sequence are 0; mask them."""
+    if input_ids_BL.shape != logits_BLV.shape[:2]:
+        raise ValueError(f"input_ids {tuple(input_ids_BL.shape)} do not match logits {tuple(logits_BLV.shape)}")
+    rows = []
+    for i, logits_nV, P, n in _completion_slices(logits_BLV, prompt_len_B, T):
+        logp_n = _row_logp(logits_nV / temperature, input_ids_BL[i, P : P + n])
+        rows.append(torch.nn.functional.pad(logp_n, (0, T - n)))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def completion_entropy(
+    logits_BLV: torch.Tensor, prompt_len_B: torch.Tensor, T: int, temperature: float
+) -> torch.Tensor:
+    """Entropy ``ent_BT`` of the sampling distribution at each completion position (a metric; no grad)."""
+    rows = []
+    for _, logits_nV, _, n in _completion_slices(logits_BLV, prompt_len_B, T):
+        rows.append(torch.nn.functional.pad(entropy_from_logits(logits_nV / temperature), (0, T - n)))
+    return torch.stack(rows)
+
+
+def completion_mask(ids_BT: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """float32 ``mask_BT``: 1 up to and including the first ``eos_id``, 0 after; all ones without EOS.
+
+    Combine with the padding mask of ``to_tensors`` when ``pad_id != eos_id``."""
+    is_eos_BT = (ids_BT == eos_id).int()
+    eos_before_BT = is_eos_BT.cumsum(dim=1) - is_eos_BT
+    return (eos_before_BT == 0).float()
+
+
+# ---------------------------------------------------------------- per-token loss
+
+
+def kl_penalty(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled token, ``d = ref_logp - logp``."""
+    d_BT = ref_logp_BT - logp_BT
+    if estimator == "k1":
+        return -d_BT
+    if estimator == "k2":
+        return 0.5 * d_BT**2
+    if estimator == "k3":
+        return torch.exp(d_BT) - d_BT - 1
+    raise ValueError(f"unknown kl_estimator {estimator!r}; known: k1, k2, k3")
+
+
+def tis_weights(behaviour_logp_BT: torch.Tensor, sampling_logp_BT: torch.Tensor, cap: float) -> torch.Tensor:
+    """Detached truncated importance weights ``min(exp(behaviour_logp - sampling_logp), cap)``."""
+    return torch.exp(behaviour_logp_BT.detach() - sampling_logp_BT.detach()).clamp(max=cap)
+
+
+def per_token_loss(
+    logp_BT: torch.Tensor,
+    old_logp_BT: torch.Tensor | None,
+    ref_logp_BT: torch.Tensor | None,
+    adv_B: torch.Tensor,
+    cfg: AlgoConfig,
+    sampling_logp_BT: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``loss_BT`` (see the module docstring) and the per-token terms behind it (``ratio_BT``,
+    ``clipped_low_BT``, ``clipped_high_BT``, ``kl_BT`` when used, ``tis_BT`` when used)."""
+    behaviour_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT.detach()
+    ratio_BT = torch.exp(logp_BT - behaviour_BT)
+    adv_B1 = adv_B.unsqueeze(1)
+    clipped_BT = ratio_BT.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+    loss_BT = -torch.min(ratio_BT * adv_B1, clipped_BT * adv_B1)
+    # A token is clipped when the clamp is the active side of the min (TRL's definition).
+    terms = {
+        "ratio_BT": ratio_BT.detach(),
+        "clipped_low_BT": ((ratio_BT < 1 - cfg.epsilon_low) & (adv_B1 < 0)).float(),
+        "clipped_high_BT": ((ratio_BT > 1 + cfg.epsilon_high) & (adv_B1 > 0)).float(),
+    }
+    if cfg.tis_cap is not None and sampling_logp_BT is not None:
+        tis_BT = tis_weights(behaviour_BT, sampling_logp_BT, cfg.tis_cap)
+        loss_BT = loss_BT * tis_BT
+        terms["tis_BT"] = tis_BT
+    if cfg.beta != 0 and ref_logp_BT is not None:
+        kl_BT = kl_penalty(logp_BT, ref_logp_BT, cfg.kl_estimator)
+        loss_BT = loss_BT + cfg.beta * kl_BT
+        terms["kl_BT"] = kl_BT.detach()
+    return loss_BT, terms
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+# One signature: fn(loss_BT, mask_BT, *, max_completion_length, num_sequences_total, num_tokens_total).
+def _seq_mean(loss_BT, mask_BT, *, max_completion_length, num_sequences_total, num_tokens_total):
+    per_seq_B = (loss_BT * mask_BT).sum(dim=1) / mask_BT.sum(dim=1).clamp(min=1)
+    return per_seq_B.sum() / (num_sequences_total or loss_BT.shape[0])
+
+
+def _token_mean(loss_BT, mask_BT, *, max_completion_length, num_sequences_total, num_tokens_total):
+    return (loss_BT * mask_BT).sum() / (num_tokens_total or mask_BT.sum().clamp(min=1))
+
+
+def _const_norm(loss_BT, mask_BT, *, max_completion_length, num_sequences_total, num_tokens_total):
+    return (loss_BT * mask_BT).sum() / ((num_sequences_total or loss_BT.shape[0]) * max_completion_length)
+
+
+AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "grpo": _seq_mean,
+    "bnpo": _token_mean,
+    "dr_grpo": _const_norm,
+    "dapo": _token_mean,
+}
+
+
+def aggregate(
+    loss_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    loss_type: str,
+    max_completion_length: int,
+    num_sequences_total: int | None = None,
+    num_tokens_total: float | None = None,
+) -> torch.Tensor:
+    """Scalar loss of a (micro-)batch; with the step totals, micro-batch losses SUM to the full-batch loss."""
+    if loss_type not in AGGREGATIONS:
+        raise ValueError(f"unknown loss_type {loss_type!r}; known: {sorted(AGGREGATIONS)}")
+    if num_sequences_total is not None and num_sequences_total < 1:
+        raise ValueError(f"num_sequences_total must be >= 1, got {num_sequences_total}")
+    if num_tokens_total is not None and num_tokens_total <= 0:
+        raise ValueError(f"num_tokens_total must be > 0, got {num_tokens_total}")
+    mask_BT = mask_BT.to(loss_BT.dtype)
+    return AGGREGATIONS[loss_type](
+        loss_BT,
+        mask_BT,
+        max_completion_length=max_completion_length,
+        num_sequences_total=num_sequences_total,
+        num_tokens_total=num_tokens_total,
+    )
+
+
+def _masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    return (x_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+
+
+def grpo_loss(
+    logp_BT: torch.Tensor,
+    old_logp_BT: torch.Tensor | None,
+    ref_logp_BT: torch.Tensor | None,
+    adv_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    cfg: AlgoConfig,
+    *,
+    global_num_tokens: float | None = None,
+    num_sequences_total: int | None = None,
+    sampling_logp_BT: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss of a (micro-)batch and its metrics.
+
+    ``global_num_tokens`` / ``num_sequences_total``: the optimizer-step totals (see the module
+    docstring); omitted, the local counts are used. Metrics are detached 0-dim float32 tensors
+    (no device sync), token means over this micro-batch's mask: ``kl`` (0 when unused),
+    ``ratio``, ``clip_low``, ``clip_high``, ``clip_region``, ``tis`` (1 when unused), plus
+    ``num_tokens`` to weight them when merging micro-batches (``merge_metrics``).
+    """
+    loss_BT, terms = per_token_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, cfg, sampling_logp_BT)
+    mask_BT = mask_BT.to(loss_BT.dtype)
+    loss = aggregate(loss_BT, mask_BT, cfg.loss_type, cfg.max_completion_length, num_sequences_total, global_num_tokens)
+    m = mask_BT.detach()
+    zero, one = torch.zeros_like(m), torch.ones_like(m)
+    with torch.no_grad():
+        metrics = {
+            "kl": _masked_mean(terms.get("kl_BT", zero), m),
+            "ratio": _masked_mean(terms["ratio_BT"], m),
+            "clip_low": _masked_mean(terms["clipped_low_BT"], m),
+            "clip_high": _masked_mean(terms["clipped_high_BT"], m),
+            "clip_region": _masked_mean(terms["clipped_low_BT"] + terms["clipped_high_BT"], m),
+            "tis": _masked_mean(terms.get("tis_BT", one), m),
+            "num_tokens": m.sum(),
+        }
+    return loss, metrics
+
+
+def merge_metrics(per_micro_batch: list[dict[str, torch.Tensor | float]]) -> dict[str, float]:
+    """Token-weighted average of ``grpo_loss`` metrics over micro-batches (or ranks); ``num_tokens`` is summed."""
+    if not per_micro_batch:
+        raise ValueError("merge_metrics needs at least one metrics dict")
+    total = sum(float(m["num_tokens"]) for m in per_micro_batch)
+    out = {"num_tokens": total}
+    for key in per_micro_batch[0]:
+        if key != "num_tokens":
+            out[key] = sum(float(m[key]) * float(m["num_tokens"]) for m in per_micro_batch) / max(total, 1.0)
+    return out

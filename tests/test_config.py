@@ -1,0 +1,112 @@
+import pytest
+import yaml
+
+from grpo_dist.config import AlgoConfig, Config, ConfigError, apply_overrides, dump_config, load_config
+
+
+def write(tmp_path, data) -> str:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(p)
+
+
+def test_defaults_are_valid_and_derived_numbers():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.rows_per_step == 16 * 8
+    assert cfg.gradient_accumulation_steps == 128 // (2 * 4 * 1)
+    assert cfg.max_model_len == 256 + 64
+    assert cfg.checkpoint_dir == "runs/default/checkpoints"
+    assert cfg.algorithm.kl_estimator == "k3" and cfg.algorithm.loss_type == "grpo"
+
+
+def test_yaml_file_and_roundtrip(tmp_path):
+    path = write(tmp_path, {"algorithm": {"beta": 0.0, "loss_type": "dapo"}, "trainer": {"prompts_per_step": 4}})
+    cfg = load_config(path)
+    assert cfg.algorithm.beta == 0.0 and cfg.algorithm.loss_type == "dapo" and cfg.trainer.prompts_per_step == 4
+    again = load_config(write(tmp_path, dump_config(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"algorithm": {"betta": 0.1}}, "algorithm.betta: unknown field"),
+        ({"algoritm": {"beta": 0.1}}, "algoritm: unknown field"),
+        ({"learner": {"micro_batch_size": "four"}}, "learner.micro_batch_size:"),
+        ({"algorithm": {"loss_type": "mean"}}, "algorithm.loss_type:"),
+        ({"algorithm": {"num_generations": 1}}, "algorithm.num_generations:"),
+        ({"data": {"synthetic": {"ops": ["/"]}}}, "data.synthetic.ops.0:"),
+        ({"rewards": {"functions": [{"name": "accuracy", "wieght": 2}]}}, "rewards.functions.0.wieght: unknown field"),
+    ],
+)
+def test_schema_errors_name_the_field(tmp_path, raw, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, raw))
+    assert fragment in str(e.value)
+
+
+def test_impossible_batch_arithmetic_names_the_fields():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["trainer.prompts_per_step=3", "algorithm.num_generations=2"])
+    msg = str(e.value)
+    for field in ("trainer.prompts_per_step", "algorithm.num_generations", "learner.num_ranks", "learner.micro_batch_size"):
+        assert field in msg
+    assert "6 rows" in msg and "= 8" in msg
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["data.source=gsm8k"], "data.path is required"),
+        (["rollout.max_model_len=100"], "rollout.max_model_len=100 is shorter"),
+        (["learner.ref_sync_every=5", "algorithm.beta=0"], "learner.ref_sync_every"),
+        (["rewards.functions=[]"], "at least one reward function"),
+    ],
+)
+def test_cross_field_errors(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(overrides=overrides)
+
+
+def test_dotted_overrides_parse_yaml_scalars(tmp_path):
+    path = write(tmp_path, {"algorithm": {"beta": 0.1}})
+    cfg = load_config(
+        path,
+        overrides=[
+            "algorithm.beta=0",
+            "algorithm.tis_cap=2.5",
+            "rollout.max_model_len=null",
+            "data.system_prompt='Answer: briefly'",
+            "data.synthetic.ops=['+', '-']",
+            "logging.tensorboard=false",
+        ],
+    )
+    assert cfg.algorithm.beta == 0.0 and cfg.algorithm.tis_cap == 2.5
+    assert cfg.rollout.max_model_len is None
+    assert cfg.data.system_prompt == "Answer: briefly"
+    assert cfg.data.synthetic.ops == ["+", "-"]
+    assert cfg.logging.tensorboard is False
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="not of the form section.field=value"):
+        load_config(overrides=["algorithm.beta"])
+    with pytest.raises(ConfigError, match="'beta' is not a section"):
+        apply_overrides({"algorithm": {"beta": 0.1}}, ["algorithm.beta.x=1"])
+    with pytest.raises(ConfigError, match="algorithm.bogus: unknown field"):
+        load_config(overrides=["algorithm.bogus=1"])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    assert load_config(write(tmp_path, "")) == load_config()
+
+
+def test_assignment_is_validated():
+    algo = AlgoConfig()
+    with pytest.raises(ValueError, match="loss_type"):
+        algo.loss_type = "mean"

@@ -1,0 +1,276 @@
+import math
+
+import pytest
+import torch
+
+from grpo_dist.batch import RolloutBatch
+from grpo_dist.config import AlgoConfig
+from grpo_dist.losses import (
+    AGGREGATIONS,
+    aggregate,
+    completion_entropy,
+    completion_logprobs,
+    completion_mask,
+    entropy_from_logits,
+    grpo_loss,
+    kl_penalty,
+    merge_metrics,
+    per_token_loss,
+    selective_log_softmax,
+)
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- log-probs
+
+
+def test_selective_log_softmax_matches_log_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 11, (3, 5), generator=g)
+    want = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(selective_log_softmax(logits, ids), want, rtol=0, atol=1e-12)
+    got_bf16 = selective_log_softmax(logits.to(torch.bfloat16), ids)
+    assert got_bf16.dtype == torch.float32
+    torch.testing.assert_close(got_bf16.double(), want, rtol=0, atol=5e-2)
+
+
+def test_completion_logprobs_shift_and_temperature():
+    # Two rows with different prompt lengths, right-padded like RolloutBatch.to_tensors.
+    batch = RolloutBatch(
+        prompt_ids=[[5, 6, 7], [8]],
+        completion_ids=[[1, 2], [3, 4, 0]],
+        sampling_logp=[[0.0, 0.0], [0.0, 0.0, 0.0]],
+        truncated=[False, False],
+        rewards=[1.0, 0.0],
+        reward_components={},
+        group_ids=[0, 0],
+        weight_version=0,
+    )
+    tens = batch.to_tensors(pad_id=9)
+    ids_BL, plen_B = tens["input_ids_BL"], tens["prompt_len_B"]
+    B, L, V, T, temp = 2, ids_BL.shape[1], 10, tens["completion_ids_BT"].shape[1], 0.7
+    logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+    logp = completion_logprobs(logits, ids_BL, plen_B, T, temp)
+    # Row 0: prompt length 3, completion tokens at positions 3, 4 are scored by logits 2, 3.
+    lsm = torch.log_softmax(logits.detach() / temp, -1)
+    want = [
+        [lsm[0, 2, 1].item(), lsm[0, 3, 2].item(), 0.0],  # third slot is padding (row ends at L)
+        [lsm[1, 0, 3].item(), lsm[1, 1, 4].item(), lsm[1, 2, 0].item()],
+    ]
+    torch.testing.assert_close(logp, t(want), rtol=0, atol=1e-12)
+    assert logp.shape == tens["mask_BT"].shape
+    (logp * tens["mask_BT"]).sum().backward()
+    assert logits.grad[0, 4].abs().sum() == 0  # logit at the last position predicts nothing scored
+    ent = completion_entropy(logits, plen_B, T, temp)
+    torch.testing.assert_close(ent[1, 0], -(lsm[1, 0].exp() * lsm[1, 0]).sum(), rtol=0, atol=1e-12)
+
+
+def test_completion_logprobs_rejects_empty_prompt():
+    with pytest.raises(ValueError, match="row 0: prompt length 0"):
+        completion_logprobs(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), torch.tensor([0]), 2, 1.0)
+
+
+def test_entropy_uniform_and_peaked():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([math.log(4), 0.0]), rtol=0, atol=1e-6)
+
+
+def test_completion_mask():
+    eos = 2
+    ids = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 5, 5, 5, 5]])
+    want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    torch.testing.assert_close(completion_mask(ids, eos), want)
+
+
+# ---------------------------------------------------------------- per-token terms, hand-worked
+
+
+def test_clip_ratio_seed_numbers():
+    # Seeds 001/004: pi=0.9 vs pi_old=0.5 -> ratio 1.8 clipped to 1.2; pi=0.2 -> 0.4 clipped to 0.8.
+    cfg = AlgoConfig(beta=0.0)
+    logp = t([[math.log(0.9), math.log(0.2)]])
+    old = t([[math.log(0.5), math.log(0.5)]])
+    loss_pos, terms = per_token_loss(logp, old, None, t([1.0]), cfg)
+    torch.testing.assert_close(terms["ratio_BT"], t([[1.8, 0.4]]), rtol=0, atol=1e-12)
+    # A > 0: min(1.8, 1.2) = 1.2 (clipped); min(0.4, 0.8) = 0.4 (unclipped, pessimistic side).
+    torch.testing.assert_close(loss_pos, t([[-1.2, -0.4]]), rtol=0, atol=1e-12)
+    loss_neg, terms_neg = per_token_loss(logp, old, None, t([-1.0]), cfg)
+    # A < 0: min(-1.8, -1.2) = -1.8; min(-0.4, -0.8) = -0.8 (clipped to 0.8).
+    torch.testing.assert_close(loss_neg, t([[1.8, 0.8]]), rtol=0, atol=1e-12)
+    assert terms["clipped_high_BT"].tolist() == [[1.0, 0.0]] and terms["clipped_low_BT"].tolist() == [[0.0, 0.0]]
+    assert terms_neg["clipped_low_BT"].tolist() == [[0.0, 1.0]] and terms_neg["clipped_high_BT"].tolist() == [[0.0, 0.0]]
+
+
+def test_clip_higher_asymmetric():
+    cfg = AlgoConfig(beta=0.0, epsilon_low=0.2, epsilon_high=0.28)
+    loss, _ = per_token_loss(t([[math.log(1.5)]]), t([[0.0]]), None, t([1.0]), cfg)
+    torch.testing.assert_close(loss, t([[-1.28]]), rtol=0, atol=1e-12)
+
+
+def test_kl_estimators_seed_numbers():
+    # Seed 000: pi=0.3, pi_ref=0.1 -> Delta = log 3 = 1.0986, ratio 3, k3 = exp(-Delta) + Delta - 1 = 0.4319.
+    logp, ref = t([[math.log(0.3)]]), t([[math.log(0.1)]])
+    delta = math.log(3)
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(1 / 3 + delta - 1, abs=1e-12)
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(0.4319, abs=1e-4)
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(delta, abs=1e-12)
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * delta**2, abs=1e-12)
+    assert kl_penalty(ref, ref, "k3").item() == 0.0
+
+
+def test_kl_added_with_beta_and_skipped_without():
+    logp, ref = t([[math.log(0.3)]]), t([[math.log(0.1)]])
+    k3 = 1 / 3 + math.log(3) - 1
+    loss, terms = per_token_loss(logp, None, ref, t([0.0]), AlgoConfig(beta=0.1))
+    assert loss.item() == pytest.approx(0.1 * k3, abs=1e-12) and "kl_BT" in terms
+    loss0, terms0 = per_token_loss(logp, None, ref, t([0.0]), AlgoConfig(beta=0.0))
+    assert loss0.item() == 0.0 and "kl_BT" not in terms0
+    lossn, _ = per_token_loss(logp, None, None, t([0.0]), AlgoConfig(beta=0.1))
+    assert lossn.item() == 0.0
+
+
+def test_mu1_value_is_minus_mean_advantage_but_gradient_is_not_zero():
+    # Seed 002: with old = current, ratio == 1 so the loss value is -mean(A) whatever logp is.
+    cfg = AlgoConfig(beta=0.0, loss_type="grpo")
+    adv = t([0.8, -0.8, 0.3])
+    mask = t([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    for seed in (0, 1):
+        logp = (-torch.rand(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)).requires_grad_()
+        loss, metrics = grpo_loss(logp, None, None, adv, mask, cfg)
+        assert loss.item() == pytest.approx(-adv.mean().item(), abs=1e-12)
+        assert metrics["ratio"].item() == pytest.approx(1.0, abs=1e-12)
+        loss.backward()
+        # d loss / d logp_it = -A_i * m_it / (n_i * B)
+        n = mask.sum(1, keepdim=True)
+        torch.testing.assert_close(logp.grad, -adv[:, None] * mask / (n * 3), rtol=0, atol=1e-12)
+
+
+def test_truncated_importance_sampling():
+    cfg = AlgoConfig(beta=0.0, tis_cap=2.0)
+    logp = t([[math.log(0.5), math.log(0.5)]]).requires_grad_()
+    old = t([[math.log(0.5), math.log(0.5)]])
+    sampling = t([[math.log(0.4), math.log(0.1)]])  # weights 1.25 and 5 -> capped at 2
+    loss_BT, terms = per_token_loss(logp, old, None, t([1.0]), cfg, sampling)
+    torch.testing.assert_close(terms["tis_BT"], t([[1.25, 2.0]]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(loss_BT.detach(), t([[-1.25, -2.0]]), rtol=0, atol=1e-12)
+    loss_BT.sum().backward()
+    torch.testing.assert_close(logp.grad, t([[-1.25, -2.0]]), rtol=0, atol=1e-12)  # weight is detached
+    # Off without a cap or without sampling log-probs.
+    plain, _ = per_token_loss(logp, old, None, t([1.0]), AlgoConfig(beta=0.0), sampling)
+    assert plain.tolist() == [[-1.0, -1.0]]
+    plain2, _ = per_token_loss(logp, old, None, t([1.0]), cfg, None)
+    assert plain2.tolist() == [[-1.0, -1.0]]
+
+
+def test_tis_on_policy_uses_detached_logp():
+    cfg = AlgoConfig(beta=0.0, tis_cap=10.0)
+    logp = t([[math.log(0.6)]])
+    _, terms = per_token_loss(logp, None, None, t([1.0]), cfg, t([[math.log(0.3)]]))
+    assert terms["tis_BT"].item() == pytest.approx(2.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def test_aggregation_hand_numbers():
+    loss_BT = t([[2.0, 9.0, 9.0], [1.0, 1.0, 1.0]])
+    mask_BT = t([[1, 0, 0], [1, 1, 1]])
+    assert set(AGGREGATIONS) == set(LOSS_TYPES)
+    assert aggregate(loss_BT, mask_BT, "grpo", 4).item() == pytest.approx((2 + 1) / 2, abs=1e-12)
+    assert aggregate(loss_BT, mask_BT, "bnpo", 4).item() == pytest.approx(5 / 4, abs=1e-12)
+    assert aggregate(loss_BT, mask_BT, "dr_grpo", 4).item() == pytest.approx(5 / 8, abs=1e-12)
+    assert aggregate(loss_BT, mask_BT, "dapo", 4).item() == pytest.approx(5 / 4, abs=1e-12)
+    assert aggregate(loss_BT, mask_BT, "dapo", 4, num_tokens_total=10).item() == pytest.approx(0.5, abs=1e-12)
+    assert aggregate(loss_BT, mask_BT, "grpo", 4, num_sequences_total=6).item() == pytest.approx(3 / 6, abs=1e-12)
+    assert aggregate(loss_BT, mask_BT, "dr_grpo", 4, num_sequences_total=5).item() == pytest.approx(5 / 20, abs=1e-12)
+    with pytest.raises(ValueError, match="unknown loss_type 'mean'"):
+        aggregate(loss_BT, mask_BT, "mean", 4)
+
+
+def test_empty_completion_row_counts_as_zero():
+    loss_BT = t([[3.0, 3.0], [5.0, 5.0]])
+    mask_BT = t([[1, 1], [0, 0]])
+    assert aggregate(loss_BT, mask_BT, "grpo", 2).item() == pytest.approx(1.5, abs=1e-12)
+
+
+def _toy_problem(seed=0, B=8, T=5, D=4, V=7):
+    g = torch.Generator().manual_seed(seed)
+    x_BTD = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    ids_BT = torch.randint(0, V, (B, T), generator=g)
+    W = torch.randn(D, V, generator=g, dtype=torch.float64)
+    lengths = [1, 5, 3, 2, 5, 4, 1, 3]
+    mask_BT = t([[1.0] * n + [0.0] * (T - n) for n in lengths])
+    adv_B = torch.randn(B, generator=g, dtype=torch.float64)
+    # Old / reference / sampling log-probs near the policy's so every clip branch is hit.
+    logp0 = selective_log_softmax(x_BTD @ W, ids_BT)
+    old = logp0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = logp0 + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    sampling = old + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    return x_BTD, ids_BT, W, mask_BT, adv_B, old, ref, sampling
+
+
+def _loss(W, rows, data, cfg, **totals):
+    x_BTD, ids_BT, _, mask_BT, adv_B, old, ref, sampling = data
+    logp = selective_log_softmax(x_BTD[rows] @ W, ids_BT[rows])
+    return grpo_loss(logp, old[rows], ref[rows], adv_B[rows], mask_BT[rows], cfg, sampling_logp_BT=sampling[rows], **totals)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_distributed_split_reproduces_full_batch_loss_and_gradient(loss_type):
+    """R=2 fake ranks x GAS=2 micro-batches, DeepSpeed semantics: each backward is scaled by
+    1/GAS, rank gradients are averaged. With the step totals and loss * R * GAS the result
+    equals the full-batch loss and gradient."""
+    data = _toy_problem()
+    cfg = AlgoConfig(loss_type=loss_type, beta=0.05, tis_cap=1.5, max_completion_length=6, epsilon_high=0.28)
+    W0 = data[2]
+    B, R, GAS = 8, 2, 2
+    mask_BT = data[3]
+
+    W_full = W0.clone().requires_grad_()
+    full, _ = _loss(W_full, list(range(B)), data, cfg)
+    full.backward()
+
+    totals = {"num_sequences_total": B, "global_num_tokens": mask_BT.sum().item()}
+    rank_grads, loss_sum = [], 0.0
+    per_rank = B // R
+    for r in range(R):
+        W_r = W0.clone().requires_grad_()
+        shard = list(range(r * per_rank, (r + 1) * per_rank))
+        for m in range(GAS):
+            rows = shard[m * per_rank // GAS : (m + 1) * per_rank // GAS]
+            loss, _ = _loss(W_r, rows, data, cfg, **totals)
+            loss_sum += loss.item()
+            ((loss * R * GAS) / GAS).backward()  # learner scaling, then DeepSpeed's 1/GAS
+        rank_grads.append(W_r.grad)
+    averaged = torch.stack(rank_grads).mean(0)  # DeepSpeed all-reduce mean over ranks
+
+    assert loss_sum == pytest.approx(full.item(), abs=1e-12)
+    torch.testing.assert_close(averaged, W_full.grad, rtol=1e-10, atol=1e-12)
+    # And without the totals the split is NOT the full batch (the normalizers matter).
+    if loss_type in ("bnpo", "dapo"):
+        local = sum(_loss(W0, list(range(i, i + 2)), data, cfg)[0].item() for i in range(0, B, 2)) / 4
+        assert abs(local - full.item()) > 1e-6
+
+
+def test_metrics_hand_numbers_and_merge():
+    cfg = AlgoConfig(beta=0.1)
+    logp = t([[math.log(0.9), math.log(0.2), 0.0]])
+    old = t([[math.log(0.5), math.log(0.5), 0.0]])
+    ref = logp.clone()
+    mask = t([[1, 1, 0]])
+    _, m = grpo_loss(logp, old, ref, t([1.0]), mask, cfg)
+    assert m["ratio"].item() == pytest.approx((1.8 + 0.4) / 2, abs=1e-12)
+    assert m["clip_high"].item() == 0.5 and m["clip_low"].item() == 0.0 and m["clip_region"].item() == 0.5
+    assert m["kl"].item() == 0.0 and m["tis"].item() == 1.0 and m["num_tokens"].item() == 2
+    assert all(v.dim() == 0 and not v.requires_grad for v in m.values())
+    _, m2 = grpo_loss(logp, old, ref, t([-1.0]), t([[1, 1, 1]]), cfg)
+    merged = merge_metrics([m, m2])
+    assert merged["num_tokens"] == 5
+    assert merged["ratio"] == pytest.approx((1.8 + 0.4 + 1.8 + 0.4 + 1.0) / 5, abs=1e-12)
+    assert merged["clip_low"] == pytest.approx(1 / 5, abs=1e-12)
