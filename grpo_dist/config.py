@@ -206,6 +206,13 @@ class Config(_Section):
                 f"rollout.max_model_len={self.rollout.max_model_len} is shorter than data.max_prompt_length + "
                 f"algorithm.max_completion_length = {self.data.max_prompt_length + self.algorithm.max_completion_length}"
             )
+        if self.trainer.sync_every - 1 > self.trainer.max_staleness:
+            raise ValueError(
+                f"trainer.sync_every={self.trainer.sync_every} lets batches be {self.trainer.sync_every - 1} weight "
+                f"versions old, more than trainer.max_staleness={self.trainer.max_staleness} allows"
+            )
+        if self.algorithm.dynamic_sampling and self.trainer.max_staleness:
+            raise ValueError("algorithm.dynamic_sampling tops batches up on-policy; it needs trainer.max_staleness=0")
         if self.learner.ref_sync_every is not None and self.algorithm.beta == 0:
             raise ValueError("learner.ref_sync_every is set but algorithm.beta=0 means no reference model is used")
         return self

@@ -1,0 +1,151 @@
+"""`grpo-dist` command line.
+
+Every command validates the config (schema + preflight) before anything else happens. Ray,
+vLLM and DeepSpeed are imported only inside the commands that launch work, so `validate` and
+`submit` fail fast on a bad config without touching a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from grpo_dist.config import Config, ConfigError, dump_config, load_config
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _load(args: argparse.Namespace) -> Config:
+    from grpo_dist.preflight import preflight
+
+    cfg = load_config(args.config, args.set)
+    for note in preflight(cfg, cuda=_cuda()):
+        logging.getLogger("grpo_dist").info(note)
+    return cfg
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    print(dump_config(cfg), end="")
+    print(f"# ok: {cfg.rows_per_step} rows/step, gradient_accumulation_steps={cfg.gradient_accumulation_steps}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from deploy.job import run_job
+
+    summary = run_job(cfg, resume=args.resume)
+    print(json.dumps({k: summary[k] for k in ("eval_before", "eval_after", "steps", "wall_seconds")}, indent=2))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # a bad config stops here, before any cluster is contacted
+    from deploy.submit import submit
+
+    job_id = submit(cfg, address=args.address, overrides=args.set, config_path=args.config, resume=args.resume)
+    print(f"submitted job {job_id}")
+    print(f"follow its logs:  ray job logs --address {args.address} --follow {job_id}")
+    print(f"stop it:          ray job stop --address {args.address} {job_id}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    overrides = [f"model.path={args.model}", *args.set]
+    if args.samples is not None:
+        overrides.append(f"trainer.eval_num_samples={args.samples}")
+    if args.temperature is not None:
+        overrides.append(f"trainer.eval_temperature={args.temperature}")
+    args.set = overrides
+    cfg = _load(args)
+    from deploy.job import run_eval
+
+    result = run_eval(cfg)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from grpo_dist.tiny_model import make_tiny_model
+
+    out = make_tiny_model(args.out, size=args.size, seed=args.seed, warm_start=args.warm_start)
+    print(out)
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from deploy.control import scale
+
+    print(json.dumps(scale(args.workers, address=args.address, namespace=args.namespace), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grpo-dist", description="Distributed GRPO training on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser, positional: bool = True) -> None:
+        if positional:
+            sp.add_argument("config", help="YAML config (see deploy/configs/)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --set algorithm.beta=0.0 (repeatable)")
+
+    sp = sub.add_parser("validate", help="validate a config and print it resolved")
+    with_config(sp)
+    sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("run", help="run a job (starts a local Ray head unless cluster.address is set)")
+    with_config(sp)
+    sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("submit", help="validate locally, then submit to a Ray cluster as a job")
+    with_config(sp)
+    sp.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    sp.add_argument("--resume", action="store_true")
+    sp.set_defaults(fn=cmd_submit)
+
+    sp = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split")
+    sp.add_argument("--model", required=True, help="HF-format model directory")
+    sp.add_argument("--config", required=True)
+    sp.add_argument("--samples", type=int, default=None, help="k samples per prompt")
+    sp.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    with_config(sp, positional=False)
+    sp.set_defaults(fn=cmd_eval)
+
+    sp = sub.add_parser("make-tiny-model", help="build the offline tiny Qwen2 model + tokenizer")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--size", default="tiny")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--warm-start", action="store_true", help="short supervised pass on the synthetic task")
+    sp.set_defaults(fn=cmd_make_tiny_model)
+
+    sp = sub.add_parser("scale", help="change the number of rollout workers of a running job")
+    sp.add_argument("--workers", type=int, required=True)
+    sp.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    sp.add_argument("--namespace", default="grpo-dist")
+    sp.set_defaults(fn=cmd_scale)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"grpo-dist: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

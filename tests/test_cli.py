@@ -1,0 +1,62 @@
+"""The CLI validates before it touches anything: bad configs fail with the field named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grpo_dist import cli
+from grpo_dist.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "yaml_text, field",
+    [
+        ("algorithm:\n  num_generatoins: 4\n", "algorithm.num_generatoins"),
+        ("learner:\n  micro_batch_size: 3\n", "learner.micro_batch_size"),
+        ("algorithm:\n  beta: lots\n", "algorithm.beta"),
+        ("rollout:\n  enable_sleep_mode: true\n", "rollout.enable_sleep_mode"),
+        ("model:\n  path: /nonexistent/model\n", "model.path"),
+    ],
+)
+def test_submit_rejects_bad_config_before_contacting_ray(tmp_path, monkeypatch, capsys, yaml_text, field):
+    import deploy.submit
+
+    def boom(*a, **k):  # pragma: no cover - reaching it is the failure
+        raise AssertionError("submit() was called with an invalid config")
+
+    monkeypatch.setattr(deploy.submit, "submit", boom)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    rc = cli.main(["submit", str(cfg), "--address", "http://127.0.0.1:1"])
+    assert rc == 2
+    assert field in capsys.readouterr().err
+
+
+def test_validate_prints_resolved_config(tmp_path, tiny_model_dir, capsys):
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text(f"model:\n  path: {tiny_model_dir}\n")
+    assert cli.main(["validate", str(cfg), "--set", "algorithm.beta=0.0"]) == 0
+    assert "beta: 0.0" in capsys.readouterr().out
+
+
+def test_example_configs_validate():
+    for path in sorted((ROOT / "deploy" / "configs").glob("*.yaml")):
+        load_config(path)  # schema + cross-field checks (model paths are checked at launch)
+
+
+def test_validate_does_not_import_cluster_libraries(tmp_path):
+    code = (
+        "import sys; from grpo_dist import cli; cli.main(['validate', sys.argv[1]]);"
+        "print(sorted(m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules))"
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  path: Qwen/Qwen2.5-0.5B-Instruct\n")
+    out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
