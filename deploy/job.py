@@ -1,0 +1,214 @@
+"""The Ray job: start (or join) Ray, create the learner group and rollout workers, run the
+driver loop, and release everything on the way out (actors, placement groups, a local head).
+
+This is the only place that knows both `rollout_server` and `learner`; they never import each
+other. `RayCluster` implements `grpo_dist.driver.Cluster`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from grpo_dist.config import Config
+from grpo_dist.driver import Trainer, evaluate
+from learner import LearnerGroup
+from rollout_server import RolloutManager
+
+log = logging.getLogger("grpo_dist.job")
+NAMESPACE = "grpo-dist"
+
+
+@ray.remote(num_cpus=0)
+class MetricsExporter:
+    """Named actor holding `ray.util.metrics` gauges so they show in the dashboard's metrics view."""
+
+    def __init__(self) -> None:
+        self._gauges: dict[str, Any] = {}
+
+    def record(self, metrics: dict[str, float]) -> None:
+        from ray.util.metrics import Gauge
+
+        for key, value in metrics.items():
+            name = "grpo_" + "".join(c if c.isalnum() else "_" for c in key)
+            g = self._gauges.get(name)
+            if g is None:
+                g = self._gauges[name] = Gauge(name, description=f"grpo-dist {key}")
+            g.set(value)
+
+
+@ray.remote(num_cpus=0)
+class JobControl:
+    """Named actor the running job polls between steps; `grpo-dist scale` writes to it."""
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+
+    def set_desired_workers(self, n: int) -> int:
+        if n < 1:
+            raise ValueError(f"the job needs at least one rollout worker, got {n}")
+        self._workers = n
+        return n
+
+    def desired_workers(self) -> int:
+        return self._workers
+
+
+class RayCluster:
+    """The learner group + rollout workers of one job, and the weight sync between them."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.learner = LearnerGroup(cfg.learner, cfg.model, cfg.algorithm, cfg.cluster, total_steps=cfg.trainer.steps)
+        self.rollout = RolloutManager(
+            cfg.rollout, cfg.model, cfg.algorithm, cfg.rewards, cfg.cluster, max_model_len=cfg.max_model_len
+        )
+        self._metrics = None
+        if cfg.logging.ray_metrics:
+            self._metrics = MetricsExporter.options(name="grpo-metrics", namespace=NAMESPACE,
+                                                    get_if_exists=True).remote()
+        self._manifest = None
+        self.synced_version = 0  # what every live rollout worker must serve
+        self.control = JobControl.options(name="grpo-control", namespace=NAMESPACE, get_if_exists=True).remote(
+            cfg.rollout.num_workers
+        )
+        self.counters = {"worker_restarts_repushed": 0, "workers_added": 0, "workers_removed": 0}
+
+    def start(self) -> None:
+        timeout = self.cfg.cluster.rpc_timeout_s
+        t0 = time.perf_counter()
+        self.learner.start(timeout_s=timeout)
+        self.rollout.start(timeout_s=timeout)
+        log.info("learner group (%d ranks) and %d rollout workers up in %.1fs", self.cfg.learner.num_ranks,
+                 self.cfg.rollout.num_workers, time.perf_counter() - t0)
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        """Broadcast the learner's weights (tagged `version`) to every rollout engine."""
+        timeout = self.cfg.cluster.collective_timeout_s
+        if self._manifest is None:
+            self._manifest = self.learner.weight_manifest()
+        host, port = self.learner.sync_address()
+        t0 = time.perf_counter()
+        self.synced_version = version
+        recv_refs = self.rollout.receive_weights(self._manifest, version, host, port, timeout_s=timeout)
+        sent = self.learner.broadcast_weights(host, port, self.rollout.world_size(), version, timeout_s=timeout)
+        ready, not_ready = ray.wait(recv_refs, num_returns=len(recv_refs), timeout=timeout)
+        if not_ready:
+            raise TimeoutError(f"weight sync v{version}: {len(not_ready)} rollout worker(s) did not finish "
+                               f"loading within {timeout:.0f}s")
+        ray.get(ready)
+        versions = self.rollout.weight_versions()
+        stale = {k: v for k, v in versions.items() if v != version}
+        if stale:
+            raise RuntimeError(f"weight sync v{version}: workers still report {stale}")
+        return {"seconds": time.perf_counter() - t0, "bytes": float(sent.get("bytes", 0)), "version": version}
+
+    def maintain(self, version: int) -> dict[str, float]:
+        """Between steps: apply a requested worker count (`grpo-dist scale`), and re-push weights to
+        any worker that serves an older version than the last sync (a restarted or new actor)."""
+        want = ray.get(self.control.desired_workers.remote(), timeout=self.cfg.cluster.rpc_timeout_s)
+        have = len(self.rollout.weight_versions())
+        while have < want:
+            self.rollout.add_worker()
+            self.counters["workers_added"] += 1
+            have += 1
+        while have > max(want, 1):
+            self.rollout.remove_worker()
+            self.counters["workers_removed"] += 1
+            have -= 1
+        behind = {k: v for k, v in self.rollout.weight_versions().items() if v != self.synced_version}
+        if behind and self.synced_version > 0:
+            log.warning("workers %s serve stale weights; pushing v%d before they generate", behind,
+                        self.synced_version)
+            self.counters["worker_restarts_repushed"] += len(behind)
+            self.sync_weights(self.synced_version)
+        return {f"count/{k}": float(v) for k, v in self.counters.items()} | {"rollout/num_workers": float(have)}
+
+    def record_metrics(self, metrics: dict[str, float]) -> None:
+        if self._metrics is not None:
+            self._metrics.record.remote(metrics)
+
+    def shutdown(self) -> None:
+        for part in (self.rollout, self.learner):
+            try:
+                part.shutdown()
+            except Exception as e:  # keep releasing the rest
+                log.warning("shutdown of %s failed: %s", type(part).__name__, e)
+        for actor in (self._metrics, self.control):
+            if actor is not None:
+                ray.kill(actor)
+
+
+def _ray_init(cfg: Config) -> bool:
+    """Join a cluster if one is named (or we run inside a submitted job), else start a local head.
+    Returns True when this process started Ray (and so must stop it)."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}}
+    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.cluster.address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
+        return False
+    # Logical CPUs: every actor asks for its share; on a small machine they time-share the cores.
+    need = (cfg.learner.num_ranks * cfg.cluster.num_cpus_per_learner
+            + cfg.rollout.num_workers * cfg.cluster.num_cpus_per_rollout + 1)
+    ray.init(namespace=NAMESPACE, num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=True,
+             dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
+    log.info("local Ray head started; dashboard: %s", ray.get_runtime_context().dashboard_url or "unavailable")
+    return True
+
+
+def _load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    from transformers import AutoTokenizer
+
+    from grpo_dist.data import load_split
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+    return (list(load_split(cfg.data, tok, cfg.data.train_split)),
+            list(load_split(cfg.data, tok, cfg.data.test_split)))
+
+
+def _raise_stop(signum, frame):  # SIGTERM from `ray job stop` becomes a clean unwind
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_job(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    train_rows, test_rows = _load_rows(cfg)  # data errors surface before any actor starts
+    started = _ray_init(cfg)
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    cluster = RayCluster(cfg)
+    try:
+        cluster.start()
+        trainer = Trainer(cfg, cluster, train_rows, test_rows, Path(cfg.trainer.output_dir))
+        try:
+            return trainer.run(resume=resume)
+        except KeyboardInterrupt:
+            if cfg.checkpoint.save_every or cfg.checkpoint.save_at_end:
+                log.warning("stopping: saving a checkpoint at step %d first", trainer.step)
+                trainer.save()
+            raise
+    finally:
+        cluster.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+        if started:
+            ray.shutdown()
+
+
+def run_eval(cfg: Config) -> dict[str, Any]:
+    """Evaluate `cfg.model.path` on the held-out split with rollout workers only."""
+    _, test_rows = _load_rows(cfg)
+    started = _ray_init(cfg)
+    rollout = RolloutManager(cfg.rollout, cfg.model, cfg.algorithm, cfg.rewards, cfg.cluster,
+                             max_model_len=cfg.max_model_len)
+    try:
+        rollout.start(timeout_s=cfg.cluster.rpc_timeout_s)
+        return evaluate(rollout, test_rows[: cfg.trainer.eval_num_prompts], cfg)
+    finally:
+        rollout.shutdown()
+        if started:
+            ray.shutdown()
