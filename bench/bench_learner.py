@@ -1,0 +1,150 @@
+"""Learner group benchmark on this machine: GRPO step time and weight broadcast.
+
+For ZeRO-2 and ZeRO-3 on ``--ranks`` CPU ranks: group start-up, the median wall time of
+``train_step`` (driver side) over ``--steps`` steps after one warm-up step, with the learner's
+own phase times (reference log-probs, update) and trained tokens/s; then the median time and
+the bytes of ``broadcast_weights`` into one receiver (a thread of this process running the
+receiving side of ``grpo_dist.weight_sync``) over ``--pushes`` pushes.
+
+    .venv/bin/python -m bench.bench_learner [--size tiny] [--steps 5] [--rows 16]   # from the repo root
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from grpo_dist.batch import RolloutBatch
+from grpo_dist.config import Config
+from grpo_dist.tiny_model import build_tiny_model
+from grpo_dist.weight_sync import init_sync_group, recv_weights
+from learner import LearnerGroup
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def _config(model_dir: str, stage: int, args: argparse.Namespace) -> Config:
+    return Config.model_validate(
+        {
+            "model": {"path": model_dir, "dtype": "float32"},
+            "algorithm": {"num_generations": args.group, "beta": 0.04, "max_completion_length": args.completion},
+            "trainer": {"prompts_per_step": args.rows // args.group},
+            "learner": {"num_ranks": args.ranks, "zero_stage": stage, "micro_batch_size": args.micro},
+            "cluster": {"num_cpus_per_learner": 1, "rpc_timeout_s": 600},
+        }
+    )
+
+
+def _batch(rows: int, group: int, completion: int, vocab: int, seed: int) -> RolloutBatch:
+    """Synthetic rollout: 24-token prompts, completions of 1/2 to full length, random advantages."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(5, vocab) for _ in range(24)] for _ in range(rows // group)]
+    lengths = [rng.randrange(completion // 2, completion + 1) for _ in range(rows)]
+    comps = [[rng.randrange(5, vocab) for _ in range(n)] for n in lengths]
+    return RolloutBatch(
+        prompt_ids=[prompts[i // group] for i in range(rows)],
+        completion_ids=comps,
+        sampling_logp=[[-5.0] * len(c) for c in comps],
+        truncated=[False] * rows,
+        rewards=[0.0] * rows,
+        reward_components={},
+        group_ids=[i // group for i in range(rows)],
+        weight_version=0,
+        advantages=[rng.uniform(-1, 1) for _ in range(rows)],
+    )
+
+
+def _push(group: LearnerGroup, bucket_bytes: int, version: int) -> dict:
+    manifest = group.weight_manifest()
+    host, port = group.sync_address()
+    errors: list[Exception] = []
+
+    def receive() -> None:
+        try:
+            pg = init_sync_group(host, port, 1, 2, timeout_s=120)
+            for _ in recv_weights(pg, manifest, bucket_bytes):
+                pass
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    th = threading.Thread(target=receive)
+    th.start()
+    info = group.broadcast_weights(host, port, 2, version, timeout_s=120)
+    th.join(timeout=120)
+    if errors or th.is_alive():
+        raise RuntimeError(f"receiver failed: {errors or 'still running'}")
+    return info
+
+
+def bench_stage(model_dir: str, stage: int, vocab: int, args: argparse.Namespace) -> dict:
+    cfg = _config(model_dir, stage, args)
+    group = LearnerGroup(
+        cfg.learner, cfg.model, cfg.algorithm, cfg.cluster, total_steps=args.steps + 1,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, name_prefix=f"bench-z{stage}",
+    )
+    t0 = time.perf_counter()
+    group.start(timeout_s=600)
+    start_s = time.perf_counter() - t0
+    try:
+        group.train_step(_batch(args.rows, args.group, args.completion, vocab, seed=0))  # warm-up
+        walls, metrics = [], []
+        for i in range(args.steps):
+            batch = _batch(args.rows, args.group, args.completion, vocab, seed=i + 1)
+            t0 = time.perf_counter()
+            metrics.append(group.train_step(batch))
+            walls.append(time.perf_counter() - t0)
+        bucket_bytes = int(cfg.learner.weight_sync_bucket_mb * 2**20)
+        pushes = [_push(group, bucket_bytes, v) for v in range(1, args.pushes + 1)]
+    finally:
+        group.shutdown()
+    med = statistics.median
+    return {
+        "zero_stage": stage,
+        "ranks": args.ranks,
+        "rows": args.rows,
+        "micro_batch_size": args.micro,
+        "start_s": round(start_s, 2),
+        "step_s": round(med(walls), 3),
+        "ref_logp_s": round(med(m["time/ref_logp"] for m in metrics), 3),
+        "train_s": round(med(m["time/train"] for m in metrics), 3),
+        "tokens_per_step": med(m["tokens"] for m in metrics),
+        "train_tokens_per_s": round(med(m["tokens_per_s"] for m in metrics), 1),
+        "broadcast_s": round(med(p["seconds"] for p in pushes), 3),
+        "broadcast_bytes": pushes[0]["bytes"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=16, help="rows (completions) per GRPO step")
+    ap.add_argument("--group", type=int, default=4, help="G, completions per prompt")
+    ap.add_argument("--micro", type=int, default=4, help="micro-batch rows per rank")
+    ap.add_argument("--completion", type=int, default=64, help="max completion tokens")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--pushes", type=int, default=3)
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_tiny_model(Path(tmp) / "model", size=args.size, seed=0)
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        ray.init(num_cpus=max(4, args.ranks), include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+        try:
+            for stage in args.stages:
+                print(json.dumps({"model": args.size, **bench_stage(str(model_dir), stage, vocab, args)}), flush=True)
+        finally:
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

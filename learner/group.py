@@ -1,0 +1,141 @@
+"""Driver-side handle of the learner group: N Ray actors forming one DeepSpeed ZeRO group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from grpo_dist.batch import RolloutBatch
+from grpo_dist.config import AlgoConfig, ClusterConfig, LearnerConfig, ModelConfig
+from grpo_dist.weight_sync import ParamSpec
+from learner.actor import LearnerActor
+from learner.placement import placement_bundles
+
+
+class LearnerGroup:
+    """Every collective method is called on all ranks at once; rank 0's answer is returned.
+
+    ``gradient_accumulation_steps`` only seeds the DeepSpeed config (``Config.gradient_accumulation_steps``);
+    each ``train_step`` derives it from the batch size and fails clearly if the batch does not split.
+    """
+
+    def __init__(
+        self,
+        learner_cfg: LearnerConfig,
+        model_cfg: ModelConfig,
+        algo_cfg: AlgoConfig,
+        cluster_cfg: ClusterConfig,
+        total_steps: int,
+        gradient_accumulation_steps: int = 1,
+        name_prefix: str = "learner",
+    ) -> None:
+        self.learner_cfg, self.model_cfg = learner_cfg, model_cfg
+        self.algo_cfg, self.cluster_cfg = algo_cfg, cluster_cfg
+        self.total_steps = total_steps
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.name_prefix = name_prefix  # actors are "<prefix>-<rank>"; distinct prefixes let groups coexist
+        self.actors: list[Any] = []
+        self.pg = None
+
+    @property
+    def world_size(self) -> int:
+        return self.learner_cfg.num_ranks
+
+    def _get(self, refs: Any, what: str, timeout_s: float | None = None) -> Any:
+        timeout = self.cluster_cfg.rpc_timeout_s if timeout_s is None else timeout_s
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"learner group: {what} did not finish within {timeout:.0f}s") from None
+
+    def _call_all(self, method: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
+        return self._get([getattr(a, method).remote(*args) for a in self.actors], f"{method} on all ranks", timeout_s)
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        """Reserve the placement group, start the ranks, rendezvous and build the engines.
+        On failure everything started so far is torn down before the error propagates."""
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, timeout_s: float) -> None:
+        c = self.cluster_cfg
+        bundles = placement_bundles(self.world_size, c.num_cpus_per_learner, c.num_gpus_per_learner)
+        self.pg = placement_group(bundles, strategy=c.placement_strategy)
+        self._get(
+            self.pg.ready(),
+            f"reserving placement group {bundles} ({c.placement_strategy}; are the cluster's resources free?)",
+            timeout_s,
+        )
+        actor_cls = ray.remote(LearnerActor)
+        self.actors = [
+            actor_cls.options(
+                name=f"{self.name_prefix}-{rank}",
+                num_cpus=c.num_cpus_per_learner,
+                num_gpus=c.num_gpus_per_learner,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            ).remote(
+                rank,
+                self.world_size,
+                self.learner_cfg,
+                self.model_cfg,
+                self.algo_cfg,
+                self.cluster_cfg,
+                self.total_steps,
+                self.gradient_accumulation_steps,
+            )
+            for rank in range(self.world_size)
+        ]
+        # Rank 0 picks the rendezvous address on its own node; the others are told.
+        host, port = self._get(self.actors[0].master_address.remote(), "rank 0 address", timeout_s)
+        self._call_all("setup", host, port, timeout_s=timeout_s)
+
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        ref = ray.put(batch)
+        return self._call_all("train_step", ref)[0]
+
+    def weight_manifest(self) -> list[ParamSpec]:
+        return self._get(self.actors[0].weight_manifest.remote(), "weight_manifest")
+
+    def sync_address(self) -> tuple[str, int]:
+        return self._get(self.actors[0].sync_address.remote(), "sync_address")
+
+    def broadcast_weights(self, host: str, port: int, world_size: int, version: int, timeout_s: float) -> dict:
+        """Send the weights into the weight-sync group at ``host:port`` of ``world_size`` ranks
+        (learner rank 0 + receivers). Returns ``{"bytes", "seconds", "version"}``."""
+        return self._call_all(
+            "broadcast_weights", host, port, world_size, version, timeout_s,
+            timeout_s=timeout_s + self.cluster_cfg.rpc_timeout_s,
+        )[0]
+
+    def gathered_state_dict(self, reference: bool = False) -> dict:
+        """The full policy (or reference-model) weights: CPU tensors, HF names, tied lm_head left out."""
+        return self._call_all("gathered_state_dict", reference)[0]
+
+    def save_hf(self, path: str) -> None:
+        self._call_all("save_hf", path)
+
+    def save_checkpoint(self, path: str) -> None:
+        self._call_all("save_checkpoint", path)
+
+    def load_checkpoint(self, path: str) -> None:
+        self._call_all("load_checkpoint", path)
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Destroy the process groups, kill the actors, release the placement group."""
+        if self.actors:
+            try:
+                self._call_all("shutdown", timeout_s=timeout_s)
+            except (TimeoutError, ray.exceptions.RayError):
+                pass  # a dead or stuck rank is killed below either way
+            for a in self.actors:
+                ray.kill(a)
+            self.actors = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
