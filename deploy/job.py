@@ -65,7 +65,8 @@ class RayCluster:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.learner = LearnerGroup(cfg.learner, cfg.model, cfg.algorithm, cfg.cluster, total_steps=cfg.trainer.steps)
+        self.learner = LearnerGroup(cfg.learner, cfg.model, cfg.algorithm, cfg.cluster, total_steps=cfg.trainer.steps,
+                                    gradient_accumulation_steps=cfg.gradient_accumulation_steps)
         self.rollout = RolloutManager(
             cfg.rollout, cfg.model, cfg.algorithm, cfg.rewards, cfg.cluster, max_model_len=cfg.max_model_len
         )
@@ -96,7 +97,8 @@ class RayCluster:
         host, port = self.learner.sync_address()
         t0 = time.perf_counter()
         self.synced_version = version
-        recv_refs = self.rollout.receive_weights(self._manifest, version, host, port, timeout_s=timeout)
+        recv_refs = self.rollout.receive_weights(self._manifest, version, host, port, timeout_s=timeout,
+                                                 bucket_bytes=int(self.cfg.learner.weight_sync_bucket_mb * 2**20))
         sent = self.learner.broadcast_weights(host, port, self.rollout.world_size(), version, timeout_s=timeout)
         ready, not_ready = ray.wait(recv_refs, num_returns=len(recv_refs), timeout=timeout)
         if not_ready:
@@ -157,9 +159,9 @@ def _ray_init(cfg: Config) -> bool:
     # Logical CPUs: every actor asks for its share; on a small machine they time-share the cores.
     need = (cfg.learner.num_ranks * cfg.cluster.num_cpus_per_learner
             + cfg.rollout.num_workers * cfg.cluster.num_cpus_per_rollout + 1)
-    ray.init(namespace=NAMESPACE, num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=True,
-             dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
-    log.info("local Ray head started; dashboard: %s", ray.get_runtime_context().dashboard_url or "unavailable")
+    ctx = ray.init(namespace=NAMESPACE, num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=True,
+                   dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
+    log.info("local Ray head started; dashboard: http://%s", ctx.dashboard_url or "unavailable")
     return True
 
 

