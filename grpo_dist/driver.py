@@ -139,6 +139,7 @@ class Trainer:
         self.ckpt_root = Path(cfg.checkpoint_dir)
         self.sampler = PromptSampler(len(train_rows), cfg.trainer.prompts_per_step, cfg.trainer.seed)
         self.trained_position = self.sampler.state_dict()
+        self.num_workers = cfg.rollout.num_workers  # kept current by cluster.maintain()
         self.step = 0
         self.version = 0  # learner updates applied; rollout workers serve <= this
         self.counters = {"batches_dropped_stale": 0, "groups_dropped_zero_variance": 0, "extra_generate_calls": 0}
@@ -204,10 +205,12 @@ class Trainer:
         ref = float(learner_metrics.get("time/ref_logp", 0.0)) + float(learner_metrics.get("time/old_logp", 0.0))
         timer.add("ref_logp", min(ref, train_wall))
         timer.add("train", max(train_wall - ref, 0.0))
-        metrics.update({f"learner/{k}" if "/" not in k else k: v for k, v in learner_metrics.items()})
-        # Rollout-side scoring happens inside the generate call; report it as its own phase.
-        score = float(batch.timings.get("score", 0.0)) / max(1, self.cfg.rollout.num_workers)
-        metrics["rollout/score_seconds"] = score
+        metrics.update({f"learner/{k}": v for k, v in learner_metrics.items()})
+        # Engine time and scoring happen inside the workers (in parallel across them; batch timings
+        # are summed over workers): report their per-worker share next to the driver's wait.
+        workers = max(1, self.num_workers)
+        metrics["rollout/engine_seconds"] = float(batch.timings.get("generate", 0.0)) / workers
+        metrics["rollout/score_seconds"] = float(batch.timings.get("score", 0.0)) / workers
         return metrics
 
     def _sync(self, timer: PhaseTimer) -> dict[str, float]:
@@ -273,6 +276,7 @@ class Trainer:
             t0 = time.perf_counter()
             # Scale requests and restarted workers are handled between steps, before any generation.
             upkeep = timer.time("weight_sync", lambda: self.cluster.maintain(self.version))
+            self.num_workers = int(upkeep.get("rollout/num_workers", self.num_workers))
             if staleness == 0:
                 batch = self._generate(timer)
             else:

@@ -1,0 +1,165 @@
+"""Whole-pipeline benchmark: per-phase time breakdown of grpo-dist runs, on-policy and async,
+1 and 2 rollout workers, optionally side by side with TRL's GRPOTrainer on the same settings.
+
+    python -m bench.bench_grpo [--config deploy/configs/tiny_cpu.yaml] [--steps 6] [--warmup 2]
+                               [--workers 1 2] [--modes on-policy async] [--trl] [--out FILE]
+
+Each configuration is a real `grpo-dist run` (local Ray head, vLLM rollout workers, DeepSpeed
+learner) with evaluation and checkpoints off; figures are medians over the steps after warm-up,
+read from the run's metrics.jsonl. The model is whatever `model.path` names, so the same harness
+runs the tiny model here and a real model on a GPU cluster (`--set model.path=...`).
+
+Definitions (per step):
+- engine = vLLM generation time inside the workers (per worker), train = learner forward/backward/
+  optimizer incl. reference/old log-probs; both are the time the pipeline cannot avoid.
+- overhead = step - engine - train in on-policy mode (scoring, weight sync, data movement, driver);
+  reported as a fraction of step time.
+- async: how close the step time comes to max(engine, train) rather than their sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_grpo(config: str, steps: int, workers: int, staleness: int, sets: list[str], out_dir: Path) -> list[dict]:
+    overrides = [
+        f"trainer.steps={steps}", f"rollout.num_workers={workers}", f"trainer.max_staleness={staleness}",
+        "trainer.eval_every=null", "trainer.eval_num_prompts=1", "checkpoint.save_every=null",
+        "checkpoint.save_at_end=false", "logging.progress_bar=false", "logging.tensorboard=false",
+        "logging.log_completions=0", f"trainer.output_dir={out_dir}", *sets,
+    ]
+    cmd = [sys.executable, "-m", "grpo_dist.cli", "run", config]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.stderr.write(res.stderr[-5000:])
+        raise SystemExit(f"grpo-dist run failed for workers={workers} staleness={staleness}")
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def med(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def summarize(rows: list[dict], warmup: int) -> dict[str, float]:
+    rows = rows[warmup:]
+    step = med(rows, "time/step")
+    engine = med(rows, "rollout/engine_seconds")
+    # The learner's own compute time (the driver's time/train also holds the RPC and data transfer).
+    train = statistics.median([sum(r.get(f"learner/time/{k}") or 0.0 for k in ("train", "ref_logp", "old_logp"))
+                               for r in rows])
+    completions = statistics.median([(r.get("rollout/completions") or 0.0) for r in rows])
+    gen_tokens = med(rows, "rollout/generated_tokens")
+    trained_tokens = med(rows, "learner/tokens")
+    return {
+        "steps_measured": len(rows),
+        "step_s": step,
+        "completions_per_s": completions / step,
+        "generated_tokens_per_s": gen_tokens / step,
+        "trained_tokens_per_s": trained_tokens / step,
+        "engine_s": engine,
+        "train_s": train,
+        "generate_wait_s": med(rows, "time/generate"),
+        "score_s": med(rows, "rollout/score_seconds"),
+        "ref_logp_s": med(rows, "time/ref_logp"),
+        "weight_sync_s": med(rows, "time/weight_sync"),
+        "sync_bytes": med(rows, "sync/bytes"),
+        "idle_s": med(rows, "time/idle"),
+        "overhead_frac": max(step - engine - train, 0.0) / step,
+        "step_over_max": step / max(engine, train),
+        "sum_over_max": (engine + train) / max(engine, train),
+    }
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    cols = ["step_s", "completions_per_s", "generated_tokens_per_s", "trained_tokens_per_s", "engine_s", "train_s",
+            "generate_wait_s", "score_s", "ref_logp_s", "weight_sync_s", "idle_s", "overhead_frac", "step_over_max"]
+    lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3g}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="deploy/configs/tiny_cpu.yaml")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--modes", nargs="+", default=["on-policy", "async"], choices=["on-policy", "async"])
+    ap.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
+    ap.add_argument("--trl", action="store_true", help="also run TRL GRPOTrainer on the same settings")
+    ap.add_argument("--out", default=None, help="write all figures as JSON")
+    args = ap.parse_args()
+
+    from grpo_dist.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes:
+            for w in args.workers:
+                name = f"{mode}, {w} worker{'s' if w > 1 else ''}"
+                print(f"running grpo-dist: {name} ...", flush=True)
+                rows = run_grpo(args.config, args.steps, w, 0 if mode == "on-policy" else 1, args.set,
+                                Path(tmp) / name.replace(", ", "_").replace(" ", "-"))
+                results[name] = summarize(rows, args.warmup)
+    print("\ngrpo-dist, medians over steps after warm-up "
+          f"({cfg.trainer.prompts_per_step} prompts x G={cfg.algorithm.num_generations}, "
+          f"max_completion_length={cfg.algorithm.max_completion_length}, model={cfg.model.path}):")
+    print(table(results))
+    report: dict = {"grpo_dist": results}
+
+    if args.trl:
+        trl_out = Path(tempfile.mkdtemp()) / "trl.json"
+        cmd = [sys.executable, "-m", "bench.trl_baseline", "--model", cfg.model.path,
+               "--num-generations", str(cfg.algorithm.num_generations),
+               "--prompts-per-step", str(cfg.trainer.prompts_per_step),
+               "--max-completion-length", str(cfg.algorithm.max_completion_length),
+               "--steps", str(args.steps), "--warmup-steps", str(args.warmup),
+               "--temperature", str(cfg.algorithm.temperature), "--beta", str(cfg.algorithm.beta),
+               "--lr", str(cfg.learner.lr), "--out", str(trl_out)]
+        print("\nrunning TRL GRPOTrainer on the same settings ...", flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        trl = json.loads(trl_out.read_text())
+        report["trl"] = trl
+        base = results.get("on-policy, 1 worker") or next(iter(results.values()))
+        best = max(results.values(), key=lambda r: r["completions_per_s"])
+        n = args.steps - args.warmup
+        ratios = {
+            "completions_per_s (on-policy, 1 worker) / TRL": base["completions_per_s"] / trl["completions_per_s"],
+            "completions_per_s (best grpo-dist) / TRL": best["completions_per_s"] / trl["completions_per_s"],
+            f"TRL wall / grpo-dist wall for {n} steps (on-policy, 1 worker)":
+                trl["median_step_s"] / base["step_s"],
+        }
+        report["ratios"] = ratios
+        print(f"\nTRL GRPOTrainer: {trl['completions_per_s']:.3g} completions/s, step {trl['median_step_s']:.3g} s")
+        for k, v in ratios.items():
+            print(f"  {k}: {v:.2f}x")
+
+    on = results.get("on-policy, 1 worker")
+    if on:
+        print(f"\non-policy overhead (not engine, not train): {on['overhead_frac']:.1%} of step time")
+    for name, r in results.items():
+        if name.startswith("async"):
+            print(f"{name}: step / max(engine, train) = {r['step_over_max']:.2f} "
+                  f"(serial would be {r['sum_over_max']:.2f})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
