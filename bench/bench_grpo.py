@@ -1,6 +1,7 @@
 """Whole-pipeline benchmark: per-phase time breakdown of grpo-dist runs, on-policy and async,
 1 and 2 rollout workers, optionally side by side with TRL's GRPOTrainer on the same settings.
 
+    .venv/bin/pip install --no-deps trl==1.16.0     # only for --trl (the `bench` extra)
     python -m bench.bench_grpo [--config deploy/configs/tiny_cpu.yaml] [--steps 6] [--warmup 2]
                                [--workers 1 2] [--modes on-policy async] [--trl] [--out FILE]
 
@@ -129,6 +130,7 @@ def main() -> None:
                "--num-generations", str(cfg.algorithm.num_generations),
                "--prompts-per-step", str(cfg.trainer.prompts_per_step),
                "--max-completion-length", str(cfg.algorithm.max_completion_length),
+               "--micro-batch-size", str(cfg.learner.micro_batch_size),
                "--steps", str(args.steps), "--warmup-steps", str(args.warmup),
                "--temperature", str(cfg.algorithm.temperature), "--beta", str(cfg.algorithm.beta),
                "--lr", str(cfg.learner.lr), "--out", str(trl_out)]
@@ -143,7 +145,7 @@ def main() -> None:
             "completions_per_s (on-policy, 1 worker) / TRL": base["completions_per_s"] / trl["completions_per_s"],
             "completions_per_s (best grpo-dist) / TRL": best["completions_per_s"] / trl["completions_per_s"],
             f"TRL wall / grpo-dist wall for {n} steps (on-policy, 1 worker)":
-                trl["median_step_s"] / base["step_s"],
+                trl["step_s_median"] / base["step_s"],
         }
         report["ratios"] = ratios
         print(f"\nTRL GRPOTrainer: {trl['completions_per_s']:.3g} completions/s, step {trl['median_step_s']:.3g} s")
