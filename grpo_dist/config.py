@@ -30,7 +30,7 @@ class ModelConfig(_Section):
 
 
 class SyntheticTaskConfig(_Section):
-    num_train: int = Field(20000, gt=0, description="Distinct training problems generated.")
+    num_train: int = Field(5000, gt=0, description="Distinct training problems generated.")
     num_test: int = Field(200, gt=0, description="Held-out problems (disjoint from train).")
     max_operand: int = Field(99, ge=1, description="Operands are drawn from [0, max_operand].")
     ops: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"])
