@@ -148,7 +148,7 @@ def main() -> None:
                 trl["step_s_median"] / base["step_s"],
         }
         report["ratios"] = ratios
-        print(f"\nTRL GRPOTrainer: {trl['completions_per_s']:.3g} completions/s, step {trl['median_step_s']:.3g} s")
+        print(f"\nTRL GRPOTrainer: {trl['completions_per_s']:.3g} completions/s, step {trl['step_s_median']:.3g} s")
         for k, v in ratios.items():
             print(f"  {k}: {v:.2f}x")
 

