@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
 
 from grpo_dist.config import Config
 from grpo_dist.driver import Trainer, evaluate
@@ -68,7 +69,8 @@ class RayCluster:
         self.learner = LearnerGroup(cfg.learner, cfg.model, cfg.algorithm, cfg.cluster, total_steps=cfg.trainer.steps,
                                     gradient_accumulation_steps=cfg.gradient_accumulation_steps)
         self.rollout = RolloutManager(
-            cfg.rollout, cfg.model, cfg.algorithm, cfg.rewards, cfg.cluster, max_model_len=cfg.max_model_len
+            cfg.rollout, cfg.model, cfg.algorithm, cfg.rewards, cfg.cluster, max_model_len=cfg.max_model_len,
+            ensure_weights=self._push_current_weights,
         )
         self._metrics = None
         if cfg.logging.ray_metrics:
@@ -76,10 +78,13 @@ class RayCluster:
                                                     get_if_exists=True).remote()
         self._manifest = None
         self.synced_version = 0  # what every live rollout worker must serve
+        # The learner's weights right now (the driver passes it to maintain/sync_weights); a re-push
+        # sends these, so it is tagged with this version, which may be newer than synced_version.
+        self.learner_version = 0
         self.control = JobControl.options(name="grpo-control", namespace=NAMESPACE, get_if_exists=True).remote(
             cfg.rollout.num_workers
         )
-        self.counters = {"worker_restarts_repushed": 0, "workers_added": 0, "workers_removed": 0}
+        self.counters = {"worker_restarts_repushed": 0, "workers_added": 0, "workers_removed": 0, "sync_retries": 0}
 
     def start(self) -> None:
         timeout = self.cfg.cluster.rpc_timeout_s
@@ -90,32 +95,82 @@ class RayCluster:
                  self.cfg.rollout.num_workers, time.perf_counter() - t0)
 
     def sync_weights(self, version: int) -> dict[str, float]:
-        """Broadcast the learner's weights (tagged `version`) to every rollout engine."""
-        timeout = self.cfg.cluster.collective_timeout_s
+        """Broadcast the learner's weights (tagged `version`) to every rollout engine.
+
+        Restarting workers are waited for first. A failed attempt (a worker died mid-transfer, or a
+        join timed out) is retried once on a fresh port after the restarted workers are back; a
+        manifest mismatch (ValueError) is not retried."""
+        self.learner_version = version
+        t0 = time.perf_counter()
+        self.rollout.wait_alive()
+        try:
+            sent = self._sync_once(version)
+        except ValueError:
+            raise
+        except (RayError, TimeoutError, RuntimeError) as first:
+            self.counters["sync_retries"] += 1
+            log.warning("weight sync v%d failed (%s); waiting for restarted workers and retrying once on a fresh port",
+                        version, first)
+            self.rollout.wait_alive()
+            try:
+                sent = self._sync_once(version)
+            except (RayError, TimeoutError, RuntimeError) as second:
+                raise RuntimeError(f"weight sync v{version} failed twice; first: {first}; retry: {second}") from second
+        return {"seconds": time.perf_counter() - t0, "bytes": float(sent.get("bytes", 0)), "version": version}
+
+    def _sync_once(self, version: int) -> dict:
+        # Half the learner group's collective timeout: while learner rank 0 joins the sync group (and
+        # sends each bucket), the other ranks wait in a DeepSpeed-group collective. A join or send
+        # that fails must fail before that wait times out, or the timeout breaks the learner group for
+        # good (measured: a receiver killed after joining left every later collective failing with
+        # "Application timeout caused pair closure").
+        timeout = self.cfg.cluster.collective_timeout_s / 2
+        rpc = self.cfg.cluster.rpc_timeout_s
         if self._manifest is None:
             self._manifest = self.learner.weight_manifest()
         host, port = self.learner.sync_address()
-        t0 = time.perf_counter()
         self.synced_version = version
+        names = self.rollout.worker_names
+        t0 = time.perf_counter()
         recv_refs = self.rollout.receive_weights(self._manifest, version, host, port, timeout_s=timeout,
                                                  bucket_bytes=int(self.cfg.learner.weight_sync_bucket_mb * 2**20))
-        sent = self.learner.broadcast_weights(host, port, self.rollout.world_size(), version, timeout_s=timeout)
+        try:
+            sent = self.learner.broadcast_weights(host, port, self.rollout.world_size(), version, timeout_s=timeout)
+        except Exception as e:
+            # Let the receivers finish failing (their join/transfer times out) before anyone retries,
+            # so no worker's engine thread is still busy with this attempt.
+            ray.wait(recv_refs, num_returns=len(recv_refs), timeout=timeout + rpc)
+            receivers = "; ".join(f"{n}: {_outcome(r)}" for n, r in zip(names, recv_refs))
+            raise RuntimeError(f"weight sync v{version} at {host}:{port} failed after {time.perf_counter() - t0:.0f}s: "
+                               f"learner: {_first_line(e)}; {receivers}") from e
         ready, not_ready = ray.wait(recv_refs, num_returns=len(recv_refs), timeout=timeout)
         if not_ready:
-            raise TimeoutError(f"weight sync v{version}: {len(not_ready)} rollout worker(s) did not finish "
-                               f"loading within {timeout:.0f}s")
-        ray.get(ready)
+            late = [n for n, r in zip(names, recv_refs) if r in not_ready]
+            raise TimeoutError(f"weight sync v{version}: rollout workers {late} did not finish loading within "
+                               f"{timeout:.0f}s")
+        for name, ref in zip(names, recv_refs):
+            try:
+                ray.get(ref, timeout=rpc)
+            except RayError as e:
+                raise RuntimeError(f"weight sync v{version}: {name} failed while receiving: {_first_line(e)}") from e
         versions = self.rollout.weight_versions()
         stale = {k: v for k, v in versions.items() if v != version}
         if stale:
             raise RuntimeError(f"weight sync v{version}: workers still report {stale}")
-        return {"seconds": time.perf_counter() - t0, "bytes": float(sent.get("bytes", 0)), "version": version}
+        return sent
+
+    def _push_current_weights(self) -> None:
+        """The rollout manager's hook for a restarted worker: serve the learner's weights again."""
+        self.counters["worker_restarts_repushed"] += 1
+        self.sync_weights(self.learner_version)
 
     def maintain(self, version: int) -> dict[str, float]:
         """Between steps: apply a requested worker count (`grpo-dist scale`), and re-push weights to
-        any worker that serves an older version than the last sync (a restarted or new actor)."""
+        any worker that serves an older version than the last sync (a restarted or new actor).
+        Restarting workers are waited for; one out of restarts is dropped (the rest carry on)."""
+        self.learner_version = version
         want = ray.get(self.control.desired_workers.remote(), timeout=self.cfg.cluster.rpc_timeout_s)
-        have = len(self.rollout.weight_versions())
+        have = len(self.rollout.wait_alive())
         while have < want:
             self.rollout.add_worker()
             self.counters["workers_added"] += 1
@@ -125,18 +180,42 @@ class RayCluster:
             self.counters["workers_removed"] += 1
             have -= 1
         behind = {k: v for k, v in self.rollout.weight_versions().items() if v != self.synced_version}
-        if behind and self.synced_version > 0:
-            log.warning("workers %s serve stale weights; pushing v%d before they generate", behind,
-                        self.synced_version)
+        if behind:
+            # The learner may have trained since the last sync (sync_every > 1): push what it holds now,
+            # tagged with its own version, to everyone, so no two workers serve different weights.
+            log.warning("workers %s serve stale weights; pushing v%d before they generate", behind, version)
             self.counters["worker_restarts_repushed"] += len(behind)
-            self.sync_weights(self.synced_version)
-        return {f"count/{k}": float(v) for k, v in self.counters.items()} | {"rollout/num_workers": float(have)}
+            self.sync_weights(version)
+        counters = self.counters | {f"rollout_{k}": v for k, v in self.rollout.counters.items()}
+        return {f"count/{k}": float(v) for k, v in counters.items()} | {"rollout/num_workers": float(have)}
+
+    def dead_actors(self, timeout_s: float = 5.0) -> dict[str, str]:
+        """Learner ranks and rollout workers that are dead now, with Ray's reason. A busy actor (stuck in
+        a collective) does not answer within ``timeout_s`` and counts as alive."""
+        actors = {f"learner rank {r} ({self.learner.name_prefix}-{r})": a for r, a in enumerate(self.learner.actors)}
+        dead = {}
+        for name in self.rollout.worker_names:
+            try:
+                actors[name] = ray.get_actor(name)
+            except ValueError as e:  # no longer registered: dead for good
+                dead[name] = _first_line(e)
+        refs = {name: a.__ray_ready__.remote() for name, a in actors.items()}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        for name, ref in refs.items():
+            try:
+                ray.get(ref, timeout=0.1)
+            except ActorDiedError as e:
+                dead[name] = _death_reason(e)
+            except (GetTimeoutError, RayError):
+                pass
+        return dead
 
     def record_metrics(self, metrics: dict[str, float]) -> None:
         if self._metrics is not None:
             self._metrics.record.remote(metrics)
 
     def shutdown(self) -> None:
+        """Release every actor; never blocks longer than the learner's bounded shutdown (30 s)."""
         for part in (self.rollout, self.learner):
             try:
                 part.shutdown()
@@ -194,6 +273,15 @@ def run_job(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 log.warning("stopping: saving a checkpoint at step %d first", trainer.step)
                 trainer.save()
             raise
+        except Exception as e:
+            dead = cluster.dead_actors()
+            if not dead:
+                raise
+            # A dead learner rank leaves the ZeRO group unusable: no checkpoint is attempted; the
+            # last complete one (saves are atomic) is where `--resume` continues.
+            who = "; ".join(f"{name}: {why}" for name, why in dead.items())
+            raise RuntimeError(f"job failed at step {trainer.step + 1} because actors died: {who}. Resume from the "
+                               f"last complete checkpoint under {cfg.checkpoint_dir} with --resume") from e
     finally:
         cluster.shutdown()
         signal.signal(signal.SIGTERM, previous)
@@ -214,3 +302,30 @@ def run_eval(cfg: Config) -> dict[str, Any]:
         rollout.shutdown()
         if started:
             ray.shutdown()
+
+
+def _first_line(e: BaseException) -> str:
+    """One line saying what went wrong: for a remote task's error, its cause (Ray's own first line
+    only names the task)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _outcome(ref) -> str:
+    """What a settled (or still running) receive call ended with, in one line."""
+    try:
+        ray.get(ref, timeout=0.1)
+        return "loaded"
+    except GetTimeoutError:
+        return "still running"
+    except RayError as e:
+        return _first_line(e)
+
+
+def _death_reason(e: BaseException) -> str:
+    """Ray's "The actor is dead because ..." line (exit type and detail), else the first line."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    return next((ln for ln in lines if ln.startswith("The actor is dead because")), _first_line(e))

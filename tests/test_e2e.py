@@ -40,7 +40,7 @@ def run_cli(args: list[str], timeout: float = 1200) -> subprocess.CompletedProce
         print(out.stdout[-5000:], out.stderr[-20000:])
     assert out.returncode == 0, f"grpo-dist {' '.join(args)} failed"
     # ray.shutdown() signals its daemons; give them a bounded moment to exit.
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while (leaked := ray_daemon_pids() - before) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not leaked, f"Ray processes left behind: {leaked}"
