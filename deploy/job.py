@@ -19,6 +19,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
 
 from grpo_dist.config import Config
 from grpo_dist.driver import Trainer, evaluate
+from grpo_dist.errors import first_line
 from learner import LearnerGroup
 from rollout_server import RolloutManager
 
@@ -142,7 +143,7 @@ class RayCluster:
             ray.wait(recv_refs, num_returns=len(recv_refs), timeout=timeout + rpc)
             receivers = "; ".join(f"{n}: {_outcome(r)}" for n, r in zip(names, recv_refs))
             raise RuntimeError(f"weight sync v{version} at {host}:{port} failed after {time.perf_counter() - t0:.0f}s: "
-                               f"learner: {_first_line(e)}; {receivers}") from e
+                               f"learner: {first_line(e)}; {receivers}") from e
         ready, not_ready = ray.wait(recv_refs, num_returns=len(recv_refs), timeout=timeout)
         if not_ready:
             late = [n for n, r in zip(names, recv_refs) if r in not_ready]
@@ -152,7 +153,7 @@ class RayCluster:
             try:
                 ray.get(ref, timeout=rpc)
             except RayError as e:
-                raise RuntimeError(f"weight sync v{version}: {name} failed while receiving: {_first_line(e)}") from e
+                raise RuntimeError(f"weight sync v{version}: {name} failed while receiving: {first_line(e)}") from e
         versions = self.rollout.weight_versions()
         stale = {k: v for k, v in versions.items() if v != version}
         if stale:
@@ -198,7 +199,7 @@ class RayCluster:
             try:
                 actors[name] = ray.get_actor(name)
             except ValueError as e:  # no longer registered: dead for good
-                dead[name] = _first_line(e)
+                dead[name] = first_line(e)
         refs = {name: a.__ray_ready__.remote() for name, a in actors.items()}
         ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         for name, ref in refs.items():
@@ -304,16 +305,6 @@ def run_eval(cfg: Config) -> dict[str, Any]:
             ray.shutdown()
 
 
-def _first_line(e: BaseException) -> str:
-    """One line saying what went wrong: for a remote task's error, its cause (Ray's own first line
-    only names the task)."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException) and cause is not e:
-        e = cause
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
 def _outcome(ref) -> str:
     """What a settled (or still running) receive call ended with, in one line."""
     try:
@@ -322,10 +313,10 @@ def _outcome(ref) -> str:
     except GetTimeoutError:
         return "still running"
     except RayError as e:
-        return _first_line(e)
+        return first_line(e)
 
 
 def _death_reason(e: BaseException) -> str:
     """Ray's "The actor is dead because ..." line (exit type and detail), else the first line."""
     lines = [ln.strip() for ln in str(e).splitlines()]
-    return next((ln for ln in lines if ln.startswith("The actor is dead because")), _first_line(e))
+    return next((ln for ln in lines if ln.startswith("The actor is dead because")), first_line(e))

@@ -28,6 +28,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ClusterConfig, ModelConfig, RewardsConfig, RolloutConfig
+from grpo_dist.errors import first_line
 from grpo_dist.weight_sync import ParamSpec
 from rollout_server.placement import cpu_bind_ranges, cpu_worker_env, oversubscribed, split_contiguous, sync_rank_offsets
 from rollout_server.worker import DEFAULT_BUCKET_BYTES, RolloutWorker
@@ -239,7 +240,7 @@ class RolloutManager:
                     failures += 1
                     reissued += c.stop - c.start
                     log.warning("%s died while generating prompts %d..%d; generating them again (%s)", c.name, c.start,
-                                c.stop - 1, _first_line(e))
+                                c.stop - 1, first_line(e))
                     pending += self._reissue(handle, c, done)
         self.counters["worker_failures"] += failures
         self.counters["prompts_reissued"] += reissued
@@ -417,13 +418,3 @@ class RolloutManager:
             w.handle.receive_weights.remote(manifest_ref, version, host, port, rank, world, timeout_s, bucket_bytes)
             for w, rank in zip(self._workers, offsets)
         ]
-
-
-def _first_line(e: BaseException) -> str:
-    """One line saying what went wrong: for a remote task's error, its cause (Ray's own first line
-    only names the task)."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException) and cause is not e:
-        e = cause
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

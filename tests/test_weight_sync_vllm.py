@@ -11,21 +11,10 @@ ray = pytest.importorskip("ray")
 
 from grpo_dist.config import Config  # noqa: E402
 
+from test_rollout_service import hf_logps, max_abs_diff  # noqa: E402
+
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(900)]
 LOGP_TOL = 1e-3
-
-
-def hf_logps(model, batch) -> list[list[float]]:
-    out = []
-    with torch.no_grad():
-        for p, c in zip(batch.prompt_ids, batch.completion_ids):
-            logp_LV = model(torch.tensor([p + c])).logits[0].log_softmax(-1)
-            out.append([logp_LV[len(p) - 1 + i, t].item() for i, t in enumerate(c)])
-    return out
-
-
-def max_abs_diff(a, b) -> float:
-    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
 
 def test_broadcast_from_zero3_learner_into_vllm_matches_learner_logprobs(tiny_model_dir):
