@@ -172,6 +172,11 @@ class LearnerActor:
 
     def broadcast_weights(self, host: str, port: int, world_size: int, version: int, timeout_s: float) -> dict:
         """Send the policy to the weight-sync group (rank 0 is its group rank 0). All ranks call."""
+        if timeout_s >= self.ccfg.collective_timeout_s:
+            # The other ranks wait for rank 0's join in a DeepSpeed-group collective: if the join could
+            # outlast that group's timeout, a missing receiver would break the learner group for good.
+            raise ValueError(f"weight-sync timeout {timeout_s:.0f}s must be shorter than "
+                             f"cluster.collective_timeout_s={self.ccfg.collective_timeout_s:.0f}s")
         t0 = time.perf_counter()
         group, error = None, None
         if self.rank == 0:
@@ -189,12 +194,20 @@ class LearnerActor:
             raise TimeoutError(f"weight-sync group {host}:{port} failed on learner rank 0 (version {version})")
         bucket_bytes = int(self.lcfg.weight_sync_bucket_mb * 2**20)
         tensors = self._gathered(bucket_bytes)
-        sent = 0
+        sent, failure = 0, None
         if group is not None:
-            sent = send_weights(group, self.manifest, tensors, bucket_bytes, device=self.device)
-        else:
-            for _ in tensors:
-                pass
+            try:
+                sent = send_weights(group, self.manifest, tensors, bucket_bytes, device=self.device)
+            except Exception as e:  # a receiver died mid-transfer: finish the gathers first
+                failure = e
+        for _ in tensors:  # ZeRO-3 gathers are collective: every rank walks every bucket
+            pass
+        ok = torch.tensor([0 if failure else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if failure is not None:
+            raise failure
+        if not ok.item():
+            raise RuntimeError(f"weight broadcast v{version} to {host}:{port} failed on learner rank 0")
         return {"bytes": sent, "seconds": time.perf_counter() - t0, "version": version}
 
     def gathered_state_dict(self, reference: bool = False) -> dict[str, torch.Tensor]:

@@ -247,7 +247,7 @@ def test_broadcast_delivers_exact_weights(which, request):
 
     th = threading.Thread(target=receive)
     th.start()
-    info = group.broadcast_weights(host, port, 2, version=7, timeout_s=60)
+    info = group.broadcast_weights(host, port, 2, version=7, timeout_s=30)
     th.join(timeout=60)
     assert not errors and not th.is_alive()
     want = group.gathered_state_dict()
