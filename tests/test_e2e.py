@@ -30,20 +30,28 @@ def ray_daemon_pids() -> set[int]:
     return pids
 
 
-def run_cli(args: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
+def cli_env() -> dict[str, str]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)  # always the local-head path
-    before = ray_daemon_pids()
-    out = subprocess.run([sys.executable, "-m", "grpo_dist.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=timeout)
-    if out.returncode != 0:
-        print(out.stdout[-5000:], out.stderr[-20000:])
-    assert out.returncode == 0, f"grpo-dist {' '.join(args)} failed"
+    return env
+
+
+def assert_no_ray_left(before: set[int]) -> None:
     # ray.shutdown() signals its daemons; give them a bounded moment to exit.
     deadline = time.monotonic() + 60
     while (leaked := ray_daemon_pids() - before) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not leaked, f"Ray processes left behind: {leaked}"
+
+
+def run_cli(args: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
+    before = ray_daemon_pids()
+    out = subprocess.run([sys.executable, "-m", "grpo_dist.cli", *args], cwd=ROOT, env=cli_env(), capture_output=True,
+                         text=True, timeout=timeout)
+    if out.returncode != 0:
+        print(out.stdout[-5000:], out.stderr[-20000:])
+    assert out.returncode == 0, f"grpo-dist {' '.join(args)} failed"
+    assert_no_ray_left(before)
     return out
 
 
@@ -113,3 +121,24 @@ def test_async_run_keeps_staleness_bounded(tmp_path, tiny_model_dir):
     assert any(r["staleness"] == 1 for r in rows)  # generation really overlapped training
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["weight_versions"].values()) == {3}
+
+
+def test_sigterm_saves_a_checkpoint_and_releases_ray(tmp_path, tiny_model_dir):
+    """`ray job stop` sends SIGTERM: the job saves a resumable checkpoint and leaves nothing behind."""
+    cfg = config(tmp_path, tiny_model_dir, trainer={"steps": 200}, checkpoint={"save_every": None})
+    before = ray_daemon_pids()
+    proc = subprocess.Popen([sys.executable, "-m", "grpo_dist.cli", "run", str(cfg)], cwd=ROOT, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 2"
+        time.sleep(1)
+    proc.terminate()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0  # stopped, not finished
+    assert "saving a checkpoint" in out
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((tmp_path / "run" / "checkpoints" / latest / "state.json").read_text())
+    assert state["step"] >= 2
+    assert_no_ray_left(before)
