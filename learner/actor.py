@@ -186,12 +186,8 @@ class LearnerActor:
                 error = e
         # Everyone learns whether rank 0 got its group, so no rank waits in a gather that
         # rank 0 will never join.
-        ok = torch.tensor([0 if error else 1], dtype=torch.int32, device=self.device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if error is not None:
-            raise error
-        if not ok.item():
-            raise TimeoutError(f"weight-sync group {host}:{port} failed on learner rank 0 (version {version})")
+        self._raise_if_rank_failed(error, TimeoutError(f"weight-sync group {host}:{port} failed on learner rank 0 "
+                                                       f"(version {version})"))
         bucket_bytes = int(self.lcfg.weight_sync_bucket_mb * 2**20)
         tensors = self._gathered(bucket_bytes)
         sent, failure = 0, None
@@ -202,13 +198,19 @@ class LearnerActor:
                 failure = e
         for _ in tensors:  # ZeRO-3 gathers are collective: every rank walks every bucket
             pass
-        ok = torch.tensor([0 if failure else 1], dtype=torch.int32, device=self.device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if failure is not None:
-            raise failure
-        if not ok.item():
-            raise RuntimeError(f"weight broadcast v{version} to {host}:{port} failed on learner rank 0")
+        self._raise_if_rank_failed(failure, RuntimeError(f"weight broadcast v{version} to {host}:{port} failed on "
+                                                         "learner rank 0"))
         return {"bytes": sent, "seconds": time.perf_counter() - t0, "version": version}
+
+    def _raise_if_rank_failed(self, error: Exception | None, elsewhere: Exception) -> None:
+        """Collective: every rank learns whether any rank failed; the failing rank re-raises its own
+        error, the others raise ``elsewhere``, so no rank goes on alone into a later collective."""
+        ok = torch.tensor([0 if error else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if error is not None:
+            raise error
+        if not ok.item():
+            raise elsewhere
 
     def gathered_state_dict(self, reference: bool = False) -> dict[str, torch.Tensor]:
         """Full CPU weights of the policy (or the reference model) by HF name on rank 0 (empty
