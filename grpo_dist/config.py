@@ -19,6 +19,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def resolve_dtype(dtype: str, cuda: bool) -> str:
+    """``auto`` is bfloat16 on CUDA and float32 on CPU (CPU bf16 matmuls are slow and lossy).
+
+    The one rule for the learner and the rollout engines: the weight-sync manifest check needs
+    both sides to agree on it."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if cuda else "float32"
+
+
 class ModelConfig(_Section):
     path: str = Field("runs/tiny-model", description="HF model id or local directory of the policy.")
     tokenizer_path: str | None = Field(None, description="Tokenizer location; defaults to `path`.")

@@ -11,13 +11,12 @@ from typing import Any
 import torch
 
 from grpo_dist.config import LearnerConfig, ModelConfig
+from grpo_dist.config import resolve_dtype as config_resolve_dtype  # the shared rule; this module's returns torch
 
 
 def resolve_dtype(model_cfg: ModelConfig, cuda: bool) -> torch.dtype:
-    """`auto` is bfloat16 on CUDA and float32 on CPU (CPU bf16 matmuls are slow and lossy)."""
-    if model_cfg.dtype == "auto":
-        return torch.bfloat16 if cuda else torch.float32
-    return getattr(torch, model_cfg.dtype)
+    """The training dtype: `grpo_dist.config.resolve_dtype`'s rule, as a torch dtype."""
+    return getattr(torch, config_resolve_dtype(model_cfg.dtype, cuda))
 
 
 def grad_accum_steps(rows: int, world_size: int, micro_batch_size: int, optimizer_steps: int) -> int:

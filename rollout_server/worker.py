@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from grpo_dist.batch import RolloutBatch
-from grpo_dist.config import AlgoConfig, LearnerConfig, ModelConfig, RewardsConfig, RolloutConfig
+from grpo_dist.config import AlgoConfig, LearnerConfig, ModelConfig, RewardsConfig, RolloutConfig, resolve_dtype
 from grpo_dist.rewards import build_reward_fns, score
 from grpo_dist.weight_sync import ParamSpec, check_manifest, spec_of
 from rollout_server.placement import request_seeds
@@ -50,13 +50,6 @@ _RESTART_DELAY_S = 2.0
 SAMPLING_OVERRIDES = ("temperature", "top_p", "top_k", "max_tokens", "seed")
 # Row keys that are not passed to reward functions as dataset columns.
 _NOT_COLUMNS = ("prompt", "prompt_ids")
-
-
-def resolve_dtype(dtype: str, cuda: bool) -> str:
-    """``auto`` is bfloat16 on CUDA and float32 on CPU (the rule the learner uses too)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if cuda else "float32"
 
 
 def engine_kwargs(rollout: RolloutConfig, model: ModelConfig, max_model_len: int, cuda: bool) -> dict[str, Any]:
