@@ -65,13 +65,6 @@ class RolloutBatch:
                 out[f.name] = v
         return replace(self, **out)
 
-    def shard(self, rank: int, world_size: int) -> "RolloutBatch":
-        """Contiguous equal shard for data-parallel rank ``rank``."""
-        if len(self) % world_size:
-            raise ValueError(f"{len(self)} rows cannot be split evenly over {world_size} ranks")
-        per = len(self) // world_size
-        return self.select(list(range(rank * per, (rank + 1) * per)))
-
     @staticmethod
     def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":
         """Concatenate batches; group ids are renumbered so they stay unique and consecutive."""

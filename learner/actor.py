@@ -24,7 +24,7 @@ from grpo_dist.losses import completion_entropy, completion_logprobs, grpo_loss
 from grpo_dist.weight_sync import ParamSpec, dtype_name, init_sync_group, pick_backend, plan_buckets, send_weights
 from learner.ds_config import build_ds_config, grad_accum_steps, lr_multiplier, ref_ds_config, resolve_dtype
 from learner.placement import rank_env
-from learner.step import lerp_, micro_slices, pack_metrics, unpack_metrics
+from learner.step import lerp_, micro_slices, pack_metrics, rank_rows, unpack_metrics
 
 
 def free_port() -> int:
@@ -285,9 +285,12 @@ class LearnerActor:
     def _forward(
         self, module: torch.nn.Module, t: dict[str, torch.Tensor], rows: slice
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logp_BT, logits_BLV)`` of the completion tokens of ``rows``."""
-        ids_BL = t["input_ids_BL"][rows]
-        logits_BLV = module(input_ids=ids_BL, attention_mask=t["attention_mask_BL"][rows]).logits
+        """``(logp_BT, logits_BLV)`` of the completion tokens of ``rows``; the forward is cut to the
+        micro-batch's longest row (rows are right-padded, so later columns are all padding)."""
+        attn_BL = t["attention_mask_BL"][rows]
+        L = int(attn_BL.sum(1).max())
+        ids_BL = t["input_ids_BL"][rows, :L]
+        logits_BLV = module(input_ids=ids_BL, attention_mask=attn_BL[:, :L]).logits
         T = t["mask_BT"].shape[1]
         logp_BT = completion_logprobs(logits_BLV, ids_BL, t["prompt_len_B"][rows], T, self.acfg.temperature)
         return logp_BT, logits_BLV
@@ -312,7 +315,9 @@ class LearnerActor:
         ga = grad_accum_steps(len(batch), world, lc.micro_batch_size, lc.optimizer_steps_per_batch)
         if ga != self.engine.gradient_accumulation_steps():
             self.engine.set_train_batch_size(lc.micro_batch_size * ga * world)
-        t = batch.shard(self.rank, world).to_tensors(self.pad_id, self.device)
+        lengths = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+        mine = rank_rows(lengths, world, lc.optimizer_steps_per_batch)[self.rank]
+        t = batch.select(mine).to_tensors(self.pad_id, self.device)
         T = t["mask_BT"].shape[1]
         timings = {}
 

@@ -11,6 +11,36 @@ from grpo_dist.losses import merge_metrics
 METRIC_KEYS = ("kl", "ratio", "clip_low", "clip_high", "clip_region", "tis", "entropy")
 
 
+def rank_rows(lengths: list[int], world_size: int, num_minibatches: int) -> list[list[int]]:
+    """Row indices each data-parallel rank trains on, in its training order.
+
+    The batch is cut into ``num_minibatches`` contiguous mini-batches (one optimizer step each).
+    Inside each, rows are dealt to ranks in equal counts (gradient accumulation needs the same
+    number of micro-batches on every rank) and near-equal token totals (every all-reduce waits
+    for the slowest rank): longest row first, each to the rank with the fewest tokens that still
+    has room. A rank's share stays longest-first, so consecutive rows -- its micro-batches --
+    have similar lengths and padding each micro-batch to its own longest row wastes little.
+    The loss is normalised by mini-batch totals, so any such split gives the same update.
+    """
+    n = len(lengths)
+    if world_size < 1 or num_minibatches < 1 or n % (world_size * num_minibatches):
+        raise ValueError(f"{n} rows cannot be split into {num_minibatches} mini-batches over {world_size} ranks")
+    per_rank = n // (world_size * num_minibatches)
+    out: list[list[int]] = [[] for _ in range(world_size)]
+    mini = n // num_minibatches
+    for start in range(0, n, mini):
+        rows = sorted(range(start, start + mini), key=lambda i: (-lengths[i], i))
+        share: list[list[int]] = [[] for _ in range(world_size)]
+        tokens = [0] * world_size
+        for i in rows:
+            r = min((r for r in range(world_size) if len(share[r]) < per_rank), key=lambda r: (tokens[r], r))
+            share[r].append(i)
+            tokens[r] += lengths[i]
+        for r in range(world_size):
+            out[r] += share[r]
+    return out
+
+
 def micro_slices(start: int, micro_batch_size: int, count: int) -> list[slice]:
     """``count`` consecutive row slices of ``micro_batch_size`` rows from ``start``."""
     return [slice(start + j * micro_batch_size, start + (j + 1) * micro_batch_size) for j in range(count)]

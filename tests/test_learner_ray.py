@@ -133,7 +133,7 @@ def reference_update(model_dir: Path, cfg: Config, batch: RolloutBatch) -> tuple
     """The same GRPO step in one process: whole mini-batches, plain torch AdamW + grad clipping
     + the LR schedule.
 
-    Mini-batch k holds rows k*mini..(k+1)*mini of every rank's contiguous shard (the learner's split)."""
+    Mini-batch k is rows k*mini..(k+1)*mini of the batch, however the learner deals them to ranks."""
     model, pad_id = load_policy(model_dir)
     ac, lc = cfg.algorithm, cfg.learner
     ref, _ = load_policy(model_dir)
@@ -144,12 +144,11 @@ def reference_update(model_dir: Path, cfg: Config, batch: RolloutBatch) -> tuple
         old_logp = logp_of(model, t, everything) if ac.num_iterations > 1 else None
     opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=lc.adam_betas, eps=1e-8, weight_decay=lc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg))
-    per = len(batch) // WORLD
-    mini = per // lc.optimizer_steps_per_batch
+    mini = len(batch) // lc.optimizer_steps_per_batch
     losses = []
     for _ in range(ac.num_iterations):
         for k in range(lc.optimizer_steps_per_batch):
-            rows = [r * per + k * mini + j for r in range(WORLD) for j in range(mini)]
+            rows = list(range(k * mini, (k + 1) * mini))
             loss, _ = grpo_loss(
                 logp_of(model, t, rows),
                 old_logp[rows] if old_logp is not None else None,

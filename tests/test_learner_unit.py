@@ -8,7 +8,7 @@ import torch
 from grpo_dist.config import LearnerConfig, ModelConfig
 from learner.ds_config import build_ds_config, grad_accum_steps, lr_multiplier, ref_ds_config, resolve_dtype
 from learner.placement import placement_bundles, rank_env
-from learner.step import METRIC_KEYS, lerp_, micro_slices, pack_metrics, unpack_metrics
+from learner.step import METRIC_KEYS, lerp_, micro_slices, pack_metrics, rank_rows, unpack_metrics
 
 
 @pytest.mark.parametrize(
@@ -98,6 +98,38 @@ def test_placement_bundles_and_rank_env():
         "LOCAL_RANK": "0",
         "LOCAL_WORLD_SIZE": "1",
     }
+
+
+def test_rank_rows_hand_worked():
+    # One mini-batch, 2 ranks x 3 rows: longest first to the rank with fewer tokens.
+    lengths = [10, 50, 20, 40, 30, 60]
+    assert rank_rows(lengths, 2, 1) == [[5, 4, 2], [1, 3, 0]]  # 110 and 100 tokens
+    # Two mini-batches: rows 0-3 and 4-7 never mix, so each optimizer step sees the same rows.
+    assert rank_rows([1, 2, 3, 4, 8, 7, 6, 5], 2, 2) == [[3, 0, 4, 7], [2, 1, 5, 6]]
+
+
+@pytest.mark.parametrize("world, minis", [(1, 1), (2, 1), (2, 3), (4, 2), (3, 4)])
+def test_rank_rows_is_a_balanced_longest_first_partition(world, minis):
+    gen = torch.Generator().manual_seed(world * 10 + minis)
+    n = world * minis * 8
+    lengths = torch.randint(5, 300, (n,), generator=gen).tolist()
+    out = rank_rows(lengths, world, minis)
+    assert sorted(i for rows in out for i in rows) == list(range(n))
+    per = n // (world * minis)
+    mini = n // minis
+    for k in range(minis):
+        parts = [rows[k * per : (k + 1) * per] for rows in out]
+        assert all(k * mini <= i < (k + 1) * mini for p in parts for i in p)
+        for p in parts:
+            assert [lengths[i] for i in p] == sorted((lengths[i] for i in p), reverse=True)
+        # Greedy dealing keeps token totals within one row's length of each other.
+        totals = [sum(lengths[i] for i in p) for p in parts]
+        assert max(totals) - min(totals) <= max(lengths[k * mini : (k + 1) * mini])
+
+
+def test_rank_rows_refuses_uneven_splits():
+    with pytest.raises(ValueError, match="7 rows cannot be split into 1 mini-batches over 2 ranks"):
+        rank_rows([1] * 7, 2, 1)
 
 
 def test_micro_slices():
