@@ -16,6 +16,13 @@ Definitions (per step):
 - overhead = step - engine - train in on-policy mode (scoring, weight sync, data movement, driver);
   reported as a fraction of step time.
 - async: how close the step time comes to max(engine, train) rather than their sum.
+- weight sync: seconds per update and MB/s over the bytes moved (group set-up included).
+- vs TRL: completions/s, and the loop wall time (warm-up included, engine start and model
+  loading excluded) to train on the same number of samples.
+- CPU only: the ceiling of grpo-dist / TRL on this machine. Engine and learner time are busy
+  core-seconds (engine_s x threads x workers + train_s x threads x ranks); no scheduling can make
+  a step shorter than those core-seconds spread over every core, so TRL's step over that floor
+  bounds any ratio a pipeline design could reach here.
 """
 
 from __future__ import annotations
@@ -55,39 +62,43 @@ def med(rows: list[dict], key: str) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
-def summarize(rows: list[dict], warmup: int) -> dict[str, float]:
-    rows = rows[warmup:]
-    step = med(rows, "time/step")
-    engine = med(rows, "rollout/engine_seconds")
+def summarize(all_rows: list[dict], warmup: int) -> dict[str, float]:
+    rows = all_rows[warmup:]
+    steps = [r["time/step"] for r in rows]
+    engine_by_step = [r.get("rollout/engine_seconds") or 0.0 for r in rows]
     # The learner's own compute time (the driver's time/train also holds the RPC and data transfer).
-    train = statistics.median([sum(r.get(f"learner/time/{k}") or 0.0 for k in ("train", "ref_logp", "old_logp"))
-                               for r in rows])
-    completions = statistics.median([(r.get("rollout/completions") or 0.0) for r in rows])
-    gen_tokens = med(rows, "rollout/generated_tokens")
-    trained_tokens = med(rows, "learner/tokens")
+    train_by_step = [sum(r.get(f"learner/time/{k}") or 0.0 for k in ("train", "ref_logp", "old_logp")) for r in rows]
+    # Ratios per step, then their median: a difference of medians mixes different steps.
+    per_step = list(zip(steps, engine_by_step, train_by_step))
+    wall = sum(steps)  # rates over the measured steps, as the TRL baseline reports them
+    sync_s = med(rows, "sync/seconds")
     return {
         "steps_measured": len(rows),
-        "step_s": step,
-        "completions_per_s": completions / step,
-        "generated_tokens_per_s": gen_tokens / step,
-        "trained_tokens_per_s": trained_tokens / step,
-        "engine_s": engine,
-        "train_s": train,
+        "loop_s": sum(r["time/step"] for r in all_rows),
+        "samples": sum((r.get("rollout/completions") or 0.0) for r in all_rows),
+        "step_s": statistics.median(steps),
+        "completions_per_s": sum(r.get("rollout/completions") or 0.0 for r in rows) / wall,
+        "generated_tokens_per_s": sum(r.get("rollout/generated_tokens") or 0.0 for r in rows) / wall,
+        "trained_tokens_per_s": sum(r.get("learner/tokens") or 0.0 for r in rows) / wall,
+        "engine_s": statistics.median(engine_by_step),
+        "train_s": statistics.median(train_by_step),
         "generate_wait_s": med(rows, "time/generate"),
         "score_s": med(rows, "rollout/score_seconds"),
         "ref_logp_s": med(rows, "time/ref_logp"),
         "weight_sync_s": med(rows, "time/weight_sync"),
         "sync_bytes": med(rows, "sync/bytes"),
+        "sync_MB_per_s": med(rows, "sync/bytes") / 1e6 / sync_s if sync_s > 0 else float("nan"),
         "idle_s": med(rows, "time/idle"),
-        "overhead_frac": max(step - engine - train, 0.0) / step,
-        "step_over_max": step / max(engine, train),
-        "sum_over_max": (engine + train) / max(engine, train),
+        "overhead_frac": statistics.median(max(st - e - t, 0.0) / st for st, e, t in per_step),
+        "step_over_max": statistics.median(st / max(e, t) for st, e, t in per_step),
+        "sum_over_max": statistics.median((e + t) / max(e, t) for st, e, t in per_step),
     }
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
     cols = ["step_s", "completions_per_s", "generated_tokens_per_s", "trained_tokens_per_s", "engine_s", "train_s",
-            "generate_wait_s", "score_s", "ref_logp_s", "weight_sync_s", "idle_s", "overhead_frac", "step_over_max"]
+            "generate_wait_s", "score_s", "ref_logp_s", "weight_sync_s", "sync_MB_per_s", "idle_s", "overhead_frac",
+            "step_over_max"]
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3g}" for c in cols) + " |")
@@ -140,13 +151,22 @@ def main() -> None:
         report["trl"] = trl
         base = results.get("on-policy, 1 worker") or next(iter(results.values()))
         best = max(results.values(), key=lambda r: r["completions_per_s"])
-        n = args.steps - args.warmup
         ratios = {
             "completions_per_s (on-policy, 1 worker) / TRL": base["completions_per_s"] / trl["completions_per_s"],
             "completions_per_s (best grpo-dist) / TRL": best["completions_per_s"] / trl["completions_per_s"],
-            f"TRL wall / grpo-dist wall for {n} steps (on-policy, 1 worker)":
-                trl["step_s_median"] / base["step_s"],
+            f"TRL wall / grpo-dist wall to train on {trl['trained_samples']} samples (on-policy, 1 worker)":
+                trl["time_to_target_samples_s"] / base["loop_s"],
         }
+        if base["samples"] != trl["trained_samples"]:
+            raise SystemExit(f"sample counts differ: grpo-dist {base['samples']}, TRL {trl['trained_samples']}")
+        if not cfg.cluster.num_gpus_per_learner:
+            # Busy core-seconds of one on-policy step: the engine threads while generating, every
+            # learner rank's threads while training.
+            core_s = (base["engine_s"] * cfg.rollout.cpu_threads_per_worker
+                      + base["train_s"] * cfg.learner.num_ranks * max(1, int(cfg.cluster.num_cpus_per_learner)))
+            floor = core_s / (os.cpu_count() or 1)
+            ratios[f"ceiling on this machine: TRL step / ({core_s:.2f} core-s over {os.cpu_count()} cores)"] = (
+                trl["step_s_median"] / floor)
         report["ratios"] = ratios
         print(f"\nTRL GRPOTrainer: {trl['completions_per_s']:.3g} completions/s, step {trl['step_s_median']:.3g} s")
         for k, v in ratios.items():
