@@ -21,7 +21,15 @@ import torch.distributed as dist
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ClusterConfig, LearnerConfig, ModelConfig
 from grpo_dist.losses import completion_entropy, completion_logprobs, grpo_loss
-from grpo_dist.weight_sync import ParamSpec, dtype_name, init_sync_group, pick_backend, plan_buckets, send_weights
+from grpo_dist.weight_sync import (
+    ParamSpec,
+    dtype_name,
+    init_sync_group,
+    open_sync_store,
+    pick_backend,
+    plan_buckets,
+    send_weights,
+)
 from learner.ds_config import build_ds_config, grad_accum_steps, lr_multiplier, ref_ds_config, resolve_dtype
 from learner.placement import rank_env
 from learner.step import lerp_, micro_slices, pack_metrics, rank_rows, unpack_metrics
@@ -59,6 +67,7 @@ class LearnerActor:
         self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
         self.dtype = resolve_dtype(model_cfg, self.cuda)
         self.step = 0  # GRPO steps trained (rollout batches), drives the reference refresh
+        self._sync_store = None  # rank 0: the TCPStore sync_address opened for the next weight sync
         # Ray sets OMP_NUM_THREADS from the actor's CPU share; keep torch's intra-op pool in line.
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
@@ -69,8 +78,10 @@ class LearnerActor:
         return node_ip(), free_port()
 
     def sync_address(self) -> tuple[str, int]:
-        """Rank 0's node IP and a free port for a weight-sync group (rank 0 hosts its TCPStore)."""
-        return node_ip(), free_port()
+        """Rank 0's node IP and the port of the TCPStore it opens now for the next weight-sync group
+        (replacing any earlier one), so receivers never connect before it listens."""
+        self._sync_store = open_sync_store(self.ccfg.collective_timeout_s / 2)
+        return node_ip(), self._sync_store.port
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the data-parallel group, load policy (+ reference) and build the engines."""
@@ -180,8 +191,12 @@ class LearnerActor:
         t0 = time.perf_counter()
         group, error = None, None
         if self.rank == 0:
+            store, self._sync_store = self._sync_store, None  # one group per store
+            if store is not None and store.port != port:
+                store = None
             try:
-                group = init_sync_group(host, port, 0, world_size, timeout_s, backend=pick_backend(self.device))
+                group = init_sync_group(host, port, 0, world_size, timeout_s, backend=pick_backend(self.device),
+                                        store=store)
             except Exception as e:  # re-raised below, after the other ranks have been told
                 error = e
         # Everyone learns whether rank 0 got its group, so no rank waits in a gather that
