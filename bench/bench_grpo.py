@@ -95,6 +95,19 @@ def summarize(all_rows: list[dict], warmup: int) -> dict[str, float]:
     }
 
 
+def per_step_table(rows: list[dict], warmup: int) -> str:
+    """One line per step (warm-up steps marked), the same phases as the summary."""
+    lines = ["  step  step_s  compl/s  engine_s  train_s  ref_s  sync_s  overhead"]
+    for i, r in enumerate(rows):
+        train = sum(r.get(f"learner/time/{k}") or 0.0 for k in ("train", "ref_logp", "old_logp"))
+        engine = r.get("rollout/engine_seconds") or 0.0
+        st = r["time/step"]
+        lines.append(f"  {r['step']:>4}{'*' if i < warmup else ' '} {st:6.3f}  {(r.get('rollout/completions') or 0) / st:7.1f}"
+                     f"  {engine:8.3f}  {train:7.3f}  {r.get('time/ref_logp') or 0.0:5.3f}  {r.get('time/weight_sync') or 0.0:6.3f}"
+                     f"  {max(st - engine - train, 0.0) / st:8.1%}")
+    return "\n".join(lines + ["  (* warm-up, not in the medians)"])
+
+
 def table(results: dict[str, dict[str, float]]) -> str:
     cols = ["step_s", "completions_per_s", "generated_tokens_per_s", "trained_tokens_per_s", "engine_s", "train_s",
             "generate_wait_s", "score_s", "ref_logp_s", "weight_sync_s", "sync_MB_per_s", "idle_s", "overhead_frac",
@@ -128,6 +141,7 @@ def main() -> None:
                 print(f"running grpo-dist: {name} ...", flush=True)
                 rows = run_grpo(args.config, args.steps, w, 0 if mode == "on-policy" else 1, args.set,
                                 Path(tmp) / name.replace(", ", "_").replace(" ", "-"))
+                print(per_step_table(rows, args.warmup), flush=True)
                 results[name] = summarize(rows, args.warmup)
     print("\ngrpo-dist, medians over steps after warm-up "
           f"({cfg.trainer.prompts_per_step} prompts x G={cfg.algorithm.num_generations}, "
