@@ -19,10 +19,11 @@ Definitions (per step):
 - weight sync: seconds per update and MB/s over the bytes moved (group set-up included).
 - vs TRL: completions/s, and the loop wall time (warm-up included, engine start and model
   loading excluded) to train on the same number of samples.
-- CPU only: the ceiling of grpo-dist / TRL on this machine. Engine and learner time are busy
-  core-seconds (engine_s x threads x workers + train_s x threads x ranks); no scheduling can make
-  a step shorter than those core-seconds spread over every core, so TRL's step over that floor
-  bounds any ratio a pipeline design could reach here.
+- CPU only: the work floor of a step on this machine. The on-policy 1-worker run's engine and
+  learner times are taken as busy core-seconds (engine_s x engine threads + train_s x threads x
+  ranks); no scheduling can make a step shorter than those core-seconds spread over every core,
+  so TRL's step over that floor estimates the best ratio any pipeline design could reach here.
+  It is an estimate, slightly low: a rank waiting in an all-reduce counts as busy.
 """
 
 from __future__ import annotations
@@ -179,8 +180,8 @@ def main() -> None:
             core_s = (base["engine_s"] * cfg.rollout.cpu_threads_per_worker
                       + base["train_s"] * cfg.learner.num_ranks * max(1, int(cfg.cluster.num_cpus_per_learner)))
             floor = core_s / (os.cpu_count() or 1)
-            ratios[f"ceiling on this machine: TRL step / ({core_s:.2f} core-s over {os.cpu_count()} cores)"] = (
-                trl["step_s_median"] / floor)
+            ratios[f"estimated best on this machine: TRL step / work floor ({core_s:.2f} core-s over "
+                   f"{os.cpu_count()} cores = {floor:.3f} s)"] = trl["step_s_median"] / floor
         report["ratios"] = ratios
         print(f"\nTRL GRPOTrainer: {trl['completions_per_s']:.3g} completions/s, step {trl['step_s_median']:.3g} s")
         for k, v in ratios.items():
