@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from grpo_dist.config import Config, dump_config
+from grpo_dist.config import Config, ConfigError, dump_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_ENV = Path(__file__).resolve().parent / "runtime_env.yaml"
@@ -25,6 +25,29 @@ def runtime_env(cfg: Config) -> dict:
     return env
 
 
+def check_submittable(cfg: Config) -> None:
+    """Refuse paths a submitted job cannot honour, before anything is uploaded.
+
+    The job runs in a temporary copy of this checkout (without the runtime env's ``excludes``:
+    .venv, runs, .git), on whichever node Ray picks: outputs under a relative directory would be
+    deleted with that copy, and a relative input path that exists here is not what the job sees.
+    """
+    problems = []
+    for field, value in (("trainer.output_dir", cfg.trainer.output_dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+        if value is not None and not Path(value).is_absolute():
+            problems.append(f"{field}={value!r} is relative: the job's outputs would be written into its temporary "
+                            "copy of the checkout and lost; use an absolute path on storage the cluster keeps")
+    inputs = (("model.path", cfg.model.path), ("model.tokenizer_path", cfg.model.tokenizer_path),
+              ("data.path", cfg.data.path))
+    for field, value in inputs:
+        if value is not None and not Path(value).is_absolute() and Path(value).exists():
+            problems.append(f"{field}={value!r} is a relative local path: the job runs in a copy of the checkout "
+                            "without .venv, runs and .git, possibly on another node; use an absolute path on "
+                            "storage every node sees (or a hub id)")
+    if problems:
+        raise ConfigError("cannot submit this config:\n  " + "\n  ".join(problems))
+
+
 def entrypoint_command(resume: bool) -> str:
     return shlex.join(["python", "-m", "deploy.entrypoint", *(["--resume"] if resume else [])])
 
@@ -32,6 +55,7 @@ def entrypoint_command(resume: bool) -> str:
 def submit(cfg: Config, address: str, overrides: list[str], config_path: str, resume: bool = False) -> str:
     from ray.job_submission import JobSubmissionClient
 
+    check_submittable(cfg)
     client = JobSubmissionClient(address)
     return client.submit_job(
         entrypoint=entrypoint_command(resume),

@@ -52,7 +52,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = _load(args)  # a bad config stops here, before any cluster is contacted
     from deploy.submit import submit
 
-    job_id = submit(cfg, address=args.address, overrides=args.set, config_path=args.config, resume=args.resume)
+    try:
+        job_id = submit(cfg, address=args.address, overrides=args.set, config_path=args.config, resume=args.resume)
+    except ConfigError:
+        raise
+    except Exception as e:  # unreachable dashboard, refused token, upload failure: say which, no traceback
+        print(f"grpo-dist: submitting to {args.address} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(f"submitted job {job_id}")
     print(f"follow its logs:  ray job logs --address {args.address} --follow {job_id}")
     print(f"stop it:          ray job stop --address {args.address} {job_id}")

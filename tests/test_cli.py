@@ -60,3 +60,20 @@ def test_validate_does_not_import_cluster_libraries(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_submit_refuses_paths_the_job_cannot_honour(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    # Relative outputs would die with the job's copy of the checkout; a relative local model is not shipped.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").symlink_to(tiny_model_dir)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  path: m\ntrainer:\n  output_dir: runs/x\n")
+    rc = cli.main(["submit", str(cfg), "--address", "http://127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "trainer.output_dir='runs/x' is relative" in err
+    assert "model.path='m' is a relative local path" in err
+    cfg.write_text(f"model:\n  path: {tiny_model_dir}\ntrainer:\n  output_dir: {tmp_path / 'out'}\n")
+    from deploy.submit import check_submittable
+
+    check_submittable(load_config(cfg))  # absolute paths pass

@@ -1,0 +1,97 @@
+"""`grpo-dist submit` against a live Ray head started with `ray start`, as a user submits to a
+cluster: the job runs from the uploaded checkout with deploy/runtime_env.yaml, finishes, writes its
+outputs where the config says, and its named actors are visible through the dashboard's state API."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(1500)]
+ROOT = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+# Waits for the job (bounded), then prints its status, logs and the names of the cluster's actors.
+WATCH = """
+import json, sys, time
+from ray.job_submission import JobSubmissionClient
+from ray.util.state import list_actors
+address, job_id = sys.argv[1:]
+client = JobSubmissionClient(address)
+deadline = time.monotonic() + 1200
+while str(status := client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+    if time.monotonic() > deadline:
+        sys.exit(f"job {job_id} still {status} after 1200 s")
+    time.sleep(2)
+actors = sorted({a.name for a in list_actors(address=address, limit=1000) if a.name})
+print(json.dumps({"status": str(status), "logs": client.get_job_logs(job_id), "actors": actors}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_submit_runs_a_job_on_a_live_head(tmp_path, tiny_model_dir):
+    out_dir = tmp_path / "run"
+    cfg = {
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"source": "synthetic", "max_prompt_length": 32, "synthetic": {"num_train": 200, "num_test": 8}},
+        "algorithm": {"num_generations": 4, "max_completion_length": 16, "beta": 0.04},
+        "rollout": {"num_workers": 1},
+        "learner": {"num_ranks": 2, "zero_stage": 2, "micro_batch_size": 4, "lr": 1e-3},
+        "trainer": {"steps": 2, "prompts_per_step": 4, "eval_num_prompts": 8, "output_dir": str(out_dir)},
+        "logging": {"progress_bar": False},
+        "cluster": {"collective_timeout_s": 180, "rpc_timeout_s": 600},
+    }
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    # Ray >= 2.59 turns token authentication on for local clusters; use a token of our own so the
+    # run does not depend on ~/.ray, and check that submit carries it.
+    token = tmp_path / "ray_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
+    dash = free_port()
+    address = f"http://127.0.0.1:{dash}"
+    subprocess.run([RAY, "start", "--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--num-cpus=4", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        refused = subprocess.run([sys.executable, "-m", "grpo_dist.cli", "submit", str(cfg_path), "--address", address],
+                                 cwd=ROOT, env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
+                                 timeout=300)
+        assert refused.returncode == 1 and f"submitting to {address} failed" in refused.stderr, refused.stderr[-3000:]
+        assert "Traceback" not in refused.stderr
+        sub = subprocess.run([sys.executable, "-m", "grpo_dist.cli", "submit", str(cfg_path), "--address", address],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert sub.returncode == 0, sub.stderr[-5000:]
+        job_id = re.search(r"submitted job (\S+)", sub.stdout).group(1)
+        # The job client runs in a subprocess: Ray caches its auth mode per process, and later tests in
+        # this one start their own local clusters.
+        watch = subprocess.run([sys.executable, "-c", WATCH, address, job_id], env=env, capture_output=True,
+                               text=True, timeout=1300)
+        assert watch.returncode == 0, watch.stderr[-5000:]
+        seen = json.loads(watch.stdout.strip().splitlines()[-1])
+        assert seen["status"] == "SUCCEEDED", seen["logs"][-10000:]
+        assert "eval after" in seen["logs"]
+        summary = json.loads((out_dir / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["final_weight_version"] == 2
+        assert (out_dir / "metrics.jsonl").read_text().count("\n") == 2
+        assert {"learner-0", "learner-1", "rollout-0", "grpo-metrics", "grpo-control"} <= set(seen["actors"]), seen["actors"]
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=180)
