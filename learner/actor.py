@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ClusterConfig, LearnerConfig, ModelConfig
-from grpo_dist.losses import completion_entropy, completion_logprobs, grpo_loss
+from grpo_dist.losses import completion_entropy, completion_logprobs, grpo_loss, sampler_gap
 from grpo_dist.weight_sync import (
     ParamSpec,
     dtype_name,
@@ -372,6 +372,10 @@ class LearnerActor:
                     self.engine.step()  # applies the update only at the accumulation boundary
                     ent_BT = completion_entropy(logits_BLV.detach(), t["prompt_len_B"][rows], T, ac.temperature)
                     m["entropy"] = (ent_BT * t["mask_BT"][rows]).sum() / t["mask_BT"][rows].sum().clamp(min=1)
+                    # The learner's log-probs of these tokens (the behaviour policy's when mu > 1) against the
+                    # engine's: the check that the engine serves the weights the learner thinks it does.
+                    behaviour_BT = old_logp[rows] if old_logp is not None else logp_BT
+                    m["sampler_gap"] = sampler_gap(behaviour_BT, t["sampling_logp_BT"][rows], t["mask_BT"][rows])
                     per_micro.append(m)
                     loss_sum += float(loss.detach())
                 grad_norms.append(float(self.engine.get_global_grad_norm() or 0.0))

@@ -7,8 +7,9 @@ import torch
 
 from grpo_dist.losses import merge_metrics
 
-# Token-weighted metrics of grpo_loss plus the policy entropy; order fixes the packed layout.
-METRIC_KEYS = ("kl", "ratio", "clip_low", "clip_high", "clip_region", "tis", "entropy")
+# Token-weighted metrics of grpo_loss plus the policy entropy and the learner/engine log-prob gap;
+# order fixes the packed layout.
+METRIC_KEYS = ("kl", "ratio", "clip_low", "clip_high", "clip_region", "tis", "entropy", "sampler_gap")
 
 
 def rank_rows(lengths: list[int], world_size: int, num_minibatches: int) -> list[list[int]]:

@@ -16,6 +16,7 @@ from grpo_dist.losses import (
     kl_penalty,
     merge_metrics,
     per_token_loss,
+    sampler_gap,
     selective_log_softmax,
 )
 
@@ -173,6 +174,15 @@ def test_tis_on_policy_uses_detached_logp():
     logp = t([[math.log(0.6)]])
     _, terms = per_token_loss(logp, None, None, t([1.0]), cfg, t([[math.log(0.3)]]))
     assert terms["tis_BT"].item() == pytest.approx(2.0, abs=1e-12)
+
+
+def test_sampler_gap_is_the_masked_mean_absolute_logp_difference():
+    logp = t([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]]).requires_grad_()
+    sampling = t([[-1.5, -2.0, -2.0], [-0.5, -0.25, 0.0]])
+    mask = t([[1, 1, 1], [1, 1, 0]])  # the padded position's huge difference does not count
+    gap = sampler_gap(logp, sampling, mask)
+    assert gap.item() == pytest.approx((0.5 + 0.0 + 1.0 + 0.0 + 0.25) / 5, abs=1e-12)
+    assert not gap.requires_grad
 
 
 # ---------------------------------------------------------------- aggregation

@@ -1,6 +1,7 @@
 """Learner -> real vLLM-CPU rollout worker, through the job's own weight-sync path
 (`deploy.job.RayCluster.sync_weights`): after a ZeRO-3 train step and a broadcast, the worker's
-sampling log-probs match a transformers forward with the learner's gathered weights."""
+sampling log-probs match a transformers forward with the learner's gathered weights, and the
+learner's ``sampler_gap`` metric separates batches from current and from stale weights."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def test_broadcast_from_zero3_learner_into_vllm_matches_learner_logprobs(tiny_mo
         batch = cluster.rollout.generate(rows)
         assert batch.weight_version == 0
         batch.advantages = torch.linspace(-1.5, 1.5, len(batch)).tolist()  # any non-zero signal moves weights
-        cluster.learner.train_step(batch)
+        in_sync = cluster.learner.train_step(batch)
+        # Generated after the learner moved, before the sync: the engine still serves version 0.
+        stale = cluster.rollout.generate(rows)
         stats = cluster.sync_weights(version=1)
         assert stats["version"] == 1 and stats["bytes"] > 0
         assert cluster.rollout.weight_versions() == {"rollout-0": 1}
@@ -59,6 +62,14 @@ def test_broadcast_from_zero3_learner_into_vllm_matches_learner_logprobs(tiny_mo
         assert max_abs_diff(after.sampling_logp, hf_logps(learner_model, after)) < LOGP_TOL
         # ...and they are not the initial weights' log-probs (the update really arrived).
         assert max_abs_diff(after.sampling_logp, hf_logps(initial, after)) > 10 * LOGP_TOL
+
+        # The learner's sampler_gap metric tells the two apart: small while the engine serves the
+        # learner's weights, large on a batch from stale weights.
+        stale.advantages = after.advantages = [0.0] * len(after)  # no new gradient signal
+        fresh = cluster.learner.train_step(after)
+        late = cluster.learner.train_step(stale)
+        assert in_sync["sampler_gap"] < LOGP_TOL / 10 and fresh["sampler_gap"] < LOGP_TOL / 10
+        assert late["sampler_gap"] > 100 * max(in_sync["sampler_gap"], fresh["sampler_gap"])
     finally:
         cluster.shutdown()
         if started:
