@@ -23,24 +23,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def prompts_of(model: str, n: int) -> tuple[list[str], list[list[int]], int, int | None]:
-    from transformers import AutoTokenizer
-
+def train_rows(tok, n: int) -> list[dict]:
+    """The first ``n`` rows of the synthetic train split (what the rollout workers are fed)."""
     from grpo_dist.config import DataConfig
     from grpo_dist.data import load_split
 
-    tok = AutoTokenizer.from_pretrained(model)
-    rows = load_split(DataConfig(), tok, "train").rows[:n]
-    return [r["prompt"] for r in rows], [r["prompt_ids"] for r in rows], tok.eos_token_id, tok.pad_token_id
+    return load_split(DataConfig(), tok, "train").rows[:n]
 
 
 def run_vllm(args: argparse.Namespace) -> list[tuple[float, int]]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    _, ids, _, _ = prompts_of(args.model, args.prompts)
+    ids = [r["prompt_ids"] for r in train_rows(AutoTokenizer.from_pretrained(args.model), args.prompts)]
     llm = LLM(model=args.model, dtype="float32", max_model_len=max(map(len, ids)) + args.max_tokens,
               enforce_eager=True, distributed_executor_backend="uni", seed=0)
     out = []
@@ -58,10 +56,11 @@ def run_hf(args: argparse.Namespace) -> list[tuple[float, int]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    texts, _, eos, pad = prompts_of(args.model, args.prompts)
     tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    eos, pad = tok.eos_token_id, tok.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    enc = tok([t for t in texts for _ in range(args.G)], return_tensors="pt", padding=True)
+    enc = tok([r["prompt"] for r in train_rows(tok, args.prompts) for _ in range(args.G)], return_tensors="pt",
+              padding=True)
     out = []
     for rep in range(args.reps + 1):
         torch.manual_seed(rep)

@@ -63,14 +63,18 @@ def med(rows: list[dict], key: str) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
+def phases(r: dict) -> tuple[float, float, float]:
+    """``(step, engine, train)`` seconds of one metrics row. Train is the learner's own compute
+    (the driver's time/train also holds the RPC and data transfer)."""
+    train = sum(r.get(f"learner/time/{k}") or 0.0 for k in ("train", "ref_logp", "old_logp"))
+    return r["time/step"], r.get("rollout/engine_seconds") or 0.0, train
+
+
 def summarize(all_rows: list[dict], warmup: int) -> dict[str, float]:
     rows = all_rows[warmup:]
-    steps = [r["time/step"] for r in rows]
-    engine_by_step = [r.get("rollout/engine_seconds") or 0.0 for r in rows]
-    # The learner's own compute time (the driver's time/train also holds the RPC and data transfer).
-    train_by_step = [sum(r.get(f"learner/time/{k}") or 0.0 for k in ("train", "ref_logp", "old_logp")) for r in rows]
     # Ratios per step, then their median: a difference of medians mixes different steps.
-    per_step = list(zip(steps, engine_by_step, train_by_step))
+    per_step = [phases(r) for r in rows]
+    steps, engine_by_step, train_by_step = (list(x) for x in zip(*per_step))
     wall = sum(steps)  # rates over the measured steps, as the TRL baseline reports them
     sync_s = med(rows, "sync/seconds")
     return {
@@ -100,9 +104,7 @@ def per_step_table(rows: list[dict], warmup: int) -> str:
     """One line per step (warm-up steps marked), the same phases as the summary."""
     lines = ["  step  step_s  compl/s  engine_s  train_s  ref_s  sync_s  overhead"]
     for i, r in enumerate(rows):
-        train = sum(r.get(f"learner/time/{k}") or 0.0 for k in ("train", "ref_logp", "old_logp"))
-        engine = r.get("rollout/engine_seconds") or 0.0
-        st = r["time/step"]
+        st, engine, train = phases(r)
         lines.append(f"  {r['step']:>4}{'*' if i < warmup else ' '} {st:6.3f}  {(r.get('rollout/completions') or 0) / st:7.1f}"
                      f"  {engine:8.3f}  {train:7.3f}  {r.get('time/ref_logp') or 0.0:5.3f}  {r.get('time/weight_sync') or 0.0:6.3f}"
                      f"  {max(st - engine - train, 0.0) / st:8.1%}")

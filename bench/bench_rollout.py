@@ -12,7 +12,6 @@ Every figure is the median of ``--runs`` runs (``--start-runs`` for engine start
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import tempfile
 import time
@@ -23,14 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_dist.config import Config
 from grpo_dist.tiny_model import build_tiny_model, chat_prompt
-from grpo_dist.weight_sync import init_sync_group, send_weights, spec_of
+from grpo_dist.weight_sync import init_sync_group, open_sync_store, send_weights, spec_of
 from rollout_server import RolloutManager
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(model_dir: str, workers: int, args: argparse.Namespace) -> Config:
@@ -60,9 +53,9 @@ def _rows(model_dir: str, n: int) -> list[dict]:
 def _push(manager: RolloutManager, model: torch.nn.Module, version: int, bucket_bytes: int) -> float:
     t0 = time.perf_counter()
     manifest = [spec_of(n, p) for n, p in model.named_parameters()]
-    port = _free_port()
-    refs = manager.receive_weights(manifest, version, "127.0.0.1", port, timeout_s=120, bucket_bytes=bucket_bytes)
-    group = init_sync_group("127.0.0.1", port, 0, manager.world_size(), 120, "gloo")
+    store = open_sync_store(120)  # listening before the workers are told the port, as the learner does
+    refs = manager.receive_weights(manifest, version, "127.0.0.1", store.port, timeout_s=120, bucket_bytes=bucket_bytes)
+    group = init_sync_group("127.0.0.1", store.port, 0, manager.world_size(), 120, "gloo", store=store)
     send_weights(group, manifest, (p.detach() for _, p in model.named_parameters()), bucket_bytes)
     ray.get(refs, timeout=300)
     return time.perf_counter() - t0

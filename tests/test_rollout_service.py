@@ -18,7 +18,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from grpo_dist.config import Config  # noqa: E402
-from grpo_dist.weight_sync import ParamSpec, init_sync_group, send_weights, spec_of  # noqa: E402
+from grpo_dist.weight_sync import ParamSpec, init_sync_group, open_sync_store, send_weights, spec_of  # noqa: E402
 from rollout_server import RolloutManager  # noqa: E402
 
 from test_rollout_batch import BAD_REWARDS  # noqa: E402
@@ -120,9 +120,9 @@ def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
 def push(manager, model, version: int, manifest: list[ParamSpec] | None = None) -> list[dict]:
     """Act as learner rank 0: start the workers' receive, join the group, send, wait."""
     manifest = manifest or [spec_of(n, p) for n, p in model.named_parameters()]
-    port = _free_port()
-    refs = manager.receive_weights(manifest, version, "127.0.0.1", port, timeout_s=60, bucket_bytes=BUCKET_BYTES)
-    group = init_sync_group("127.0.0.1", port, 0, manager.world_size(), 60, "gloo")
+    store = open_sync_store(60)  # listening before the workers are told the port, as the learner does
+    refs = manager.receive_weights(manifest, version, "127.0.0.1", store.port, timeout_s=60, bucket_bytes=BUCKET_BYTES)
+    group = init_sync_group("127.0.0.1", store.port, 0, manager.world_size(), 60, "gloo", store=store)
     send_weights(group, manifest, (p.detach() for _, p in model.named_parameters()), BUCKET_BYTES)
     return ray.get(refs, timeout=120)
 
@@ -304,9 +304,9 @@ def test_update_broken_mid_transfer_restarts_the_workers(manager, rows, hf_model
     manifest = [spec_of(n, p) for n, p in model.named_parameters()]
     first = plan_buckets(manifest, BUCKET_BYTES)[0]
     params = [p.detach() for _, p in model.named_parameters()]
-    port = _free_port()
-    refs = manager.receive_weights(manifest, 50, "127.0.0.1", port, timeout_s=5, bucket_bytes=BUCKET_BYTES)
-    group = init_sync_group("127.0.0.1", port, 0, manager.world_size(), 60, "gloo")
+    store = open_sync_store(60)
+    refs = manager.receive_weights(manifest, 50, "127.0.0.1", store.port, timeout_s=5, bucket_bytes=BUCKET_BYTES)
+    group = init_sync_group("127.0.0.1", store.port, 0, manager.world_size(), 60, "gloo", store=store)
     # The "learner" sends one bucket and then goes away (gloo may already see a peer hang up).
     try:
         send_weights(group, [manifest[i] for i in first], [params[i] for i in first], BUCKET_BYTES)

@@ -5,17 +5,16 @@ outputs where the config says, and its named actors are visible through the dash
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+from test_e2e import cli_env, config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(1500)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,25 +45,13 @@ def free_port() -> int:
 
 
 def test_submit_runs_a_job_on_a_live_head(tmp_path, tiny_model_dir):
+    cfg_path = config(tmp_path, tiny_model_dir)  # absolute model path and output_dir, as submit requires
     out_dir = tmp_path / "run"
-    cfg = {
-        "model": {"path": str(tiny_model_dir)},
-        "data": {"source": "synthetic", "max_prompt_length": 32, "synthetic": {"num_train": 200, "num_test": 8}},
-        "algorithm": {"num_generations": 4, "max_completion_length": 16, "beta": 0.04},
-        "rollout": {"num_workers": 1},
-        "learner": {"num_ranks": 2, "zero_stage": 2, "micro_batch_size": 4, "lr": 1e-3},
-        "trainer": {"steps": 2, "prompts_per_step": 4, "eval_num_prompts": 8, "output_dir": str(out_dir)},
-        "logging": {"progress_bar": False},
-        "cluster": {"collective_timeout_s": 180, "rpc_timeout_s": 600},
-    }
-    cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
     # Ray >= 2.59 turns token authentication on for local clusters; use a token of our own so the
     # run does not depend on ~/.ray, and check that submit carries it.
     token = tmp_path / "ray_token"
     token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    env.pop("RAY_ADDRESS", None)
+    env = {**cli_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_AUTH_TOKEN", None)
     dash = free_port()
     address = f"http://127.0.0.1:{dash}"
