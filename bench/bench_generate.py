@@ -94,7 +94,9 @@ def main() -> None:
         print(json.dumps(runs))
         return
 
-    child_args = [a for a in sys.argv[1:] if not a.startswith("--threads")]
+    child_args = ["--model", args.model, "--prompts", str(args.prompts), "--G", str(args.G),
+                  "--max-tokens", str(args.max_tokens), "--reps", str(args.reps),
+                  *(["--no-logprobs"] if args.no_logprobs else [])]
     print(f"{args.prompts} prompts x G={args.G}, max {args.max_tokens} tokens, T=1, model {args.model}; "
           f"medians of {args.reps} calls after a warm-up")
     print("| engine | threads | seconds per call | completions/s | tokens/s |")
