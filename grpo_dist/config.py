@@ -49,14 +49,25 @@ class SyntheticTaskConfig(_Section):
 
 class DataConfig(_Section):
     source: Literal["synthetic", "gsm8k", "hf"] = Field(
-        "synthetic", description="`synthetic` arithmetic, `gsm8k` local JSONL dir, `hf` any datasets-loadable local file."
+        "synthetic",
+        description="`synthetic` arithmetic, `gsm8k` JSONL dir (default: the copy shipped in grpo_dist/assets), "
+        "`hf` any datasets-loadable local file/dir or hub dataset id.",
     )
-    path: str | None = Field(None, description="gsm8k: directory with train.jsonl/test.jsonl; hf: data file or dir.")
+    path: str | None = Field(
+        None, description="gsm8k: directory with train.jsonl/test.jsonl (None: the shipped copy); hf: data file, "
+        "dir, or hub id such as `openai/gsm8k`."
+    )
+    hf_config: str | None = Field(None, description="hf: dataset config name on the hub (e.g. `main` for openai/gsm8k).")
     train_split: str = "train"
     test_split: str = "test"
     prompt_column: str = "question"
     answer_column: str = "answer"
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(
+        None, description="System turn of the chat template; None keeps the template's default (SmolLM2 has one)."
+    )
+    prompt_template: str = Field(
+        "{question}", description="User turn built from the question, e.g. `What is {question}?`."
+    )
     use_chat_template: bool = Field(True, description="Apply the tokenizer's chat template when it has one.")
     max_prompt_length: int = Field(256, gt=0, description="Rows whose prompt is longer (tokens) are dropped at load.")
     shuffle_seed: int = 0
@@ -64,8 +75,15 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
-        if self.source in ("gsm8k", "hf") and not self.path:
-            raise ValueError(f"data.path is required for data.source={self.source!r}")
+        if self.source == "hf" and not self.path:
+            raise ValueError("data.path is required for data.source='hf'")
+        try:
+            self.prompt_template.format(question="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"data.prompt_template={self.prompt_template!r} is not a template with only {{question}}: "
+                             f"{e!r}") from None
+        if "{question}" not in self.prompt_template:
+            raise ValueError(f"data.prompt_template={self.prompt_template!r} does not contain {{question}}")
         return self
 
 
@@ -147,6 +165,10 @@ class LearnerConfig(_Section):
     ref_sync_every: int | None = Field(None, ge=1, description="TRL sync_ref_model: refresh the reference every K steps.")
     ref_sync_alpha: float = Field(1.0, gt=0, le=1, description="ref <- alpha*policy + (1-alpha)*ref at each refresh.")
     weight_sync_bucket_mb: float = Field(64.0, gt=0, description="Max bucket size of one weight broadcast.")
+    logits_chunk_tokens: int | None = Field(
+        2048, ge=1, description="Completion tokens whose [tokens, vocab] logits exist at once (recomputed in "
+        "backward); None = one pass per micro-batch, keeping its logits for backward."
+    )
 
 
 class TrainerConfig(_Section):

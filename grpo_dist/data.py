@@ -4,16 +4,19 @@
 
 - ``synthetic``: ``grpo_dist.synthetic.make_split`` (train and test disjoint by construction);
   ``split`` must be ``data.train_split`` or ``data.test_split``.
-- ``gsm8k``: ``<path>/<split>.jsonl``; the reference answer is the text after ``####``.
+- ``gsm8k``: ``<path>/<split>.jsonl`` (default: the MIT-licensed copy shipped in
+  ``grpo_dist/assets/gsm8k``); the reference answer is the text after ``####``.
 - ``hf``: any ``datasets``-loadable local data: a directory (splits from file names, e.g.
   ``train.jsonl``/``test.csv``, or a ``save_to_disk`` dataset) or a single json/jsonl/csv/parquet
-  file (which then serves only ``data.train_split``).
+  file (which then serves only ``data.train_split``); or a hub dataset id (``openai/gsm8k`` with
+  ``hf_config: main``) where the hub is reachable.
 
-Every row becomes ``{"prompt", "prompt_ids", "answer", "question"}``: ``prompt`` is the text fed
-to the model (the tokenizer's chat template with the optional system prompt when
-``use_chat_template`` and the tokenizer has a template; otherwise ``system_prompt + "\\n\\n" +
-question``), ``prompt_ids`` its tokens. Malformed rows are dropped with a count per reason
-(``PromptDataset.dropped``) and a logged summary; a split left empty raises ValueError.
+Every row becomes ``{"prompt", "prompt_ids", "answer", "question"}``: the user turn is
+``prompt_template`` filled with the question; ``prompt`` is the text fed to the model (the
+tokenizer's chat template with the system prompt when ``use_chat_template`` and the tokenizer has
+a template; otherwise ``system_prompt + "\\n\\n" + user turn``), ``prompt_ids`` its tokens.
+Malformed rows are dropped with a count per reason (``PromptDataset.dropped``) and a logged
+summary; a split left empty raises ValueError.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from typing import Any, Iterable
 import numpy as np
 
 from grpo_dist.config import DataConfig
+from grpo_dist.preflight import is_hub_id
 
 log = logging.getLogger(__name__)
 
 _HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+SHIPPED_GSM8K = Path(__file__).resolve().parent / "assets" / "gsm8k"
 
 
 @dataclass
@@ -71,8 +76,13 @@ def _read_jsonl(path: Path) -> Iterable[Any]:
                 yield {"__malformed__": f"{path.name}:{lineno}"}
 
 
+def gsm8k_dir(cfg: DataConfig) -> Path:
+    """``data.path``, or the GSM8K copy shipped with grpo-dist (MIT, train 7,473 / test 1,319 rows)."""
+    return Path(cfg.path) if cfg.path else SHIPPED_GSM8K
+
+
 def _gsm8k_rows(cfg: DataConfig, split: str) -> list[Any]:
-    path = Path(cfg.path) / f"{split}.jsonl"
+    path = gsm8k_dir(cfg) / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"gsm8k split {split!r}: {path} does not exist (data.path={cfg.path!r})")
     return list(_read_jsonl(path))
@@ -83,7 +93,10 @@ def _hf_rows(cfg: DataConfig, split: str) -> list[Any]:
 
     path = Path(cfg.path)
     if not path.exists():
-        raise FileNotFoundError(f"data.path={cfg.path!r} does not exist")
+        if not is_hub_id(cfg.path):
+            raise FileNotFoundError(f"data.path={cfg.path!r} does not exist")
+        # A hub dataset (e.g. openai/gsm8k with hf_config=main), where the hub is reachable.
+        return list(datasets.load_dataset(cfg.path, cfg.hf_config, split=split))
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -114,7 +127,9 @@ _SOURCES = {"synthetic": _synthetic_rows, "gsm8k": _gsm8k_rows, "hf": _hf_rows}
 def build_prompt(question: str, tokenizer: Any, system_prompt: str | None, use_chat_template: bool) -> tuple[str, bool]:
     """(prompt text, whether the chat template was applied)."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        # With no system message some templates insert their own default (SmolLM2's does); a
+        # configured system prompt, even "", replaces it.
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + [
             {"role": "user", "content": question}
         ]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
@@ -150,7 +165,8 @@ def _prepare(raw: Any, cfg: DataConfig, tokenizer: Any) -> tuple[dict[str, Any] 
     answer = _reference(raw[a_key], cfg.source)
     if answer is None:
         return None, "no_final_answer"
-    prompt, templated = build_prompt(question, tokenizer, cfg.system_prompt, cfg.use_chat_template)
+    user_turn = cfg.prompt_template.format(question=question)
+    prompt, templated = build_prompt(user_turn, tokenizer, cfg.system_prompt, cfg.use_chat_template)
     # A chat template writes its own special tokens (BOS); adding them again would double them.
     prompt_ids = list(tokenizer(prompt, add_special_tokens=not templated)["input_ids"])
     if not prompt_ids:

@@ -17,6 +17,11 @@ VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_hub_id(text: str) -> bool:
+    """``owner/name`` that is not meant as a local path (``runs/x``, ``./x`` and ``/x`` are)."""
+    return bool(_HF_REPO_ID.match(text)) and not text.startswith(("runs/", "./", "../", "/"))
+
+
 def model_head_dim(model_dir: Path) -> int | None:
     cfg_file = model_dir / "config.json"
     if not cfg_file.is_file():
@@ -43,11 +48,11 @@ def preflight(cfg: Config, cuda: bool) -> list[str]:
                 problems.append(
                     f"model.path={cfg.model.path!r} has head_dim {hd}; vLLM-CPU supports {list(VLLM_CPU_HEAD_SIZES)}"
                 )
-    elif _HF_REPO_ID.match(cfg.model.path) and not cfg.model.path.startswith(("runs/", "./", "../")):
+    elif is_hub_id(cfg.model.path):
         notes.append(f"model.path={cfg.model.path!r} is not a local directory; it is resolved as a hub id on the cluster")
     else:
         problems.append(f"model.path={cfg.model.path!r} does not exist (run `grpo-dist make-tiny-model --out ...`?)")
-    if cfg.model.tokenizer_path and not Path(cfg.model.tokenizer_path).is_dir() and not _HF_REPO_ID.match(
+    if cfg.model.tokenizer_path and not Path(cfg.model.tokenizer_path).is_dir() and not is_hub_id(
         cfg.model.tokenizer_path
     ):
         problems.append(f"model.tokenizer_path={cfg.model.tokenizer_path!r} does not exist")
@@ -57,7 +62,10 @@ def preflight(cfg: Config, cuda: bool) -> list[str]:
         if cfg.cluster.num_gpus_per_rollout or cfg.cluster.num_gpus_per_learner:
             notes.append("GPUs requested per actor but this machine has no CUDA: the cluster must provide them")
     if cfg.data.source in ("gsm8k", "hf") and cfg.data.path and not Path(cfg.data.path).exists():
-        problems.append(f"data.path={cfg.data.path!r} does not exist")
+        if cfg.data.source == "hf" and is_hub_id(cfg.data.path):
+            notes.append(f"data.path={cfg.data.path!r} is not a local path; it is loaded from the hub")
+        else:
+            problems.append(f"data.path={cfg.data.path!r} does not exist")
     if problems:
         raise ConfigError("config rejected before launch:\n" + "\n".join(f"  {p}" for p in problems))
     return notes

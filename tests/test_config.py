@@ -58,7 +58,9 @@ def test_impossible_batch_arithmetic_names_the_fields():
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        (["data.source=gsm8k"], "data.path is required"),
+        (["data.source=hf"], "data.path is required"),
+        (["data.prompt_template=What is it?"], "does not contain {question}"),
+        (["data.prompt_template=Q {answer} {question}"], "only {question}"),
         (["rollout.max_model_len=100"], "rollout.max_model_len=100 is shorter"),
         (["learner.ref_sync_every=5", "algorithm.beta=0"], "learner.ref_sync_every"),
         (["rewards.functions=[]"], "at least one reward function"),

@@ -5,10 +5,9 @@ from pathlib import Path
 import pytest
 
 from grpo_dist.config import DataConfig, SyntheticTaskConfig
+from grpo_dist.data import SHIPPED_GSM8K as GSM8K_DIR
 from grpo_dist.data import PromptSampler, load_split
 from grpo_dist.tiny_model import build_tokenizer
-
-GSM8K_DIR = Path("/work/shared/data/gsm8k")
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +58,24 @@ def test_system_prompt_with_and_without_template(tok, plain_tok):
     assert row["prompt"] == f"Be brief.\n\n{row['question']}"
     off = cfg.model_copy(update={"use_chat_template": False})
     assert load_split(off, tok, "test")[0]["prompt"] == f"Be brief.\n\n{row['question']}"
+    # "" is a system turn of its own (it replaces a template's default system prompt); None adds none.
+    empty = cfg.model_copy(update={"system_prompt": ""})
+    assert load_split(empty, tok, "test")[0]["prompt"].startswith("<|system|><|end|><|user|>")
 
 
-def test_gsm8k_real_test_split(tok):
-    cfg = DataConfig(source="gsm8k", path=str(GSM8K_DIR), max_prompt_length=2048)
+def test_prompt_template_builds_the_user_turn(tok):
+    cfg = DataConfig(source="synthetic", prompt_template="What is {question}?",
+                     synthetic=SyntheticTaskConfig(num_train=5, num_test=2))
+    row = load_split(cfg, tok, "test")[0]
+    assert row["prompt"] == f"<|user|>What is {row['question']}?<|end|><|assistant|>"
+
+
+def test_gsm8k_shipped_copy_needs_no_path(tok):
+    cfg = DataConfig(source="gsm8k", max_prompt_length=2048)
+    assert len(load_split(cfg, tok, "train")) == 7473
     ds = load_split(cfg, tok, "test")
     assert len(ds) == 1319 and ds.dropped == {}
+    assert (GSM8K_DIR / "LICENSE").read_text().startswith("MIT License")
     first = json.loads(GSM8K_DIR.joinpath("test.jsonl").open().readline())
     assert ds[0]["question"] == first["question"] and ds[0]["answer"] == "18"
     assert all("####" not in r["answer"] for r in ds.rows)
