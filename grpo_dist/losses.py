@@ -43,30 +43,17 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 
 from grpo_dist.config import AlgoConfig
 
 
-# ---------------------------------------------------------------- log-probs from logits
+# ---------------------------------------------------------------- log-probs of completion tokens
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     # bf16/fp16 logsumexp over a large vocab loses precision; float64 stays float64.
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _row_logp(logits_TV: torch.Tensor, ids_T: torch.Tensor) -> torch.Tensor:
-    # One row at a time bounds the extra memory to [T, V] instead of [B, T, V].
-    logits_TV = _at_least_fp32(logits_TV)
-    picked_T = logits_TV.gather(-1, ids_T.unsqueeze(-1)).squeeze(-1)
-    return picked_T - torch.logsumexp(logits_TV, dim=-1)
-
-
-def selective_log_softmax(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(logits)[ids]`` (``[B, T]``, at least float32) without materializing ``[B, T, V]`` log-probs."""
-    if logits_BTV.shape[:-1] != ids_BT.shape:
-        raise ValueError(f"logits {tuple(logits_BTV.shape)} do not match ids {tuple(ids_BT.shape)}")
-    return torch.stack([_row_logp(logits_BTV[i], ids_BT[i]) for i in range(ids_BT.shape[0])])
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -76,60 +63,81 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def _completion_slices(logits_BLV: torch.Tensor, prompt_len_B: torch.Tensor, T: int):
-    """Per row: (row, logits predicting completion tokens 0..n-1, their positions in input_ids, n).
-
-    The logit at position ``p`` predicts token ``p + 1``, so completion token ``t`` of a row
-    with prompt length ``P`` (at position ``P + t``) is scored by the logit at ``P + t - 1``.
-    ``n = min(T, L - P)``: a short completion next to a long prompt ends before ``T``.
-    """
-    B, L, _ = logits_BLV.shape
-    if prompt_len_B.shape != (B,):
-        raise ValueError(f"prompt_len_B has shape {tuple(prompt_len_B.shape)}, expected ({B},)")
-    for i, P in enumerate(prompt_len_B.tolist()):
-        if not 1 <= P <= L:
-            raise ValueError(f"row {i}: prompt length {P} outside [1, {L}] (a completion needs a prompt token)")
-        n = min(T, L - P)
-        yield i, logits_BLV[i, P - 1 : P - 1 + n], P, n
+def _token_logp(
+    h_NH: torch.Tensor, ids_N: torch.Tensor, lm_head: Callable | None, temperature: float, entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of ``ids_N`` (and, as a detached metric, the entropy; else zeros) under
+    ``softmax(lm_head(h) / temperature)``. Only ``[N, V]`` logits exist at any time."""
+    logits_NV = _at_least_fp32(lm_head(h_NH) if lm_head is not None else h_NH) / temperature
+    lse_N = torch.logsumexp(logits_NV, dim=-1)
+    logp_N = logits_NV.gather(-1, ids_N.unsqueeze(-1)).squeeze(-1) - lse_N
+    with torch.no_grad():
+        if entropy:
+            x = logits_NV.detach()
+            ent_N = lse_N.detach() - (torch.softmax(x, dim=-1) * x).sum(dim=-1)
+        else:
+            ent_N = torch.zeros_like(lse_N, requires_grad=False)
+    return logp_N, ent_N
 
 
 def completion_logprobs(
-    logits_BLV: torch.Tensor,
+    hidden_BLH: torch.Tensor,
     input_ids_BL: torch.Tensor,
     prompt_len_B: torch.Tensor,
-    T: int,
+    mask_BT: torch.Tensor,
     temperature: float,
-) -> torch.Tensor:
-    """Per-token log-probs ``logp_BT`` (at least float32) of the completion tokens of right-padded
-    ``prompt + completion`` rows (``RolloutBatch.to_tensors``), under ``softmax(logits / temperature)``
-    (the distribution vLLM sampled from). Positions past a row's sequence are 0; mask them."""
-    if input_ids_BL.shape != logits_BLV.shape[:2]:
-        raise ValueError(f"input_ids {tuple(input_ids_BL.shape)} do not match logits {tuple(logits_BLV.shape)}")
-    rows = []
-    for i, logits_nV, P, n in _completion_slices(logits_BLV, prompt_len_B, T):
-        logp_n = _row_logp(logits_nV / temperature, input_ids_BL[i, P : P + n])
-        rows.append(torch.nn.functional.pad(logp_n, (0, T - n)))
-    return torch.stack(rows)
+    *,
+    lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    chunk_tokens: int | None = None,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp_BT, ent_BT)`` of the completion tokens of right-padded ``prompt + completion`` rows
+    (``RolloutBatch.to_tensors``) under ``softmax(lm_head(hidden) / temperature)``, the distribution
+    vLLM sampled from; ``lm_head=None`` means ``hidden_BLH`` already holds the logits.
 
-
-@torch.no_grad()
-def completion_entropy(
-    logits_BLV: torch.Tensor, prompt_len_B: torch.Tensor, T: int, temperature: float
-) -> torch.Tensor:
-    """Entropy ``ent_BT`` of the sampling distribution at each completion position (a metric; no grad)."""
-    rows = []
-    for _, logits_nV, _, n in _completion_slices(logits_BLV, prompt_len_B, T):
-        rows.append(torch.nn.functional.pad(entropy_from_logits(logits_nV / temperature), (0, T - n)))
-    return torch.stack(rows)
-
-
-def completion_mask(ids_BT: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """float32 ``mask_BT``: 1 up to and including the first ``eos_id``, 0 after; all ones without EOS.
-
-    Combine with the padding mask of ``to_tensors`` when ``pad_id != eos_id``."""
-    is_eos_BT = (ids_BT == eos_id).int()
-    eos_before_BT = is_eos_BT.cumsum(dim=1) - is_eos_BT
-    return (eos_before_BT == 0).float()
+    The hidden state at position ``p`` predicts token ``p + 1``, so completion token ``t`` of a row
+    with prompt length ``P`` is scored at position ``P + t - 1``. Only tokens with ``mask_BT > 0``
+    are scored: the vocabulary projection never runs on prompt or padding positions, and other
+    entries are 0. ``chunk_tokens`` bounds the ``[tokens, V]`` logits alive at once; with
+    gradients, each chunk's logits are recomputed in backward instead of kept (at a 49k-151k
+    vocab the full ``[B, T, V]`` fp32 logits of a micro-batch are gigabytes). ``ent_BT`` is the
+    detached entropy when ``entropy`` is set, else zeros.
+    """
+    B, L, _ = hidden_BLH.shape
+    T = mask_BT.shape[1]
+    if input_ids_BL.shape != (B, L) or prompt_len_B.shape != (B,) or mask_BT.shape[0] != B:
+        raise ValueError(f"shapes do not match: hidden {tuple(hidden_BLH.shape)}, input_ids "
+                         f"{tuple(input_ids_BL.shape)}, prompt_len {tuple(prompt_len_B.shape)}, mask {tuple(mask_BT.shape)}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    for i, P in enumerate(prompt_len_B.tolist()):
+        if not 1 <= P <= L:
+            raise ValueError(f"row {i}: prompt length {P} outside [1, {L}] (a completion needs a prompt token)")
+    pos_BT = prompt_len_B.unsqueeze(1) - 1 + torch.arange(T, device=prompt_len_B.device)
+    b_N, t_N = (mask_BT > 0).nonzero(as_tuple=True)
+    pos_N = pos_BT[b_N, t_N]
+    if pos_N.numel() and int(pos_N.max()) + 1 >= L:
+        raise ValueError(f"a masked completion token lies beyond the {L} positions of its row")
+    h_NH = hidden_BLH[b_N, pos_N]
+    ids_N = input_ids_BL[b_N, pos_N + 1]
+    N = h_NH.shape[0]
+    step = chunk_tokens or max(N, 1)
+    recompute = chunk_tokens is not None and torch.is_grad_enabled() and h_NH.requires_grad
+    parts = []
+    for a in range(0, N, step):
+        args = (h_NH[a : a + step], ids_N[a : a + step], lm_head, temperature, entropy)
+        if recompute:
+            parts.append(torch.utils.checkpoint.checkpoint(_token_logp, *args, use_reentrant=False))
+        else:
+            parts.append(_token_logp(*args))
+    if parts:
+        logp_N = torch.cat([p[0] for p in parts])
+        ent_N = torch.cat([p[1] for p in parts])
+    else:
+        logp_N = ent_N = _at_least_fp32(hidden_BLH.new_zeros(0))
+    logp_BT = logp_N.new_zeros(B, T).index_put((b_N, t_N), logp_N)
+    ent_BT = ent_N.new_zeros(B, T).index_put((b_N, t_N), ent_N)
+    return logp_BT, ent_BT
 
 
 # ---------------------------------------------------------------- per-token loss

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ClusterConfig, LearnerConfig, ModelConfig
-from grpo_dist.losses import completion_entropy, completion_logprobs, grpo_loss, sampler_gap
+from grpo_dist.losses import completion_logprobs, grpo_loss, sampler_gap
 from grpo_dist.weight_sync import (
     ParamSpec,
     dtype_name,
@@ -33,6 +33,11 @@ from grpo_dist.weight_sync import (
 from learner.ds_config import build_ds_config, grad_accum_steps, lr_multiplier, ref_ds_config, resolve_dtype
 from learner.placement import rank_env
 from learner.step import lerp_, micro_slices, pack_metrics, rank_rows, unpack_metrics
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside a DeepSpeed engine (or the model itself)."""
+    return getattr(module, "module", module)
 
 
 def free_port() -> int:
@@ -109,6 +114,7 @@ class LearnerActor:
             config=ds_cfg,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn),
         )
+        self._check_logits_path()
         self.ref = self._build_reference() if self.acfg.beta > 0 else None
         self.manifest = self._manifest()
         from transformers import AutoTokenizer
@@ -132,6 +138,24 @@ class LearnerActor:
         )
         del hf_ds
         return model
+
+    @torch.no_grad()
+    def _check_logits_path(self) -> None:
+        """The learner's log-probs are ``lm_head(final hidden state)``; a model family that
+        post-processes its logits (soft-capping, scaling) would silently train on other log-probs
+        than the ones it samples with, so it is refused here. Collective under ZeRO-3."""
+        self.engine.eval()
+        vocab = _unwrap(self.engine).get_output_embeddings().weight
+        n = int(getattr(vocab, "ds_shape", vocab.shape)[0])
+        ids = torch.arange(1, 9, device=self.device).unsqueeze(0) % n
+        hidden = self._final_hidden(self.engine, ids, torch.ones_like(ids))
+        via_head = _unwrap(self.engine).get_output_embeddings()(hidden).float()
+        full = self.engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+        if not torch.allclose(via_head, full, rtol=1e-3, atol=1e-3 * float(full.abs().max())):
+            raise ValueError(
+                f"model.path={self.mcfg.path!r}: {type(_unwrap(self.engine)).__name__} computes its logits from more "
+                "than its LM head (soft-capping or scaling); grpo-dist's log-prob path does not support it"
+            )
 
     def _build_reference(self) -> torch.nn.Module:
         """Frozen copy of the initial policy: a ZeRO-3 inference engine (partitioned exactly like
@@ -298,17 +322,39 @@ class LearnerActor:
     # ---- training ----------------------------------------------------------------------------
 
     def _forward(
-        self, module: torch.nn.Module, t: dict[str, torch.Tensor], rows: slice
+        self, module: torch.nn.Module, t: dict[str, torch.Tensor], rows: slice, entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logp_BT, logits_BLV)`` of the completion tokens of ``rows``; the forward is cut to the
-        micro-batch's longest row (rows are right-padded, so later columns are all padding)."""
+        """``(logp_BT, ent_BT)`` of the completion tokens of ``rows`` (``ent_BT`` zeros unless
+        ``entropy``). The forward is cut to the micro-batch's longest row (rows are right-padded, so
+        later columns are all padding) and stops at the final hidden state: the vocabulary projection
+        runs only on completion tokens, in chunks of ``learner.logits_chunk_tokens``."""
         attn_BL = t["attention_mask_BL"][rows]
         L = int(attn_BL.sum(1).max())
         ids_BL = t["input_ids_BL"][rows, :L]
-        logits_BLV = module(input_ids=ids_BL, attention_mask=attn_BL[:, :L]).logits
-        T = t["mask_BT"].shape[1]
-        logp_BT = completion_logprobs(logits_BLV, ids_BL, t["prompt_len_B"][rows], T, self.acfg.temperature)
-        return logp_BT, logits_BLV
+        hidden_BLH = self._final_hidden(module, ids_BL, attn_BL[:, :L])
+        return completion_logprobs(
+            hidden_BLH, ids_BL, t["prompt_len_B"][rows], t["mask_BT"][rows], self.acfg.temperature,
+            lm_head=_unwrap(module).get_output_embeddings(), chunk_tokens=self.lcfg.logits_chunk_tokens,
+            entropy=entropy,
+        )
+
+    @staticmethod
+    def _final_hidden(module: torch.nn.Module, ids_BL: torch.Tensor, attn_BL: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden state (after its final norm), the input of the LM head.
+
+        Captured by a hook on the decoder so the full forward (and DeepSpeed's ZeRO-3 hooks) runs
+        unchanged, with ``logits_to_keep=1``: no ``[B, L, V]`` logits are made."""
+        captured: list[torch.Tensor] = []
+
+        def grab(_mod, _inputs, output):
+            captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+        handle = _unwrap(module).get_decoder().register_forward_hook(grab)
+        try:
+            module(input_ids=ids_BL, attention_mask=attn_BL, logits_to_keep=1)
+        finally:
+            handle.remove()
+        return captured[-1]
 
     @torch.no_grad()
     def _logp_all(self, module: torch.nn.Module, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -333,7 +379,6 @@ class LearnerActor:
         lengths = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
         mine = rank_rows(lengths, world, lc.optimizer_steps_per_batch)[self.rank]
         t = batch.select(mine).to_tensors(self.pad_id, self.device)
-        T = t["mask_BT"].shape[1]
         timings = {}
 
         t0 = time.perf_counter()
@@ -356,7 +401,7 @@ class LearnerActor:
                 n_tokens = float(self._sum_over_ranks(t["mask_BT"][k * mini : (k + 1) * mini].sum()))
                 lrs.append(float(self.engine.get_lr()[0]))
                 for rows in micro_slices(k * mini, lc.micro_batch_size, ga):
-                    logp_BT, logits_BLV = self._forward(self.engine, t, rows)
+                    logp_BT, ent_BT = self._forward(self.engine, t, rows, entropy=True)
                     loss, m = grpo_loss(
                         logp_BT,
                         old_logp[rows] if old_logp is not None else None,
@@ -370,7 +415,6 @@ class LearnerActor:
                     )
                     self.engine.backward(loss * (ga * world))
                     self.engine.step()  # applies the update only at the accumulation boundary
-                    ent_BT = completion_entropy(logits_BLV.detach(), t["prompt_len_B"][rows], T, ac.temperature)
                     m["entropy"] = (ent_BT * t["mask_BT"][rows]).sum() / t["mask_BT"][rows].sum().clamp(min=1)
                     # The learner's log-probs of these tokens (the behaviour policy's when mu > 1) against the
                     # engine's: the check that the engine serves the weights the learner thinks it does.

@@ -118,9 +118,7 @@ def load_policy(model_dir: Path):
 
 def logp_of(model, t: dict, rows: list[int]) -> torch.Tensor:
     logits = model(input_ids=t["input_ids_BL"][rows], attention_mask=t["attention_mask_BL"][rows]).logits
-    return completion_logprobs(
-        logits, t["input_ids_BL"][rows], t["prompt_len_B"][rows], t["mask_BT"].shape[1], 1.0
-    )
+    return completion_logprobs(logits, t["input_ids_BL"][rows], t["prompt_len_B"][rows], t["mask_BT"][rows], 1.0)[0]
 
 
 def lr_schedule(cfg: Config):

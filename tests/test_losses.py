@@ -8,16 +8,13 @@ from grpo_dist.config import AlgoConfig
 from grpo_dist.losses import (
     AGGREGATIONS,
     aggregate,
-    completion_entropy,
     completion_logprobs,
-    completion_mask,
     entropy_from_logits,
     grpo_loss,
     kl_penalty,
     merge_metrics,
     per_token_loss,
     sampler_gap,
-    selective_log_softmax,
 )
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -30,18 +27,7 @@ def t(x):
 # ---------------------------------------------------------------- log-probs
 
 
-def test_selective_log_softmax_matches_log_softmax():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
-    ids = torch.randint(0, 11, (3, 5), generator=g)
-    want = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(selective_log_softmax(logits, ids), want, rtol=0, atol=1e-12)
-    got_bf16 = selective_log_softmax(logits.to(torch.bfloat16), ids)
-    assert got_bf16.dtype == torch.float32
-    torch.testing.assert_close(got_bf16.double(), want, rtol=0, atol=5e-2)
-
-
-def test_completion_logprobs_shift_and_temperature():
+def _two_rows():
     # Two rows with different prompt lengths, right-padded like RolloutBatch.to_tensors.
     batch = RolloutBatch(
         prompt_ids=[[5, 6, 7], [8]],
@@ -53,11 +39,15 @@ def test_completion_logprobs_shift_and_temperature():
         group_ids=[0, 0],
         weight_version=0,
     )
-    tens = batch.to_tensors(pad_id=9)
-    ids_BL, plen_B = tens["input_ids_BL"], tens["prompt_len_B"]
-    B, L, V, T, temp = 2, ids_BL.shape[1], 10, tens["completion_ids_BT"].shape[1], 0.7
+    return batch.to_tensors(pad_id=9)
+
+
+def test_completion_logprobs_shift_and_temperature():
+    tens = _two_rows()
+    ids_BL, plen_B, mask_BT = tens["input_ids_BL"], tens["prompt_len_B"], tens["mask_BT"]
+    B, L, V, temp = 2, ids_BL.shape[1], 10, 0.7
     logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
-    logp = completion_logprobs(logits, ids_BL, plen_B, T, temp)
+    logp, ent = completion_logprobs(logits, ids_BL, plen_B, mask_BT, temp, entropy=True)
     # Row 0: prompt length 3, completion tokens at positions 3, 4 are scored by logits 2, 3.
     lsm = torch.log_softmax(logits.detach() / temp, -1)
     want = [
@@ -65,28 +55,57 @@ def test_completion_logprobs_shift_and_temperature():
         [lsm[1, 0, 3].item(), lsm[1, 1, 4].item(), lsm[1, 2, 0].item()],
     ]
     torch.testing.assert_close(logp, t(want), rtol=0, atol=1e-12)
-    assert logp.shape == tens["mask_BT"].shape
-    (logp * tens["mask_BT"]).sum().backward()
+    assert logp.shape == mask_BT.shape
+    (logp * mask_BT).sum().backward()
     assert logits.grad[0, 4].abs().sum() == 0  # logit at the last position predicts nothing scored
-    ent = completion_entropy(logits, plen_B, T, temp)
+    assert logits.grad[0, :2].abs().sum() == 0  # prompt positions are never projected
     torch.testing.assert_close(ent[1, 0], -(lsm[1, 0].exp() * lsm[1, 0]).sum(), rtol=0, atol=1e-12)
+    assert ent[0, 2] == 0
 
 
-def test_completion_logprobs_rejects_empty_prompt():
+@pytest.mark.parametrize("chunk", [None, 1, 2, 4])
+def test_completion_logprobs_chunked_head_equals_full_logits(chunk):
+    """From hidden states through an LM head, in chunks (recomputed in backward), the log-probs and
+    the gradients of hidden states and head equal those of the full logits."""
+    tens = _two_rows()
+    ids_BL, plen_B, mask_BT = tens["input_ids_BL"], tens["prompt_len_B"], tens["mask_BT"]
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, ids_BL.shape[1], 6, generator=g, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(6, 10, bias=False).double()
+    logp_full, _ = completion_logprobs(head(hidden), ids_BL, plen_B, mask_BT, 0.7)
+    w = torch.randn(logp_full.shape, generator=g, dtype=torch.float64)
+    gh_full, gw_full = torch.autograd.grad((logp_full * w).sum(), [hidden, head.weight])
+    logp, _ = completion_logprobs(hidden, ids_BL, plen_B, mask_BT, 0.7, lm_head=head, chunk_tokens=chunk)
+    gh, gw = torch.autograd.grad((logp * w).sum(), [hidden, head.weight])
+    torch.testing.assert_close(logp, logp_full, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gh, gh_full, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gw, gw_full, rtol=0, atol=1e-12)
+
+
+def test_completion_logprobs_projects_at_most_a_chunk_at_a_time():
+    """The [tokens, V] logits never exceed chunk_tokens rows, forward or backward (recomputed)."""
+    tens = _two_rows()
+    seen = []
+    head = torch.nn.Linear(6, 10, bias=False).double()
+    head.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    hidden = torch.randn(2, tens["input_ids_BL"].shape[1], 6, dtype=torch.float64, requires_grad=True)
+    logp, _ = completion_logprobs(hidden, tens["input_ids_BL"], tens["prompt_len_B"], tens["mask_BT"], 1.0,
+                                  lm_head=head, chunk_tokens=2)
+    logp.sum().backward()
+    assert max(seen) == 2 and sum(seen) == 2 * int(tens["mask_BT"].sum())  # 5 tokens, each projected twice
+
+
+def test_completion_logprobs_rejects_bad_rows():
+    mask = torch.ones(1, 2)
     with pytest.raises(ValueError, match="row 0: prompt length 0"):
-        completion_logprobs(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), torch.tensor([0]), 2, 1.0)
+        completion_logprobs(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), torch.tensor([0]), mask, 1.0)
+    with pytest.raises(ValueError, match="beyond the 3 positions"):
+        completion_logprobs(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), torch.tensor([2]), mask, 1.0)
 
 
 def test_entropy_uniform_and_peaked():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([math.log(4), 0.0]), rtol=0, atol=1e-6)
-
-
-def test_completion_mask():
-    eos = 2
-    ids = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 5, 5, 5, 5]])
-    want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
-    torch.testing.assert_close(completion_mask(ids, eos), want)
 
 
 # ---------------------------------------------------------------- per-token terms, hand-worked
@@ -218,7 +237,7 @@ def _toy_problem(seed=0, B=8, T=5, D=4, V=7):
     mask_BT = t([[1.0] * n + [0.0] * (T - n) for n in lengths])
     adv_B = torch.randn(B, generator=g, dtype=torch.float64)
     # Old / reference / sampling log-probs near the policy's so every clip branch is hit.
-    logp0 = selective_log_softmax(x_BTD @ W, ids_BT)
+    logp0 = torch.log_softmax(x_BTD @ W, -1).gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1)
     old = logp0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
     ref = logp0 + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
     sampling = old + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
@@ -227,7 +246,7 @@ def _toy_problem(seed=0, B=8, T=5, D=4, V=7):
 
 def _loss(W, rows, data, cfg, **totals):
     x_BTD, ids_BT, _, mask_BT, adv_B, old, ref, sampling = data
-    logp = selective_log_softmax(x_BTD[rows] @ W, ids_BT[rows])
+    logp = torch.log_softmax(x_BTD[rows] @ W, -1).gather(-1, ids_BT[rows].unsqueeze(-1)).squeeze(-1)
     return grpo_loss(logp, old[rows], ref[rows], adv_B[rows], mask_BT[rows], cfg, sampling_logp_BT=sampling[rows], **totals)
 
 
