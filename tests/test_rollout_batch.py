@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ModelConfig, RewardSpec, RolloutConfig
 from grpo_dist.rewards import build_reward_fns
 from grpo_dist.weight_sync import ParamSpec
@@ -119,8 +120,22 @@ def test_build_batch_contains_misbehaving_rewards():
     assert m["reward_failures/tests.test_rollout_batch:nan_reward/nan"] == 2.0
     assert m["completions"] == 4.0 and m["generated_tokens"] == 6.0 and m["truncated_completions"] == 1.0
     assert batch.timings["generate"] == 1.5 and batch.timings["score"] >= 0.5
+    assert m["prompt_tokens"] == 6.0  # each completion re-reads its prompt
     t = batch.to_tensors(pad_id=0)
     assert t["mask_BT"].sum(dim=1).tolist() == [3.0, 2.0, 1.0, 0.0]
+
+
+def test_to_tensors_trains_the_eos_when_pad_is_eos():
+    """pad = eos (SmolLM2, many Llamas): the EOS that ends a completion is trained on, the padding
+    (the same id) is not: the mask comes from lengths, never from token ids."""
+    eos = 2
+    batch = RolloutBatch(prompt_ids=[[5, 6], [7]], completion_ids=[[8, eos], [9, 10, 11, 12]],
+                         sampling_logp=[[-0.1, -0.2], [-0.3, -0.4, -0.5, -0.6]], truncated=[False, True],
+                         rewards=[1.0, 0.0], reward_components={}, group_ids=[0, 0], weight_version=0)
+    t = batch.to_tensors(pad_id=eos)
+    assert t["mask_BT"].tolist() == [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
+    assert t["input_ids_BL"].tolist() == [[5, 6, 8, eos, eos], [7, 9, 10, 11, 12]]
+    assert t["attention_mask_BL"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 
 
 def test_reward_columns_repeat_row_fields_per_completion():
@@ -158,7 +173,11 @@ def test_engine_kwargs_cpu_and_gpu():
     assert cpu["worker_extension_cls"] == "rollout_server.vllm_extension.WeightSyncExtension"
     assert cpu["logprobs_mode"] == "processed_logprobs" and cpu["max_model_len"] == 128
     assert "gpu_memory_utilization" not in cpu
+    # Seeded requests never have their prefill split on CPU (vLLM-CPU cannot rewind their generator).
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] == 4096
+    assert engine_kwargs(RolloutConfig(), model, 8192, cuda=False)["max_num_batched_tokens"] == 8192
     gpu = engine_kwargs(RolloutConfig(tensor_parallel_size=2), model, 128, cuda=True)
+    assert "enable_chunked_prefill" not in gpu  # CUDA generators rewind: vLLM's default stays
     assert gpu["dtype"] == "bfloat16" and gpu["distributed_executor_backend"] == "mp" and gpu["tensor_parallel_size"] == 2
     with pytest.raises(ValueError, match="sleep mode"):
         engine_kwargs(RolloutConfig(enable_sleep_mode=True), model, 128, cuda=False)
