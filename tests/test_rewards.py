@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from grpo_dist.config import RewardSpec
+from grpo_dist.data import SHIPPED_GSM8K
 from grpo_dist.rewards import (
     REWARDS,
     build_reward_fns,
@@ -15,7 +16,7 @@ from grpo_dist.rewards import (
     score,
 )
 
-GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")
+GSM8K_TEST = SHIPPED_GSM8K / "test.jsonl"
 
 
 @pytest.mark.parametrize(
