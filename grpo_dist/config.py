@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from grpo_dist.errors import UserError, one_line
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -206,6 +208,9 @@ class ClusterConfig(_Section):
     num_cpus_per_learner: float = Field(1.0, gt=0)
     num_gpus_per_learner: float = Field(0.0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    connect_timeout_s: float = Field(
+        30.0, gt=0, description="How long `cluster.address` may take to answer before the run is refused."
+    )
     rpc_timeout_s: float = Field(600.0, gt=0, description="Bound on any single actor call.")
     collective_timeout_s: float = Field(300.0, gt=0, description="torch.distributed / weight-sync timeout.")
     max_worker_restarts: int = Field(3, ge=0)
@@ -267,7 +272,7 @@ class Config(_Section):
         return self.checkpoint.dir or str(Path(self.trainer.output_dir) / "checkpoints")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration is invalid; the message names the field(s)."""
 
 
@@ -278,8 +283,17 @@ def _format_validation_error(err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (not in the schema)"
-        lines.append(f"  {loc}: {msg}")
-    return "invalid config:\n" + "\n".join(lines)
+        lines.append(f"{loc}: {msg}")
+    return "invalid config: " + one_line(lines)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error as ``line L, column C: what`` (1-based, where the parser noticed it)."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{what}" + (f" ({context})" if context else "")
 
 
 def _parse_scalar(text: str) -> Any:
@@ -300,7 +314,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is not a section")
             node = child
-        node[parts[-1]] = _parse_scalar(value)
+        try:
+            node[parts[-1]] = _parse_scalar(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not YAML ({_yaml_problem(e)})") from None
     return raw
 
 
@@ -311,7 +328,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text())
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: {_yaml_problem(e)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

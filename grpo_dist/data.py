@@ -29,13 +29,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from grpo_dist.config import DataConfig
+from grpo_dist.config import Config, DataConfig
+from grpo_dist.errors import UserError
 from grpo_dist.preflight import is_hub_id
 
 log = logging.getLogger(__name__)
 
 _HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 SHIPPED_GSM8K = Path(__file__).resolve().parent / "assets" / "gsm8k"
+
+
+class DataError(UserError):
+    """A split cannot feed the run; the message names the field or the filter at fault."""
 
 
 @dataclass
@@ -60,7 +65,7 @@ def _synthetic_rows(cfg: DataConfig, split: str) -> list[dict[str, Any]]:
 
     roles = {cfg.train_split: "train", cfg.test_split: "test"}
     if split not in roles:
-        raise ValueError(f"synthetic data has splits {sorted(roles)} (data.train_split/test_split), not {split!r}")
+        raise DataError(f"synthetic data has splits {sorted(roles)} (data.train_split/test_split), not {split!r}")
     s = cfg.synthetic
     return make_split(roles[split], s.num_train, s.num_test, s.seed, s.max_operand, list(s.ops))
 
@@ -84,7 +89,7 @@ def gsm8k_dir(cfg: DataConfig) -> Path:
 def _gsm8k_rows(cfg: DataConfig, split: str) -> list[Any]:
     path = gsm8k_dir(cfg) / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"gsm8k split {split!r}: {path} does not exist (data.path={cfg.path!r})")
+        raise DataError(f"gsm8k split {split!r}: {path} does not exist (data.path={cfg.path!r})")
     return list(_read_jsonl(path))
 
 
@@ -94,23 +99,23 @@ def _hf_rows(cfg: DataConfig, split: str) -> list[Any]:
     path = Path(cfg.path)
     if not path.exists():
         if not is_hub_id(cfg.path):
-            raise FileNotFoundError(f"data.path={cfg.path!r} does not exist")
+            raise DataError(f"data.path={cfg.path!r} does not exist")
         # A hub dataset (e.g. openai/gsm8k with hf_config=main), where the hub is reachable.
         return list(datasets.load_dataset(cfg.path, cfg.hf_config, split=split))
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f"split {split!r} not in {path} (has {sorted(ds)})")
+                raise DataError(f"split {split!r} not in {path} (has {sorted(ds)})")
             ds = ds[split]
     elif path.is_dir():
         ds = datasets.load_dataset(str(path), split=split)
     else:
         builder = _HF_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"data.path={cfg.path!r}: unsupported file type; use one of {sorted(_HF_BUILDERS)}")
+            raise DataError(f"data.path={cfg.path!r}: unsupported file type; use one of {sorted(_HF_BUILDERS)}")
         if split != cfg.train_split:
-            raise ValueError(
+            raise DataError(
                 f"data.path={cfg.path!r} is a single file, which serves only split {cfg.train_split!r}; "
                 f"for split {split!r} point data.path at a directory with one file per split"
             )
@@ -176,8 +181,34 @@ def _prepare(raw: Any, cfg: DataConfig, tokenizer: Any) -> tuple[dict[str, Any] 
     return {"prompt": prompt, "prompt_ids": prompt_ids, "answer": answer, "question": question}, None
 
 
-def load_split(data_cfg: DataConfig, tokenizer: Any, split: str) -> PromptDataset:
-    """Load, format, tokenize and filter one split (see the module docstring)."""
+# What to change when a filter removes rows.
+_FILTER_HINTS = {
+    "prompt_too_long": "raise data.max_prompt_length",
+    "empty_prompt": "the tokenizer turned the prompts into no tokens; check model.tokenizer_path",
+    "no_final_answer": "the answer column has no final answer (GSM8K: text after ####)",
+    "malformed_record": "the data file has lines that are not JSON objects",
+}
+
+
+class DataError(UserError):
+    """A split cannot feed the run; the message names the filter that removed its rows."""
+
+
+def _filter_summary(dropped: dict[str, int], total: int, cfg: DataConfig) -> str:
+    if not dropped:
+        return "the source has no rows"
+    worst = max(dropped, key=dropped.get)
+    hint = _FILTER_HINTS.get(worst) or (
+        f"set data.prompt_column/answer_column (now {cfg.prompt_column!r}/{cfg.answer_column!r})"
+        if worst.startswith("missing_") else "")
+    hint = hint.replace("raise data.max_prompt_length", f"raise data.max_prompt_length={cfg.max_prompt_length}")
+    detail = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()))
+    return f"{sum(dropped.values())} of {total} rows dropped ({detail}){'; ' + hint if hint else ''}"
+
+
+def load_split(data_cfg: DataConfig, tokenizer: Any, split: str, min_rows: int = 1) -> PromptDataset:
+    """Load, format, tokenize and filter one split (see the module docstring); fewer than
+    ``min_rows`` rows left is a DataError naming the filter that removed them."""
     raw_rows = _SOURCES[data_cfg.source](data_cfg, split)
     rows, dropped = [], {}
     for raw in raw_rows:
@@ -190,11 +221,9 @@ def load_split(data_cfg: DataConfig, tokenizer: Any, split: str) -> PromptDatase
     if dropped:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()))
         log.warning("%s: dropped %d of %d rows (%s)", where, sum(dropped.values()), len(raw_rows), detail)
-    if not rows:
-        detail = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "the source has no rows"
-        raise ValueError(
-            f"{where} is empty after filtering ({detail}); data.max_prompt_length={data_cfg.max_prompt_length}"
-        )
+    if len(rows) < min_rows:
+        raise DataError(f"data: {where} has {len(rows)} usable rows, fewer than the {min_rows} needed: "
+                        f"{_filter_summary(dropped, len(raw_rows), data_cfg)}")
     log.info("%s: %d prompts", where, len(rows))
     return PromptDataset(split=split, source=data_cfg.source, rows=rows, dropped=dropped)
 
@@ -249,3 +278,12 @@ class PromptSampler:
                 raise ValueError(f"sampler state has {key}={state[key]} but this sampler has {getattr(self, key)}")
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._permutation(self.epoch)
+
+
+def load_run_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """Train and test rows of a run, with the run's tokenizer: the train split must fill one step."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+    return (list(load_split(cfg.data, tok, cfg.data.train_split, min_rows=cfg.trainer.prompts_per_step)),
+            list(load_split(cfg.data, tok, cfg.data.test_split)))

@@ -1,6 +1,16 @@
-"""Error text helpers shared by the driver side and the actors."""
+"""Error classes and text helpers shared by the driver side and the actors."""
 
 from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad input or an operator mistake: the CLI prints the message as one line and exits 2. The
+    message names the field, file or address and says what to do."""
+
+
+def one_line(parts: list[str]) -> str:
+    """Several problems as one line (``a; b; c``)."""
+    return "; ".join(p.strip() for p in parts)
 
 
 def first_line(e: BaseException) -> str:

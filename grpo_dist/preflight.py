@@ -1,20 +1,36 @@
-"""Checks that need the file system or the device, run before any cluster resource is touched.
+"""Checks that need the file system, the device or the network, run before any cluster resource
+is touched.
 
 The schema (``grpo_dist.config``) checks shapes and arithmetic; this checks the world: that the
-model exists and that this vLLM build can serve it. Each failure names the config field.
+model directory holds a model and a tokenizer this vLLM build can serve, that the reward functions
+import with the right signature, that the output directory can be written and that the cluster
+answers. Each failure names the config field and says what to do; all failures of one call come
+back together in one line (``UserError``).
+
+Checks run where the thing lives: ``where="submit"`` checks only what the submitting machine
+uploads (the schema and the code, i.e. reward imports); paths, models, data and devices are the
+cluster's and are checked by the job's own preflight there (``where="local"``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import time
 from pathlib import Path
+from typing import Literal
 
 from grpo_dist.config import Config, ConfigError
+from grpo_dist.errors import UserError, one_line
 
 # vLLM's CPU attention backend only has kernels for these head sizes.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.pt")
+# Any one of these makes a directory loadable by AutoTokenizer (fast, sentencepiece, BPE files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
 def is_hub_id(text: str) -> bool:
@@ -34,14 +50,24 @@ def model_head_dim(model_dir: Path) -> int | None:
     return None
 
 
-def preflight(cfg: Config, cuda: bool) -> list[str]:
-    """Raise ConfigError listing every problem; return notes (e.g. what was assumed)."""
+def has_chat_template(tok_dir: Path) -> bool:
+    """Whether the tokenizer directory carries a chat template (its own file or in its config)."""
+    if (tok_dir / "chat_template.jinja").is_file() or (tok_dir / "chat_template.json").is_file():
+        return True
+    tc = tok_dir / "tokenizer_config.json"
+    return tc.is_file() and bool(json.loads(tc.read_text()).get("chat_template"))
+
+
+def _model_problems(cfg: Config, cuda: bool) -> tuple[list[str], list[str]]:
     problems: list[str] = []
     notes: list[str] = []
     path = Path(cfg.model.path)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            problems.append(f"model.path={cfg.model.path!r} is a directory without config.json")
+            problems.append(f"model.path={cfg.model.path!r} is a directory without config.json (not an HF model)")
+        elif not any(next(path.glob(g), None) for g in WEIGHT_FILES):
+            problems.append(f"model.path={cfg.model.path!r} has config.json but no weights (*.safetensors or "
+                            "pytorch_model*.bin)")
         elif not cuda:
             hd = model_head_dim(path)
             if hd is not None and hd not in VLLM_CPU_HEAD_SIZES and hd < 128:
@@ -49,23 +75,103 @@ def preflight(cfg: Config, cuda: bool) -> list[str]:
                     f"model.path={cfg.model.path!r} has head_dim {hd}; vLLM-CPU supports {list(VLLM_CPU_HEAD_SIZES)}"
                 )
     elif is_hub_id(cfg.model.path):
-        notes.append(f"model.path={cfg.model.path!r} is not a local directory; it is resolved as a hub id on the cluster")
+        notes.append(f"model.path={cfg.model.path!r} is not a local directory; it is resolved as a hub id")
     else:
-        problems.append(f"model.path={cfg.model.path!r} does not exist (run `grpo-dist make-tiny-model --out ...`?)")
-    if cfg.model.tokenizer_path and not Path(cfg.model.tokenizer_path).is_dir() and not is_hub_id(
-        cfg.model.tokenizer_path
-    ):
+        problems.append(f"model.path={cfg.model.path!r} does not exist (run `grpo-dist get-model` or "
+                        "`grpo-dist make-tiny-model --out ...`?)")
+    field = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
+    tok = Path(cfg.model.tokenizer_path or cfg.model.path)
+    if tok.is_dir():
+        if not any((tok / f).is_file() for f in TOKENIZER_FILES):
+            problems.append(f"{field}={str(tok)!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                            "save the tokenizer there or set model.tokenizer_path")
+        elif cfg.data.use_chat_template and not has_chat_template(tok):
+            problems.append(f"data.use_chat_template=true but the tokenizer at {field}={str(tok)!r} has no chat "
+                            "template; set data.use_chat_template=false to feed plain-text prompts")
+    elif cfg.model.tokenizer_path and not is_hub_id(cfg.model.tokenizer_path):
         problems.append(f"model.tokenizer_path={cfg.model.tokenizer_path!r} does not exist")
-    if not cuda:
-        if cfg.rollout.enable_sleep_mode:
-            problems.append("rollout.enable_sleep_mode=true: vLLM sleep mode is refused on CPU")
-        if cfg.cluster.num_gpus_per_rollout or cfg.cluster.num_gpus_per_learner:
-            notes.append("GPUs requested per actor but this machine has no CUDA: the cluster must provide them")
-    if cfg.data.source in ("gsm8k", "hf") and cfg.data.path and not Path(cfg.data.path).exists():
-        if cfg.data.source == "hf" and is_hub_id(cfg.data.path):
-            notes.append(f"data.path={cfg.data.path!r} is not a local path; it is loaded from the hub")
-        else:
-            problems.append(f"data.path={cfg.data.path!r} does not exist")
+    return problems, notes
+
+
+def _writable_dir_problem(field: str, value: str) -> str | None:
+    """Why ``value`` cannot be (created and) written as a directory, without creating anything."""
+    p = Path(value).absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{field}={value!r} cannot be created: {probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{field}={value!r} is not writable ({probe} refuses writes)"
+    return None
+
+
+def _reward_problems(cfg: Config) -> list[str]:
+    from grpo_dist.rewards import build_reward_fns
+
+    try:
+        build_reward_fns(cfg.rewards.functions)  # imports each one and checks its signature
+    except (ValueError, TypeError) as e:
+        return [f"rewards.functions: {e}"]
+    return []
+
+
+def preflight(cfg: Config, cuda: bool, where: Literal["local", "submit"] = "local") -> list[str]:
+    """Raise ConfigError naming every problem (one line); return notes (e.g. what was assumed)."""
+    problems = _reward_problems(cfg)
+    notes: list[str] = []
+    if where == "submit":
+        notes.append("model, data, output paths and devices are checked by the job's preflight on the cluster")
+    else:
+        mp, mn = _model_problems(cfg, cuda)
+        problems += mp
+        notes += mn
+        if not cuda:
+            if cfg.rollout.enable_sleep_mode:
+                problems.append("rollout.enable_sleep_mode=true: vLLM sleep mode is refused on CPU")
+            if cfg.cluster.num_gpus_per_rollout or cfg.cluster.num_gpus_per_learner:
+                notes.append("GPUs requested per actor but this machine has no CUDA: the cluster must provide them")
+        if cfg.data.source in ("gsm8k", "hf") and cfg.data.path and not Path(cfg.data.path).exists():
+            if cfg.data.source == "hf" and is_hub_id(cfg.data.path):
+                notes.append(f"data.path={cfg.data.path!r} is not a local path; it is loaded from the hub")
+            else:
+                problems.append(f"data.path={cfg.data.path!r} does not exist")
+        for field, value in (("trainer.output_dir", cfg.trainer.output_dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+            if value is not None and (why := _writable_dir_problem(field, value)):
+                problems.append(why)
     if problems:
-        raise ConfigError("config rejected before launch:\n" + "\n".join(f"  {p}" for p in problems))
+        raise ConfigError("config rejected before launch: " + one_line(problems))
     return notes
+
+
+# ---------------------------------------------------------------- the cluster
+
+
+def ray_gcs_address(address: str) -> str | None:
+    """The ``host:port`` a Ray address reaches, or None where Ray resolves it itself (``auto``,
+    ``local``, ``ray://`` clients)."""
+    if address in ("auto", "local") or "://" in address:
+        return None
+    return address if ":" in address else f"{address}:6379"
+
+
+def check_reachable(address: str, timeout_s: float, field: str = "cluster.address") -> None:
+    """Raise UserError unless the Ray head at ``address`` accepts a TCP connection within
+    ``timeout_s`` (retried: a head that is still starting is waited for)."""
+    target = ray_gcs_address(address)
+    if target is None:
+        return
+    host, _, port = target.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                return
+        except (OSError, ValueError) as e:
+            reason = e.strerror or type(e).__name__ if isinstance(e, OSError) else str(e)
+            if time.monotonic() >= deadline:
+                shown = address if target == address else f"{address} -> {target}"
+                raise UserError(f"{field}={shown!r}: no Ray head answers there within {timeout_s:.0f}s "
+                                f"({reason}); start the cluster or fix the address "
+                                "(cluster.connect_timeout_s bounds the wait)") from None
+            time.sleep(0.5)

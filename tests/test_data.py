@@ -6,7 +6,7 @@ import pytest
 
 from grpo_dist.config import DataConfig, SyntheticTaskConfig
 from grpo_dist.data import SHIPPED_GSM8K as GSM8K_DIR
-from grpo_dist.data import PromptSampler, load_split
+from grpo_dist.data import DataError, PromptSampler, load_split
 from grpo_dist.tiny_model import build_tokenizer
 
 
@@ -114,10 +114,19 @@ def test_gsm8k_malformed_rows_dropped_with_counts(tmp_path, tok, caplog):
 def test_empty_after_filtering_names_split_and_reasons(tmp_path, tok):
     _write_jsonl(tmp_path / "test.jsonl", [{"question": "x" * 100, "answer": "#### 1"}])
     cfg = DataConfig(source="gsm8k", path=str(tmp_path), max_prompt_length=8)
-    with pytest.raises(ValueError, match=r"gsm8k split 'test' is empty after filtering \(prompt_too_long=1\)"):
+    with pytest.raises(DataError, match=r"gsm8k split 'test' has 0 usable rows, fewer than the 1 needed: 1 of 1 "
+                       r"rows dropped \(prompt_too_long=1\); raise data.max_prompt_length=8"):
         load_split(cfg, tok, "test")
-    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+    with pytest.raises(DataError, match="train.jsonl"):
         load_split(cfg, tok, "train")
+
+
+def test_too_few_rows_for_one_step_names_the_filter(tmp_path, tok):
+    _write_jsonl(tmp_path / "test.jsonl", [{"question": "1+1", "answer": "#### 2"}, {"question": "x", "answer": "3"}])
+    cfg = DataConfig(source="gsm8k", path=str(tmp_path))
+    with pytest.raises(DataError, match=r"has 1 usable rows, fewer than the 4 needed: 1 of 2 rows dropped "
+                       r"\(no_final_answer=1\); the answer column has no final answer"):
+        load_split(cfg, tok, "test", min_rows=4)
 
 
 def test_hf_single_files_with_custom_columns(tmp_path, tok):
