@@ -10,7 +10,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from grpo_dist.errors import UserError, first_line
+
 LATEST = "latest"
+
+
+class CheckpointWriteError(UserError):
+    """The file system refused a checkpoint (disk full, permissions); the previous one is intact."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -48,11 +54,23 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:06d}"
     if tmp.exists():
         shutil.rmtree(tmp)  # leftover of a crashed save of this same step
-    tmp.mkdir()
-    for name, write in writers.items():
-        write(str(tmp / name))
-    _write_atomic(tmp / "state.json", json.dumps(state))
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        for name, write in writers.items():
+            write(str(tmp / name))
+        _write_atomic(tmp / "state.json", json.dumps(state))
+        _fsync_dir(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written step behind
+        cause = getattr(e, "cause", None) or e  # a learner's OSError arrives wrapped by Ray
+        if not isinstance(cause, OSError):
+            raise
+        previous = root / (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+        raise CheckpointWriteError(
+            f"checkpoint step {step} could not be written under {root} ({first_line(cause)}); "
+            + (f"the previous checkpoint {previous} is intact and --resume continues from it" if previous
+               else "no earlier checkpoint exists")
+        ) from e
     if final.exists():
         # Re-saving a step (e.g. after resume): move the old one aside first so `final` is never partial.
         old = root / f".old-step-{step:06d}"

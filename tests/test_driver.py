@@ -3,6 +3,7 @@ dynamic sampling, checkpoint safety. No Ray, vLLM or DeepSpeed here (they have t
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from grpo_dist.batch import RolloutBatch
-from grpo_dist.checkpoint import latest_checkpoint, save_checkpoint
+from grpo_dist.checkpoint import CheckpointWriteError, latest_checkpoint, save_checkpoint
 from grpo_dist.config import Config
 from grpo_dist.driver import Trainer, zero_variance_groups
 
@@ -189,14 +190,23 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path):
     root = tmp_path / "ckpt"
     ok = save_checkpoint(root, 1, {"step": 1}, {"policy": lambda p: Path(p).mkdir()})
 
-    def crash(path):
+    def disk_full(path):
         Path(path).mkdir()
         (Path(path) / "half").write_text("x")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError):
-        save_checkpoint(root, 2, {"step": 2}, {"policy": crash})
+    with pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(root, 2, {"step": 2}, {"policy": disk_full})
+    assert str(e.value) == (f"checkpoint step 2 could not be written under {root} (OSError: [Errno 28] No space "
+                            f"left on device); the previous checkpoint {ok} is intact and --resume continues from it")
     assert latest_checkpoint(root) == ok
-    assert not (root / "step-000002").exists()
+    assert not (root / "step-000002").exists() and not list(root.glob(".tmp-*"))  # nothing half-written is left
+
+    def bug(path):
+        raise RuntimeError("not a disk fault")
+
+    with pytest.raises(RuntimeError, match="not a disk fault"):  # anything else is not dressed up as a disk fault
+        save_checkpoint(root, 2, {"step": 2}, {"policy": bug})
+    assert latest_checkpoint(root) == ok
     again = save_checkpoint(root, 2, {"step": 2}, {"policy": lambda p: Path(p).mkdir()})
     assert latest_checkpoint(root) == again and not list(root.glob(".tmp-*"))
