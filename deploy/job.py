@@ -19,7 +19,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
 
 from grpo_dist.config import Config
 from grpo_dist.driver import Trainer, evaluate
-from grpo_dist.errors import first_line
+from grpo_dist.errors import UserError, first_line
 from learner import LearnerGroup
 from rollout_server import RolloutManager
 
@@ -234,7 +234,10 @@ def _ray_init(cfg: Config) -> bool:
         return False
     env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}}
     if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.cluster.address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
+        try:
+            ray.init(address=cfg.cluster.address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
+        except ConnectionError as e:  # `auto` with no cluster to find
+            raise UserError(f"cluster.address={cfg.cluster.address!r}: {first_line(e)}") from None
         return False
     # Logical CPUs: every actor asks for its share; on a small machine they time-share the cores.
     need = (cfg.learner.num_ranks * cfg.cluster.num_cpus_per_learner
@@ -245,22 +248,13 @@ def _ray_init(cfg: Config) -> bool:
     return True
 
 
-def _load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
-    from transformers import AutoTokenizer
-
-    from grpo_dist.data import load_split
-
-    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
-    return (list(load_split(cfg.data, tok, cfg.data.train_split)),
-            list(load_split(cfg.data, tok, cfg.data.test_split)))
-
-
 def _raise_stop(signum, frame):  # SIGTERM from `ray job stop` becomes a clean unwind
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_job(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    train_rows, test_rows = _load_rows(cfg)  # data errors surface before any actor starts
+def run_job(cfg: Config, train_rows: list[dict], test_rows: list[dict], resume: bool = False) -> dict[str, Any]:
+    """The training job on rows loaded beforehand (``grpo_dist.data.load_run_rows``), so that data
+    errors surface before any actor starts."""
     started = _ray_init(cfg)
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     cluster = RayCluster(cfg)
@@ -290,9 +284,8 @@ def run_job(cfg: Config, resume: bool = False) -> dict[str, Any]:
             ray.shutdown()
 
 
-def run_eval(cfg: Config) -> dict[str, Any]:
-    """Evaluate `cfg.model.path` on the held-out split with rollout workers only."""
-    _, test_rows = _load_rows(cfg)
+def run_eval(cfg: Config, test_rows: list[dict]) -> dict[str, Any]:
+    """Evaluate `cfg.model.path` on the held-out rows with rollout workers only."""
     started = _ray_init(cfg)
     rollout = RolloutManager(cfg.rollout, cfg.model, cfg.algorithm, cfg.rewards, cfg.cluster,
                              max_model_len=cfg.max_model_len)

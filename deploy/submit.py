@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from grpo_dist.config import Config, ConfigError, dump_config
+from grpo_dist.errors import UserError, first_line, one_line
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_ENV = Path(__file__).resolve().parent / "runtime_env.yaml"
@@ -45,7 +46,7 @@ def check_submittable(cfg: Config) -> None:
                             "without .venv, runs and .git, possibly on another node; use an absolute path on "
                             "storage every node sees (or a hub id)")
     if problems:
-        raise ConfigError("cannot submit this config:\n  " + "\n  ".join(problems))
+        raise ConfigError("cannot submit this config: " + one_line(problems))
 
 
 def entrypoint_command(resume: bool) -> str:
@@ -56,9 +57,13 @@ def submit(cfg: Config, address: str, overrides: list[str], config_path: str, re
     from ray.job_submission import JobSubmissionClient
 
     check_submittable(cfg)
-    client = JobSubmissionClient(address)
-    return client.submit_job(
-        entrypoint=entrypoint_command(resume),
-        runtime_env=runtime_env(cfg),
-        metadata={"config": str(config_path), "overrides": " ".join(overrides)[:1000]},
-    )
+    try:
+        client = JobSubmissionClient(address)
+        return client.submit_job(
+            entrypoint=entrypoint_command(resume),
+            runtime_env=runtime_env(cfg),
+            metadata={"config": str(config_path), "overrides": " ".join(overrides)[:1000]},
+        )
+    except Exception as e:  # unreachable dashboard, refused token, upload failure: say which
+        raise UserError(f"--address {address}: submitting the job failed ({first_line(e)}); check the dashboard "
+                        "address, and RAY_AUTH_MODE=token with its token where the cluster uses token auth") from e

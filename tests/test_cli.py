@@ -20,8 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("algorithm:\n  num_generatoins: 4\n", "algorithm.num_generatoins"),
         ("learner:\n  micro_batch_size: 3\n", "learner.micro_batch_size"),
         ("algorithm:\n  beta: lots\n", "algorithm.beta"),
-        ("rollout:\n  enable_sleep_mode: true\n", "rollout.enable_sleep_mode"),
-        ("model:\n  path: /nonexistent/model\n", "model.path"),
+        ("rewards:\n  functions: [{name: 'nosuch.module:fn'}]\n", "rewards.functions"),
     ],
 )
 def test_submit_rejects_bad_config_before_contacting_ray(tmp_path, monkeypatch, capsys, yaml_text, field):
@@ -36,6 +35,20 @@ def test_submit_rejects_bad_config_before_contacting_ray(tmp_path, monkeypatch, 
     rc = cli.main(["submit", str(cfg), "--address", "http://127.0.0.1:1"])
     assert rc == 2
     assert field in capsys.readouterr().err
+
+
+def test_submit_leaves_cluster_paths_and_devices_to_the_job(tmp_path, monkeypatch):
+    """A model path or GPU setting that exists only on the cluster is not refused on the laptop; the
+    job's own preflight checks it there (the same checks `validate` runs here)."""
+    import deploy.submit
+
+    sent = []
+    monkeypatch.setattr(deploy.submit, "submit", lambda cfg, **kw: sent.append(cfg) or "job-1")
+    cfg = tmp_path / "gpu.yaml"
+    cfg.write_text("model:\n  path: /cluster/models/m\nrollout:\n  enable_sleep_mode: true\ntrainer:\n"
+                   "  output_dir: /cluster/runs/x\n")
+    assert cli.main(["submit", str(cfg), "--address", "http://127.0.0.1:1"]) == 0 and sent
+    assert cli.main(["validate", str(cfg)]) == 2
 
 
 def test_validate_prints_resolved_config(tmp_path, tiny_model_dir, capsys):

@@ -1,0 +1,151 @@
+"""Fail well: each bad input or operator mistake runs the real CLI in a subprocess, as a user does,
+and must give exit code 2, exactly one `grpo-dist:` line on stderr that names the cause, no
+traceback on the terminal, an answer well within a minute, and nothing written into the output
+directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grpo_dist.checkpoint import save_checkpoint
+from grpo_dist.config import load_config
+from grpo_dist.lock import LOCK_NAME
+from tests.test_e2e import cli_env, ray_daemon_pids
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMIT_S = 45.0  # preflight answers are seconds; this bounds a hang
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp_path: Path, model: Path, name: str = "c.yaml", **sections) -> Path:
+    cfg = {
+        "model": {"path": str(model)},
+        "data": {"source": "synthetic", "max_prompt_length": 32, "synthetic": {"num_train": 50, "num_test": 8}},
+        "algorithm": {"num_generations": 4, "max_completion_length": 16},
+        "learner": {"num_ranks": 2, "micro_batch_size": 4},
+        "trainer": {"steps": 2, "prompts_per_step": 4, "output_dir": str(tmp_path / "out")},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def no_tokenizer_model(tiny: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny, d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (d / f).unlink(missing_ok=True)
+    return d
+
+
+def fake_checkpoint(tmp_path: Path, cfg_path: Path, **changed) -> None:
+    """A checkpoint (state.json only) whose recorded config differs from cfg_path's by ``changed``."""
+    saved = load_config(cfg_path).model_dump(mode="json")
+    for dotted, value in changed.items():
+        section, field = dotted.split(".")
+        saved[section][field] = value
+    save_checkpoint(tmp_path / "out" / "checkpoints", 2, {"step": 2, "config": saved}, {})
+
+
+# name -> (argv after `grpo-dist`, or a case set up in the test; the fragment the one line must contain)
+def cases(tmp_path: Path, tiny: Path) -> dict:
+    port = closed_port()
+    ok = write_config(tmp_path, tiny)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  path: m\nalgorithm: {beta: 0.1\n")
+    return {
+        "yaml syntax error": (["run", str(bad_yaml)], f"config file {bad_yaml}: line 4, column 1: expected ',' or '}}'"),
+        "missing config file": (["run", str(tmp_path / "nope.yaml")], "config file not found"),
+        "reward module that does not exist": (
+            ["run", str(ok), "--set", "rewards.functions=[{name: 'nosuch.module:fn'}]"],
+            "rewards.functions: reward function 'nosuch.module:fn': cannot import module 'nosuch.module'"),
+        "cluster address nothing listens on": (
+            ["run", str(ok), "--set", f"cluster.address=127.0.0.1:{port}", "--set", "cluster.connect_timeout_s=3"],
+            f"cluster.address='127.0.0.1:{port}': no Ray head answers there within 3s"),
+        "model directory without tokenizer files": (
+            ["run", str(write_config(tmp_path, no_tokenizer_model(tiny, tmp_path), "no-tok.yaml"))], "has no tokenizer files"),
+        "model directory that does not exist": (["run", str(ok), "--set", "model.path=/nonexistent/m"],
+                                                "model.path='/nonexistent/m' does not exist"),
+        "prompt filter leaves less than one step": (
+            ["run", str(ok), "--set", "data.max_prompt_length=3"],
+            "data: synthetic split 'train' has 0 usable rows, fewer than the 4 needed: 50 of 50 rows dropped "
+            "(prompt_too_long=50); raise data.max_prompt_length=3"),
+        "output directory below a file": (["run", str(ok), "--set", f"trainer.output_dir={ok}/out"],
+                                          f"trainer.output_dir='{ok}/out' cannot be created: {ok} is a file"),
+        "resume with another model": ("resume", "--resume from"),
+        "output directory held by a running job": ("locked", "is in use by pid"),
+        "scale to a cluster that is not there": (["scale", "--workers", "3", "--address", f"127.0.0.1:{port}", "--connect-timeout", "3"],
+                                                 f"--address='127.0.0.1:{port}': no Ray head answers there"),
+        "submit to a dashboard that is not there": (
+            ["submit", str(ROOT / "deploy" / "configs" / "gsm8k_qwen0.5b_gpu.yaml"), "--address",
+             f"http://127.0.0.1:{port}"], f"--address http://127.0.0.1:{port}: submitting the job failed"),
+    }
+
+
+CASES = ["yaml syntax error", "missing config file", "reward module that does not exist",
+         "cluster address nothing listens on", "model directory without tokenizer files",
+         "model directory that does not exist", "prompt filter leaves less than one step",
+         "output directory below a file", "resume with another model", "output directory held by a running job",
+         "scale to a cluster that is not there", "submit to a dashboard that is not there"]
+
+
+def run_cli(argv: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "grpo_dist.cli", *argv], cwd=ROOT, env=cli_env(), capture_output=True,
+                         text=True, timeout=LIMIT_S + 60)
+    return out, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_fails_in_one_line(name, tmp_path, tiny_model_dir):
+    argv, fragment = cases(tmp_path, tiny_model_dir)[name]
+    out_dir = tmp_path / "out"
+    if argv == "resume":
+        cfg = write_config(tmp_path, tiny_model_dir)
+        fake_checkpoint(tmp_path, cfg, **{"model.path": "/models/another"})
+        argv = ["run", str(cfg), "--resume"]
+        fragment = "model.path: '/models/another' -> "
+    elif argv == "locked":
+        out_dir.mkdir()
+        (out_dir / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                     "job_id": None, "since": "now"}))
+        argv = ["run", str(write_config(tmp_path, tiny_model_dir))]
+    before = sorted(p.relative_to(out_dir) for p in out_dir.rglob("*")) if out_dir.exists() else None
+    ray_before = ray_daemon_pids()
+
+    out, seconds = run_cli(argv)
+
+    said = [ln for ln in out.stderr.splitlines() if ln.startswith("grpo-dist:")]
+    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+    assert len(said) == 1 and fragment in said[0], said or out.stderr[-3000:]
+    assert "Traceback" not in out.stderr + out.stdout
+    assert seconds < LIMIT_S
+    after = sorted(p.relative_to(out_dir) for p in out_dir.rglob("*")) if out_dir.exists() else None
+    assert after == before, f"{name} wrote into the output directory: {after}"
+    assert ray_daemon_pids() <= ray_before  # nothing was started
+
+
+@pytest.mark.skipif(bool(ray_daemon_pids()), reason="a Ray cluster runs on this machine; 'auto' would find it")
+def test_scale_with_no_job_running_is_one_line():
+    out, seconds = run_cli(["scale", "--workers", "3"])
+    said = [ln for ln in out.stderr.splitlines() if ln.startswith("grpo-dist:")]
+    assert out.returncode == 2 and len(said) == 1 and "no running Ray cluster found" in said[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and seconds < LIMIT_S
