@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 
 import yaml
 
 from grpo_dist.config import Config, ConfigError, dump_config
 from grpo_dist.errors import UserError, first_line, one_line
+from grpo_dist.preflight import PREFLIGHT_PASSED
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_ENV = Path(__file__).resolve().parent / "runtime_env.yaml"
 CONFIG_ENV_VAR = "GRPO_DIST_CONFIG_YAML"
+_ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def runtime_env(cfg: Config) -> dict:
@@ -53,13 +56,16 @@ def entrypoint_command(resume: bool) -> str:
     return shlex.join(["python", "-m", "deploy.entrypoint", *(["--resume"] if resume else [])])
 
 
-def submit(cfg: Config, address: str, overrides: list[str], config_path: str, resume: bool = False) -> str:
+def submit(cfg: Config, address: str, overrides: list[str], config_path: str, resume: bool = False,
+           preflight_timeout_s: float = 0.0) -> tuple[str, bool | None]:
+    """Submit the job; with ``preflight_timeout_s`` > 0 also wait for its preflight on the cluster.
+    Returns the job id and whether the preflight passed (None: not waited for)."""
     from ray.job_submission import JobSubmissionClient
 
     check_submittable(cfg)
     try:
         client = JobSubmissionClient(address)
-        return client.submit_job(
+        job_id = client.submit_job(
             entrypoint=entrypoint_command(resume),
             runtime_env=runtime_env(cfg),
             metadata={"config": str(config_path), "overrides": " ".join(overrides)[:1000]},
@@ -67,3 +73,25 @@ def submit(cfg: Config, address: str, overrides: list[str], config_path: str, re
     except Exception as e:  # unreachable dashboard, refused token, upload failure: say which
         raise UserError(f"--address {address}: submitting the job failed ({first_line(e)}); check the dashboard "
                         "address, and RAY_AUTH_MODE=token with its token where the cluster uses token auth") from e
+    if preflight_timeout_s <= 0:
+        return job_id, None
+    return job_id, await_preflight(client, job_id, preflight_timeout_s)
+
+
+def await_preflight(client, job_id: str, timeout_s: float, poll_s: float = 1.0) -> bool:
+    """Follow a submitted job until its own preflight on the cluster passed (True) or ``timeout_s``
+    ran out (False). A job that ends first raises UserError with the job's one-line cause, so
+    `submit` shows what `ray job logs` shows."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = str(client.get_job_status(job_id)).rsplit(".", 1)[-1]
+        logs = client.get_job_logs(job_id)
+        if PREFLIGHT_PASSED in logs:
+            return True
+        if status in _ENDED:
+            said = [ln for ln in logs.splitlines() if ln.startswith("grpo-dist: ")]
+            cause = said[-1][len("grpo-dist: "):] if said else f"it ended {status} (see `ray job logs {job_id}`)"
+            raise UserError(f"job {job_id} failed on the cluster before training: {cause}")
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)

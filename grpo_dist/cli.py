@@ -67,6 +67,7 @@ def _check_cluster(cfg: Config) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from grpo_dist.data import load_run_rows
     from grpo_dist.lock import OutputLock
+    from grpo_dist.preflight import PREFLIGHT_PASSED
     from grpo_dist.resume import check_resume
 
     # Everything that can be known before Ray starts is checked here, and nothing is written into
@@ -75,6 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     resume_notes = check_resume(cfg) if args.resume else []
     train_rows, test_rows = load_run_rows(cfg)
     _check_cluster(cfg)
+    log.info("%s: model, data, rewards, output directory and cluster checked", PREFLIGHT_PASSED)
     job_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
     with OutputLock(cfg.trainer.output_dir, job_id=job_id):
         _attach_run_log(cfg)
@@ -93,8 +95,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = _load(args, where="submit")
     from deploy.submit import submit
 
-    job_id = submit(cfg, address=args.address, overrides=args.set, config_path=args.config, resume=args.resume)
+    job_id, passed = submit(cfg, address=args.address, overrides=args.set, config_path=args.config,
+                            resume=args.resume, preflight_timeout_s=args.preflight_timeout)
     print(f"submitted job {job_id}")
+    if passed:
+        print("its preflight passed on the cluster: training starts")
+    elif passed is False:
+        print(f"its preflight had not finished after {args.preflight_timeout:.0f}s; follow the logs")
     print(f"follow its logs:  ray job logs --address {args.address} --follow {job_id}")
     print(f"stop it:          ray job stop --address {args.address} {job_id}")
     return 0
@@ -165,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     sp.add_argument("--resume", action="store_true")
+    sp.add_argument("--preflight-timeout", type=float, default=300.0,
+                    help="seconds to follow the job until its checks on the cluster passed (0: do not wait)")
     sp.set_defaults(fn=cmd_submit)
 
     sp = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split")

@@ -30,6 +30,9 @@ VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.pt")
 # Any one of these makes a directory loadable by AutoTokenizer (fast, sentencepiece, BPE files).
+# Logged by `grpo-dist run` once every check that can be made before Ray starts has passed (a
+# submitted job's log line that `grpo-dist submit` waits for).
+PREFLIGHT_PASSED = "preflight passed"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 

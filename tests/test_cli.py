@@ -43,7 +43,7 @@ def test_submit_leaves_cluster_paths_and_devices_to_the_job(tmp_path, monkeypatc
     import deploy.submit
 
     sent = []
-    monkeypatch.setattr(deploy.submit, "submit", lambda cfg, **kw: sent.append(cfg) or "job-1")
+    monkeypatch.setattr(deploy.submit, "submit", lambda cfg, **kw: sent.append(cfg) or ("job-1", None))
     cfg = tmp_path / "gpu.yaml"
     cfg.write_text("model:\n  path: /cluster/models/m\nrollout:\n  enable_sleep_mode: true\ntrainer:\n"
                    "  output_dir: /cluster/runs/x\n")

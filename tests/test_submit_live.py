@@ -62,11 +62,22 @@ def test_submit_runs_a_job_on_a_live_head(tmp_path, tiny_model_dir):
         refused = subprocess.run([sys.executable, "-m", "grpo_dist.cli", "submit", str(cfg_path), "--address", address],
                                  cwd=ROOT, env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
                                  timeout=300)
-        assert refused.returncode == 1 and f"submitting to {address} failed" in refused.stderr, refused.stderr[-3000:]
+        assert refused.returncode == 2 and f"--address {address}: submitting the job failed" in refused.stderr, \
+            refused.stderr[-3000:]
         assert "Traceback" not in refused.stderr
+        # A path that exists only where the job runs is checked there, by the job's own preflight;
+        # submit follows the job until then and shows its one-line cause.
+        missing = subprocess.run([sys.executable, "-m", "grpo_dist.cli", "submit", str(cfg_path), "--address", address,
+                                  "--set", "model.path=/nonexistent/model"],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        said = [ln for ln in missing.stderr.splitlines() if ln.startswith("grpo-dist:")]
+        assert missing.returncode == 2 and len(said) == 1, missing.stderr[-3000:]
+        assert "failed on the cluster before training: config rejected before launch: " \
+               "model.path='/nonexistent/model' does not exist" in said[0], said
         sub = subprocess.run([sys.executable, "-m", "grpo_dist.cli", "submit", str(cfg_path), "--address", address],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert sub.returncode == 0, sub.stderr[-5000:]
+        assert "its preflight passed on the cluster" in sub.stdout
         job_id = re.search(r"submitted job (\S+)", sub.stdout).group(1)
         # The job client runs in a subprocess: Ray caches its auth mode per process, and later tests in
         # this one start their own local clusters.
