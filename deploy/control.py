@@ -17,7 +17,7 @@ def scale(workers: int, address: str = "auto", namespace: str = "grpo-dist", tim
     except ConnectionError:
         raise UserError(f"--address {address}: no running Ray cluster found (no RAY_ADDRESS, no local head); is a "
                         "grpo-dist job running? Pass its cluster's address with --address") from None
-    check_reachable(resolved, connect_timeout_s, field="--address")
+    check_reachable(resolved, connect_timeout_s, field="--address", bound="--connect-timeout")
 
     ray.init(address=address, namespace=namespace, logging_level="ERROR")
     try:

@@ -64,9 +64,10 @@ class OutputLock:
             if self._create():
                 return
             held = json.loads(self.path.read_text())
+        job = f"job {held['job_id']}, " if held.get("job_id") else ""
         raise UserError(
             f"trainer.output_dir={str(self.path.parent)!r} is in use by pid {held.get('pid')} on host "
-            f"{held.get('host')} (job {held.get('job_id')}, since {held.get('since')}); choose another output_dir, or "
+            f"{held.get('host')} ({job}since {held.get('since')}); choose another output_dir, or "
             f"remove {self.path} once that job is gone"
         )
 

@@ -158,7 +158,8 @@ def ray_gcs_address(address: str) -> str | None:
     return address if ":" in address else f"{address}:6379"
 
 
-def check_reachable(address: str, timeout_s: float, field: str = "cluster.address") -> None:
+def check_reachable(address: str, timeout_s: float, field: str = "cluster.address",
+                    bound: str = "cluster.connect_timeout_s") -> None:
     """Raise UserError unless the Ray head at ``address`` accepts a TCP connection within
     ``timeout_s`` (retried: a head that is still starting is waited for)."""
     target = ray_gcs_address(address)
@@ -176,5 +177,5 @@ def check_reachable(address: str, timeout_s: float, field: str = "cluster.addres
                 shown = address if target == address else f"{address} -> {target}"
                 raise UserError(f"{field}={shown!r}: no Ray head answers there within {timeout_s:.0f}s "
                                 f"({reason}); start the cluster or fix the address "
-                                "(cluster.connect_timeout_s bounds the wait)") from None
+                                f"({bound} bounds the wait)") from None
             time.sleep(0.5)

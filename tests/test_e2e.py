@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -123,22 +124,30 @@ def test_async_run_keeps_staleness_bounded(tmp_path, tiny_model_dir):
     assert set(summary["weight_versions"].values()) == {3}
 
 
-def test_sigterm_saves_a_checkpoint_and_releases_ray(tmp_path, tiny_model_dir):
-    """`ray job stop` sends SIGTERM: the job saves a resumable checkpoint and leaves nothing behind."""
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_stop_saves_a_checkpoint_and_releases_ray(tmp_path, tiny_model_dir, how):
+    """`ray job stop` sends SIGTERM to the job; Ctrl-C sends SIGINT to the terminal's whole process
+    group (the driver and every process it started). Either way the job saves a resumable checkpoint,
+    releases its output directory and leaves nothing behind."""
     cfg = config(tmp_path, tiny_model_dir, trainer={"steps": 200}, checkpoint={"save_every": None})
     before = ray_daemon_pids()
     proc = subprocess.Popen([sys.executable, "-m", "grpo_dist.cli", "run", str(cfg)], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 2"
         time.sleep(1)
-    proc.terminate()
+    if how == "sigterm":
+        proc.terminate()
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0  # stopped, not finished
-    assert "saving a checkpoint" in out
+    assert proc.returncode == 130, out[-5000:]  # stopped, not finished
+    assert "saving a checkpoint" in out and "grpo-dist: interrupted" in out
+    assert "Traceback" not in out, out[-5000:]
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     state = json.loads((tmp_path / "run" / "checkpoints" / latest / "state.json").read_text())
     assert state["step"] >= 2
+    assert not (tmp_path / "run" / ".grpo-dist.lock").exists()
     assert_no_ray_left(before)
