@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shlex
 import time
 from pathlib import Path
@@ -15,17 +16,19 @@ from grpo_dist.preflight import PREFLIGHT_PASSED
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_ENV = Path(__file__).resolve().parent / "runtime_env.yaml"
 CONFIG_ENV_VAR = "GRPO_DIST_CONFIG_YAML"
+JOB_ID_ENV_VAR = "GRPO_DIST_JOB_ID"
 _ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def runtime_env(cfg: Config) -> dict:
-    """deploy/runtime_env.yaml + this checkout as working dir + the resolved config.
+def runtime_env(cfg: Config, job_id: str) -> dict:
+    """deploy/runtime_env.yaml + this checkout as working dir + the resolved config and job id.
 
     The config travels as an env var holding the validated YAML, so the job runs exactly what
-    was checked here, overrides included."""
+    was checked here, overrides included. Ray gives a job's driver no variable with its own
+    submission id, so it travels too (the output-directory lock names it)."""
     env = yaml.safe_load(RUNTIME_ENV.read_text())
     env["working_dir"] = str(ROOT)
-    env.setdefault("env_vars", {})[CONFIG_ENV_VAR] = dump_config(cfg)
+    env.setdefault("env_vars", {}).update({CONFIG_ENV_VAR: dump_config(cfg), JOB_ID_ENV_VAR: job_id})
     return env
 
 
@@ -65,9 +68,11 @@ def submit(cfg: Config, address: str, overrides: list[str], config_path: str, re
     check_submittable(cfg)
     try:
         client = JobSubmissionClient(address)
-        job_id = client.submit_job(
+        job_id = f"raysubmit_grpo_{secrets.token_hex(8)}"
+        client.submit_job(
+            submission_id=job_id,
             entrypoint=entrypoint_command(resume),
-            runtime_env=runtime_env(cfg),
+            runtime_env=runtime_env(cfg, job_id),
             metadata={"config": str(config_path), "overrides": " ".join(overrides)[:1000]},
         )
     except Exception as e:  # unreachable dashboard, refused token, upload failure: say which

@@ -77,8 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     train_rows, test_rows = load_run_rows(cfg)
     _check_cluster(cfg)
     log.info("%s: model, data, rewards, output directory and cluster checked", PREFLIGHT_PASSED)
-    job_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
-    with OutputLock(cfg.trainer.output_dir, job_id=job_id):
+    from deploy.submit import JOB_ID_ENV_VAR
+
+    # A submitted job's id travels in its runtime env; None for a local run.
+    with OutputLock(cfg.trainer.output_dir, job_id=os.environ.get(JOB_ID_ENV_VAR)):
         _attach_run_log(cfg)
         for note in resume_notes:
             log.info(note)
