@@ -250,6 +250,12 @@ class Config(_Section):
             )
         if self.algorithm.dynamic_sampling and self.trainer.max_staleness:
             raise ValueError("algorithm.dynamic_sampling tops batches up on-policy; it needs trainer.max_staleness=0")
+        tp, gpus = self.rollout.tensor_parallel_size, self.cluster.num_gpus_per_rollout
+        if tp > 1 and gpus != tp:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={tp} runs {tp} engine processes, one per GPU, inside each rollout "
+                f"actor: cluster.num_gpus_per_rollout must be {tp}, got {gpus:g}"
+            )
         if self.learner.ref_sync_every is not None and self.algorithm.beta == 0:
             raise ValueError("learner.ref_sync_every is set but algorithm.beta=0 means no reference model is used")
         return self
