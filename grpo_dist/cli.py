@@ -119,7 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides.append(f"trainer.eval_temperature={args.temperature}")
     args.set = overrides
     cfg = _load(args)
-    _, test_rows = load_run_rows(cfg)
+    _, test_rows = load_run_rows(cfg, train=False)
     _check_cluster(cfg)
     from deploy.job import run_eval
 

@@ -280,10 +280,11 @@ class PromptSampler:
         self._order = self._permutation(self.epoch)
 
 
-def load_run_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """Train and test rows of a run, with the run's tokenizer: the train split must fill one step."""
+def load_run_rows(cfg: Config, train: bool = True) -> tuple[list[dict], list[dict]]:
+    """Train and test rows of a run, with the run's tokenizer: the train split must fill one step.
+    ``train=False`` (evaluation only) leaves the train split unread: ``([], test rows)``."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
-    return (list(load_split(cfg.data, tok, cfg.data.train_split, min_rows=cfg.trainer.prompts_per_step)),
-            list(load_split(cfg.data, tok, cfg.data.test_split)))
+    rows = load_split(cfg.data, tok, cfg.data.train_split, min_rows=cfg.trainer.prompts_per_step) if train else []
+    return list(rows), list(load_split(cfg.data, tok, cfg.data.test_split))
