@@ -1,0 +1,131 @@
+"""What can be checked of the CUDA flavour without a GPU (run by scripts/check_gpu_stack.sh inside
+the `gpu` venv). Each check prints one line `ok|FAIL <what>: <detail>`; the exit code is the
+number of failures."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+failures = 0
+
+
+def check(what: str, fn) -> None:
+    global failures
+    try:
+        detail = fn()
+        print(f"ok   {what}" + (f": {detail}" if detail else ""))
+    except Exception as e:  # report every failing check, not just the first
+        failures += 1
+        print(f"FAIL {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def versions() -> str:
+    import deepspeed
+    import ray
+    import torch
+    import transformers
+    import vllm
+
+    return (f"vllm {vllm.__version__}, torch {torch.__version__} (CUDA build {torch.version.cuda}), "
+            f"transformers {transformers.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}")
+
+
+def import_all() -> str:
+    names = []
+    for pkg in ("grpo_dist", "rollout_server", "learner", "deploy"):
+        mod = importlib.import_module(pkg)
+        names.append(pkg)
+        for info in pkgutil.walk_packages(mod.__path__, prefix=f"{pkg}."):
+            if info.name.endswith("entrypoint"):
+                continue  # a script: it runs a job on import
+            importlib.import_module(info.name)
+            names.append(info.name)
+    return f"{len(names)} modules"
+
+
+def gpu_configs():
+    from grpo_dist.config import load_config
+
+    return {p.name: load_config(p) for p in sorted((ROOT / "deploy" / "configs").glob("*gpu*.yaml"))}
+
+
+def validate_configs() -> str:
+    from grpo_dist.cli import main
+
+    for name in gpu_configs():
+        rc = main(["validate", str(ROOT / "deploy" / "configs" / name)])
+        if rc:
+            raise RuntimeError(f"grpo-dist validate {name} exited {rc}")
+    return ", ".join(gpu_configs())
+
+
+def engine_args() -> str:
+    import vllm
+
+    from rollout_server.worker import engine_kwargs
+
+    out = []
+    for name, cfg in gpu_configs().items():
+        for tp in sorted({cfg.rollout.tensor_parallel_size, 2}):
+            rollout = cfg.rollout.model_copy(update={"tensor_parallel_size": tp, "enable_sleep_mode": True})
+            kw = engine_kwargs(rollout, cfg.model, cfg.max_model_len, cuda=True)
+            # vllm.LLM forwards its keyword arguments into EngineArgs: an unknown or renamed one is a TypeError.
+            args = vllm.EngineArgs(**kw)
+            assert args.worker_extension_cls == kw["worker_extension_cls"] and args.tensor_parallel_size == tp
+            out.append(f"{name} tp={tp}")
+    return ", ".join(out)
+
+
+def deepspeed_bf16() -> str:
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from learner.ds_config import build_ds_config, ref_ds_config
+
+    # Without torch.distributed DeepSpeed parses for a world of 1 (the batch arithmetic per world
+    # size is unit-tested in tests/test_learner_unit.py).
+    for name, cfg in gpu_configs().items():
+        ds = build_ds_config(cfg.learner, torch.bfloat16, 1, cfg.gradient_accumulation_steps)
+        parsed = DeepSpeedConfig(ds)
+        assert parsed.bfloat16_config.enabled and parsed.zero_optimization_stage == cfg.learner.zero_stage
+        assert DeepSpeedConfig(ref_ds_config(3, torch.bfloat16, cfg.learner.micro_batch_size, 1)).bfloat16_config.enabled
+    return "policy and ZeRO-3 reference configs parse with bf16"
+
+
+def worker_methods() -> str:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from rollout_server.vllm_extension import WeightSyncExtension
+
+    # The extension calls self.reload_weights(weights_iterator=...), which Worker forwards to its
+    # model runner, and reads self.model_runner, self.device and self.rank.
+    assert "self.model_runner.reload_weights(" in inspect.getsource(Worker.reload_weights)
+    params = inspect.signature(GPUModelRunner.reload_weights).parameters
+    assert "weights_iterator" in params, f"GPUModelRunner.reload_weights{inspect.signature(GPUModelRunner.reload_weights)}"
+    src = inspect.getsource(Worker)
+    for attr in ("model_runner", "device", "rank"):
+        assert re.search(rf"self\.{attr}\s*(:[^=\n]*)?=", src), f"Worker sets no self.{attr}"
+    assert hasattr(GPUModelRunner, "get_model")
+    clash = [m for m in vars(WeightSyncExtension) if not m.startswith("__") and hasattr(Worker, m)]
+    assert not clash, f"extension methods shadow Worker's: {clash}"
+    return ("Worker.reload_weights -> GPUModelRunner.reload_weights(weights_iterator=...), get_model, "
+            "model_runner/device/rank set; no name clashes")
+
+
+if __name__ == "__main__":
+    for what, fn in [("stack", versions), ("every module imports", import_all),
+                     ("grpo-dist validate accepts the GPU configs", validate_configs),
+                     ("GPU engine kwargs build vllm.EngineArgs (extension, sleep mode, TP)", engine_args),
+                     ("bf16 DeepSpeed configs", deepspeed_bf16),
+                     ("extension's Worker API", worker_methods)]:
+        check(what, fn)
+    print(f"{failures} failed")
+    sys.exit(failures)
