@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -13,6 +17,30 @@ from grpo_dist.config import AlgoConfig, ClusterConfig, LearnerConfig, ModelConf
 from grpo_dist.weight_sync import ParamSpec
 from learner.actor import LearnerActor
 from learner.placement import placement_bundles
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while one call is handed to every rank. Interrupted half-way, some ranks
+    would enter the call's collective and wait until its timeout for ranks that never got it, and
+    the checkpoint saved on the way out would meet them there (seen: SIGTERM mid-step, then a gloo
+    timeout instead of a checkpoint). A signal that arrives meanwhile is handled right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            handler = previous[held[0]]
+            if callable(handler):
+                handler(held[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), held[0])
 
 
 class LearnerGroup:
@@ -52,7 +80,9 @@ class LearnerGroup:
             raise TimeoutError(f"learner group: {what} did not finish within {timeout:.0f}s") from None
 
     def _call_all(self, method: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
-        return self._get([getattr(a, method).remote(*args) for a in self.actors], f"{method} on all ranks", timeout_s)
+        with _signals_deferred():
+            refs = [getattr(a, method).remote(*args) for a in self.actors]
+        return self._get(refs, f"{method} on all ranks", timeout_s)
 
     def start(self, timeout_s: float = 300.0) -> None:
         """Reserve the placement group, start the ranks, rendezvous and build the engines.

@@ -160,3 +160,26 @@ def test_lerp_mixes_in_place_and_checks_shapes():
         lerp_([torch.zeros(2)], [torch.zeros(3)], 0.5)
     with pytest.raises(ValueError, match="parameters"):
         lerp_([torch.zeros(2)], [], 0.5)
+
+
+def test_a_signal_during_the_hand_out_to_all_ranks_waits_until_every_rank_has_the_call():
+    """SIGTERM or Ctrl-C while a call is handed to the ranks is held until all have it, then handled."""
+    import os
+    import signal
+
+    from learner.group import _signals_deferred
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: seen.append(signum))
+    try:
+        with _signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen.append("all ranks called")
+        assert seen == ["all ranks called", signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            with _signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                seen.append("still inside")
+        assert seen[-1] == "still inside"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
