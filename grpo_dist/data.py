@@ -16,7 +16,7 @@ Every row becomes ``{"prompt", "prompt_ids", "answer", "question"}``: the user t
 tokenizer's chat template with the system prompt when ``use_chat_template`` and the tokenizer has
 a template; otherwise ``system_prompt + "\\n\\n" + user turn``), ``prompt_ids`` its tokens.
 Malformed rows are dropped with a count per reason (``PromptDataset.dropped``) and a logged
-summary; a split left empty raises ValueError.
+summary; a split left with fewer rows than asked for raises DataError naming the filter.
 """
 
 from __future__ import annotations
@@ -181,29 +181,27 @@ def _prepare(raw: Any, cfg: DataConfig, tokenizer: Any) -> tuple[dict[str, Any] 
     return {"prompt": prompt, "prompt_ids": prompt_ids, "answer": answer, "question": question}, None
 
 
-# What to change when a filter removes rows.
-_FILTER_HINTS = {
-    "prompt_too_long": "raise data.max_prompt_length",
-    "empty_prompt": "the tokenizer turned the prompts into no tokens; check model.tokenizer_path",
-    "no_final_answer": "the answer column has no final answer (GSM8K: text after ####)",
-    "malformed_record": "the data file has lines that are not JSON objects",
-}
+def _dropped_detail(dropped: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()))
 
 
-class DataError(UserError):
-    """A split cannot feed the run; the message names the filter that removed its rows."""
+def _filter_hint(reason: str, cfg: DataConfig) -> str:
+    """What to change when the filter ``reason`` removed most rows."""
+    if reason.startswith("missing_"):
+        return f"set data.prompt_column/answer_column (now {cfg.prompt_column!r}/{cfg.answer_column!r})"
+    return {
+        "prompt_too_long": f"raise data.max_prompt_length={cfg.max_prompt_length}",
+        "empty_prompt": "the tokenizer turned the prompts into no tokens; check model.tokenizer_path",
+        "no_final_answer": "the answer column has no final answer (GSM8K: text after ####)",
+        "malformed_record": "the data file has lines that are not JSON objects",
+    }.get(reason, "")
 
 
 def _filter_summary(dropped: dict[str, int], total: int, cfg: DataConfig) -> str:
     if not dropped:
         return "the source has no rows"
-    worst = max(dropped, key=dropped.get)
-    hint = _FILTER_HINTS.get(worst) or (
-        f"set data.prompt_column/answer_column (now {cfg.prompt_column!r}/{cfg.answer_column!r})"
-        if worst.startswith("missing_") else "")
-    hint = hint.replace("raise data.max_prompt_length", f"raise data.max_prompt_length={cfg.max_prompt_length}")
-    detail = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()))
-    return f"{sum(dropped.values())} of {total} rows dropped ({detail}){'; ' + hint if hint else ''}"
+    hint = _filter_hint(max(dropped, key=dropped.get), cfg)
+    return f"{sum(dropped.values())} of {total} rows dropped ({_dropped_detail(dropped)}){'; ' + hint if hint else ''}"
 
 
 def load_split(data_cfg: DataConfig, tokenizer: Any, split: str, min_rows: int = 1) -> PromptDataset:
@@ -219,8 +217,8 @@ def load_split(data_cfg: DataConfig, tokenizer: Any, split: str, min_rows: int =
             rows.append(row)
     where = f"{data_cfg.source} split {split!r}"
     if dropped:
-        detail = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()))
-        log.warning("%s: dropped %d of %d rows (%s)", where, sum(dropped.values()), len(raw_rows), detail)
+        log.warning("%s: dropped %d of %d rows (%s)", where, sum(dropped.values()), len(raw_rows),
+                    _dropped_detail(dropped))
     if len(rows) < min_rows:
         raise DataError(f"data: {where} has {len(rows)} usable rows, fewer than the {min_rows} needed: "
                         f"{_filter_summary(dropped, len(raw_rows), data_cfg)}")
