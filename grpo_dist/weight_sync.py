@@ -6,8 +6,10 @@ Both sides import this module; neither imports the other. Protocol, per update:
    version (learner step); it hands the manifest to every rollout worker, which checks it
    against its own model and refuses a mismatch before any tensor moves.
 2. Learner rank 0 (group rank 0) opens the group's own ``TCPStore`` before handing out its
-   address; it and every rollout engine worker (ranks 1..N) then join a dedicated process
-   group: gloo on CPU and NCCL on CUDA, an explicit timeout, separate from DeepSpeed's group.
+   address; it and every rollout engine worker (ranks 1..N) then join a dedicated group, with
+   an explicit timeout and separate from DeepSpeed's and vLLM's own worlds: a torch gloo group on
+   CPU, vLLM's NCCL communicator on CUDA (``NcclSyncGroup``; imported only there, so this module
+   stays pure torch wherever CUDA is absent).
 3. Rank 0 broadcasts the parameters in size-bounded buckets (one flat buffer per bucket,
    per dtype), not one collective or RPC per tensor. Receivers unflatten each bucket and
    stream ``(name, tensor)`` pairs into the engine's weight loader.
@@ -16,6 +18,7 @@ Both sides import this module; neither imports the other. Protocol, per update:
 from __future__ import annotations
 
 import datetime as _dt
+import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -115,6 +118,79 @@ def open_sync_store(timeout_s: float) -> dist.TCPStore:
     )
 
 
+def store_barrier(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
+    """Return once every rank of the group has reached this call; raise ``DistStoreError`` after
+    ``timeout_s`` otherwise. Keys are per group (each group has its own store)."""
+    store.set(f"grpo_sync_joined/{rank}", b"1")
+    store.wait([f"grpo_sync_joined/{r}" for r in range(world_size)], _dt.timedelta(seconds=timeout_s))
+
+
+class NcclSyncGroup:
+    """The CUDA weight-sync group: vLLM's ``PyNcclCommunicator`` over a ``StatelessProcessGroup`` on
+    the group's own TCPStore, the communicator vLLM's NCCL weight-transfer engine, OpenRLHF and verl
+    use between a trainer and vLLM workers. Unlike a c10d ``ProcessGroupNCCL`` it joins no
+    torch.distributed state of the process (DeepSpeed's device-bound world on the learner, vLLM's
+    world in an engine worker) and has no watchdog that tears the process down when a peer dies;
+    the bounds are ours instead: a store barrier before NCCL's unbounded init, a deadline on every
+    broadcast, then an abort. Same ``broadcast(tensor, root).wait()`` use as a torch group."""
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float, device: torch.device):
+        self.comm = None
+        self.timeout_s = timeout_s
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+        from vllm.utils.nccl import unpinned_nccl_env
+
+        # ncclCommInitRank waits for every rank without a bound: only start it once all are here.
+        store_barrier(store, rank, world_size, timeout_s)
+        # The communicator's warm-up runs on vLLM's current_stream(), which in a process where vLLM
+        # never ran (the learner) makes a new stream current: the caller's stream is put back.
+        stream = torch.cuda.current_stream(device)
+        # unpinned_nccl_env: without NCCL settings vLLM may have pinned for its own communicators,
+        # which the other side of this group does not have (as vLLM's weight-transfer engine does).
+        try:
+            with unpinned_nccl_env():
+                comm = PyNcclCommunicator(StatelessProcessGroup(rank=rank, world_size=world_size, store=store), device)
+        finally:
+            torch.cuda.set_stream(stream)
+        if comm.disabled:  # it would then broadcast nothing, silently
+            raise RuntimeError("vLLM's NCCL communicator is disabled here (NCCL library not loadable, or "
+                               "VLLM_DISABLE_PYNCCL set): the CUDA weight sync needs it")
+        self.comm = comm
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> "_NcclWork":
+        stream = torch.cuda.current_stream(tensor.device)
+        self.comm.broadcast(tensor, src=root, stream=stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return _NcclWork(self, done)
+
+    def close(self) -> None:
+        """Abort the communicator (idempotent); an aborted collective returns on every stream."""
+        if self.comm is not None:
+            self.comm.destroy()
+            self.comm = None
+
+    def __del__(self) -> None:  # callers drop the group after an update, as they drop a gloo group
+        self.close()
+
+
+class _NcclWork:
+    def __init__(self, group: NcclSyncGroup, done: torch.cuda.Event) -> None:
+        self.group, self.done = group, done
+
+    def wait(self) -> None:
+        """Block until the broadcast completed; past the group's timeout (a peer died or never
+        sent), abort the communicator and raise ``TimeoutError``."""
+        deadline = time.monotonic() + self.group.timeout_s
+        while not self.done.query():
+            if time.monotonic() > deadline:
+                self.group.close()
+                raise TimeoutError(f"weight-sync broadcast did not complete within {self.group.timeout_s:.0f}s "
+                                   "(a peer left the group); the NCCL communicator was aborted")
+            time.sleep(0.001)
+
+
 def init_sync_group(
     host: str,
     port: int,
@@ -123,13 +199,14 @@ def init_sync_group(
     timeout_s: float,
     backend: str = "gloo",
     store: dist.TCPStore | None = None,
-) -> dist.ProcessGroup:
+    device: torch.device | str | None = None,
+) -> dist.ProcessGroup | NcclSyncGroup:
     """Join the weight-sync group (all ranks call this concurrently).
 
     Rank 0 hosts the TCPStore: ``store`` from ``open_sync_store``, or one started here
     (``wait_for_workers=False``: it starts without peers). Building the group then waits for
     every rank at most ``timeout_s`` and raises ``TimeoutError`` naming the group if one never
-    joins, instead of hanging."""
+    joins, instead of hanging. ``device``: this rank's CUDA device (``nccl`` only)."""
     timeout = _dt.timedelta(seconds=timeout_s)
     if store is None:
         store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False)
@@ -139,9 +216,11 @@ def init_sync_group(
         if backend == "gloo":
             return dist.ProcessGroupGloo(store, rank, world_size, timeout)
         if backend == "nccl":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+            if device is None or torch.device(device).type != "cuda":
+                raise ValueError(f"the nccl weight-sync group needs this rank's CUDA device, got {device!r}")
+            device = torch.device(device)
+            index = torch.cuda.current_device() if device.index is None else device.index
+            return NcclSyncGroup(store, rank, world_size, timeout_s, torch.device("cuda", index))
     except dist.DistStoreError as e:
         raise TimeoutError(
             f"weight-sync group {host}:{port} (rank {rank} of {world_size}): not every rank joined "

@@ -74,7 +74,7 @@ def engine_args() -> str:
     out = []
     for name, cfg in gpu_configs().items():
         for tp in sorted({cfg.rollout.tensor_parallel_size, 2}):
-            rollout = cfg.rollout.model_copy(update={"tensor_parallel_size": tp, "enable_sleep_mode": True})
+            rollout = cfg.rollout.model_copy(update={"tensor_parallel_size": tp})
             kw = engine_kwargs(rollout, cfg.model, cfg.max_model_len, cuda=True)
             # vllm.LLM forwards its keyword arguments into EngineArgs: an unknown or renamed one is a TypeError.
             args = vllm.EngineArgs(**kw)
@@ -120,12 +120,54 @@ def worker_methods() -> str:
             "model_runner/device/rank set; no name clashes")
 
 
+def nccl_sync_api() -> str:
+    import threading
+
+    import torch
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.utils import StatelessProcessGroup
+    from vllm.utils.nccl import unpinned_nccl_env
+
+    from grpo_dist.weight_sync import NcclSyncGroup, open_sync_store, store_barrier
+
+    # What NcclSyncGroup calls: PyNcclCommunicator(group, device), .disabled, .broadcast(tensor, src=,
+    # stream=), .destroy(); StatelessProcessGroup(rank=, world_size=, store=); unpinned_nccl_env().
+    params = list(inspect.signature(PyNcclCommunicator.__init__).parameters)
+    assert params[1:3] == ["group", "device"], f"PyNcclCommunicator{inspect.signature(PyNcclCommunicator.__init__)}"
+    assert "self.disabled = True" in inspect.getsource(PyNcclCommunicator.__init__)
+    bcast = inspect.signature(PyNcclCommunicator.broadcast).parameters
+    assert {"tensor", "src", "stream"} <= set(bcast), f"broadcast{inspect.signature(PyNcclCommunicator.broadcast)}"
+    assert callable(PyNcclCommunicator.destroy) and callable(unpinned_nccl_env)
+    assert callable(torch.cuda.set_stream) and hasattr(torch.cuda.Event, "query")
+    src = inspect.getsource(NcclSyncGroup)
+    assert "StatelessProcessGroup(rank=rank, world_size=world_size, store=store)" in src
+    # The rendezvous half runs without a device: the store barrier, then the unique-id broadcast
+    # PyNcclCommunicator makes through a StatelessProcessGroup on our store, between two threads.
+    store = open_sync_store(30)
+    peer = torch.distributed.TCPStore("127.0.0.1", store.port, None, is_master=False)
+    got = []
+
+    def receiver():
+        store_barrier(peer, 1, 2, 30)
+        got.append(StatelessProcessGroup(rank=1, world_size=2, store=peer).broadcast_obj(None, src=0))
+
+    t = threading.Thread(target=receiver)
+    t.start()
+    store_barrier(store, 0, 2, 30)
+    StatelessProcessGroup(rank=0, world_size=2, store=store).broadcast_obj(b"unique-id", src=0)
+    t.join(30)
+    assert got == [b"unique-id"], got
+    return ("PyNcclCommunicator(group, device).broadcast(tensor, src, stream)/.destroy(), StatelessProcessGroup on "
+            "our TCPStore (barrier + unique-id broadcast ran), unpinned_nccl_env")
+
+
 if __name__ == "__main__":
     for what, fn in [("stack", versions), ("every module imports", import_all),
                      ("grpo-dist validate accepts the GPU configs", validate_configs),
-                     ("GPU engine kwargs build vllm.EngineArgs (extension, sleep mode, TP)", engine_args),
+                     ("GPU engine kwargs build vllm.EngineArgs (extension, TP)", engine_args),
                      ("bf16 DeepSpeed configs", deepspeed_bf16),
-                     ("extension's Worker API", worker_methods)]:
+                     ("extension's Worker API", worker_methods),
+                     ("NCCL weight-sync communicator API", nccl_sync_api)]:
         check(what, fn)
     print(f"{failures} failed")
     sys.exit(failures)

@@ -2,7 +2,8 @@
 # The CUDA flavour's dry run, without a GPU: install `.[gpu,dev]` (vllm==0.32.0 and its pins) into
 # a venv of its own (default .venv-gpu), then check what can be checked without a device
 # (scripts/check_gpu_stack.py: imports, `grpo-dist validate` of the GPU configs, vllm.EngineArgs from
-# the GPU engine kwargs, bf16 DeepSpeed configs, the vLLM Worker API the weight-sync extension uses).
+# the GPU engine kwargs, bf16 DeepSpeed configs, the vLLM Worker API the weight-sync extension uses,
+# the vLLM NCCL communicator API the CUDA weight-sync group calls).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

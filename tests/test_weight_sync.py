@@ -3,6 +3,7 @@ with receivers in threads."""
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 
@@ -18,6 +19,7 @@ from grpo_dist.weight_sync import (
     recv_weights,
     send_weights,
     spec_of,
+    store_barrier,
 )
 
 
@@ -76,3 +78,26 @@ def test_join_times_out_with_the_group_named_when_a_receiver_never_comes():
     with pytest.raises(TimeoutError, match=rf"weight-sync group 127.0.0.1:{store.port} \(rank 0 of 2\)"):
         init_sync_group("127.0.0.1", store.port, 0, 2, timeout_s=2, store=store)
     assert time.perf_counter() - t0 < 30
+
+
+def test_store_barrier_waits_for_every_rank_and_times_out():
+    # The bound the NCCL group puts in front of NCCL's own (unbounded) init; pure TCPStore, so CPU.
+    store = open_sync_store(timeout_s=60)
+    peer = torch.distributed.TCPStore("127.0.0.1", store.port, None, is_master=False,
+                                      timeout=datetime.timedelta(seconds=30))
+    done = []
+    t = threading.Thread(target=lambda: (store_barrier(peer, 1, 2, 30), done.append(1)))
+    t.start()
+    store_barrier(store, 0, 2, 30)
+    t.join(30)
+    assert done == [1]
+    t0 = time.perf_counter()
+    with pytest.raises(torch.distributed.DistStoreError):
+        store_barrier(open_sync_store(timeout_s=60), 0, 2, 1)  # rank 1 never comes
+    assert time.perf_counter() - t0 < 15
+
+
+def test_nccl_group_needs_a_cuda_device():
+    store = open_sync_store(timeout_s=60)
+    with pytest.raises(ValueError, match="needs this rank's CUDA device"):
+        init_sync_group("127.0.0.1", store.port, 0, 2, timeout_s=2, backend="nccl", store=store, device="cpu")
