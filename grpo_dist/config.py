@@ -154,7 +154,9 @@ class RolloutConfig(_Section):
 class LearnerConfig(_Section):
     num_ranks: int = Field(2, ge=1, description="Data-parallel DeepSpeed ranks (one Ray actor each).")
     zero_stage: Literal[2, 3] = 2
-    micro_batch_size: int = Field(4, ge=1, description="Rows per rank per forward/backward.")
+    micro_batch_size: int = Field(
+        4, ge=1, description="Rows per rank per forward/backward, unless max_tokens_per_micro_batch is set."
+    )
     optimizer_steps_per_batch: int = Field(
         1, ge=1, description="Mini-batches (optimizer steps) each rollout batch is split into, per iteration."
     )
@@ -196,6 +198,10 @@ class CheckpointConfig(_Section):
 class LoggingConfig(_Section):
     jsonl: bool = True
     tensorboard: bool = True
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="Token budget per rank per forward/backward (rows x the micro-batch's longest row, "
+        "prompt + completion); None = micro_batch_size rows each."
+    )
     progress_bar: bool = True
     ray_metrics: bool = True
     log_completions: int = Field(2, ge=0, description="Sample completions printed per step.")
@@ -232,11 +238,20 @@ class Config(_Section):
     def _cross_checks(self) -> "Config":
         rows = self.trainer.prompts_per_step * self.algorithm.num_generations
         ln = self.learner
-        per_opt = ln.num_ranks * ln.micro_batch_size * ln.optimizer_steps_per_batch
+        # A token budget packs each rank's rows of a mini-batch itself: no whole row micro-batches are needed.
+        by_rows = ln.max_tokens_per_micro_batch is None
+        per_opt = ln.num_ranks * (ln.micro_batch_size if by_rows else 1) * ln.optimizer_steps_per_batch
         if rows % per_opt:
             raise ValueError(
                 f"trainer.prompts_per_step * algorithm.num_generations = {rows} rows per step is not divisible by "
-                f"learner.num_ranks * learner.micro_batch_size * learner.optimizer_steps_per_batch = {per_opt}"
+                f"learner.num_ranks * {'learner.micro_batch_size * ' if by_rows else ''}"
+                f"learner.optimizer_steps_per_batch = {per_opt}"
+            )
+        longest = self.data.max_prompt_length + self.algorithm.max_completion_length
+        if not by_rows and ln.max_tokens_per_micro_batch < longest:
+            raise ValueError(
+                f"learner.max_tokens_per_micro_batch={ln.max_tokens_per_micro_batch} is below the longest possible "
+                f"row, data.max_prompt_length + algorithm.max_completion_length = {longest}"
             )
         if self.data.max_prompt_length + self.algorithm.max_completion_length > self.max_model_len:
             raise ValueError(
@@ -320,7 +335,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is not a section")
             node = child
+        """Micro-batches per rank per optimizer step, which seeds the DeepSpeed config. With
+        ``learner.max_tokens_per_micro_batch`` the learner sets it per optimizer step from the rows'
+        lengths, so the seed is 1."""
         try:
+        if ln.max_tokens_per_micro_batch is not None:
+            return 1
             node[parts[-1]] = _parse_scalar(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not YAML ({_yaml_problem(e)})") from None

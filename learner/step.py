@@ -1,5 +1,6 @@
-"""Torch-only pieces of the learner's train step: micro-batch slicing, metric packing for one
-all-reduce, and the reference-model refresh. No ray/deepspeed, so they are unit-tested."""
+"""Torch-only pieces of the learner's train step: micro-batch slicing (by rows or under a token
+budget) and its loss scale, metric packing for one all-reduce, and the reference-model refresh.
+No ray/deepspeed, so they are unit-tested."""
 
 from __future__ import annotations
 
@@ -45,6 +46,80 @@ def rank_rows(lengths: list[int], world_size: int, num_minibatches: int) -> list
 def micro_slices(start: int, micro_batch_size: int, count: int) -> list[slice]:
     """``count`` consecutive row slices of ``micro_batch_size`` rows from ``start``."""
     return [slice(start + j * micro_batch_size, start + (j + 1) * micro_batch_size) for j in range(count)]
+
+
+def forward_positions(lengths: list[int], micro: list[slice]) -> int:
+    """Positions the forwards of the micro-batches ``micro`` compute: each row of a micro-batch is
+    padded to the micro-batch's longest row."""
+    return sum((s.stop - s.start) * max(lengths[s], default=0) for s in micro)
+
+
+def pack_by_tokens(lengths: list[int], max_tokens: int, count: int | None = None) -> list[slice]:
+    """Consecutive micro-batches of the rows ``lengths`` (tokens each) whose cost -- rows times the
+    micro-batch's longest row, the positions its padded forward computes -- is at most ``max_tokens``.
+
+    Greedy in the given order (sorted greedy, not first-fit decreasing: first-fit would drop short
+    rows into the spare room of long micro-batches, padding each of them to a long row): a
+    micro-batch takes rows until the next one would break the budget. On rows sorted longest first
+    (a rank's share of a mini-batch, see ``rank_rows``) this is the fewest micro-batches of any
+    split, contiguous or not (swapping rows turns any split into one whose first micro-batch is the
+    longest rows that fit with the longest), and rows of similar length share a micro-batch, so
+    little of it is padding. Contiguous micro-batches stay tensor slices.
+
+    ``count`` (at least the greedy count, at most the rows): the costliest micro-batch (the first
+    on ties) of two rows or more is halved until there are exactly ``count``, because every rank
+    must run the same number per optimizer step (DeepSpeed's gradient accumulation and ZeRO-3's
+    parameter gathers are collective). Halving never breaks the budget and evens out the work.
+    """
+    out: list[slice] = []
+    start, longest = 0, 0
+    for i, n in enumerate(lengths):
+        if n > max_tokens:
+            raise ValueError(f"a row of {n} tokens does not fit learner.max_tokens_per_micro_batch={max_tokens}")
+        if i > start and (i - start + 1) * max(longest, n) > max_tokens:
+            out.append(slice(start, i))
+            start, longest = i, 0
+        longest = max(longest, n)
+    if lengths:
+        out.append(slice(start, len(lengths)))
+    if count is None:
+        return out
+    if not len(out) <= count <= len(lengths):
+        raise ValueError(f"{len(lengths)} rows packed into {len(out)} micro-batches cannot make exactly {count}")
+    while len(out) < count:
+        j = max(
+            (j for j, s in enumerate(out) if s.stop - s.start > 1),
+            key=lambda j: (forward_positions(lengths, [out[j]]), -j),
+        )
+        s = out[j]
+        mid = s.start + (s.stop - s.start) // 2
+        out[j : j + 1] = [slice(s.start, mid), slice(mid, s.stop)]
+    return out
+
+
+def token_micro_batches(
+    lengths: list[int], num_minibatches: int, max_tokens: int, counts: list[int] | None = None
+) -> list[list[slice]]:
+    """A rank's micro-batches for each of its ``num_minibatches`` equal consecutive blocks of rows
+    (one optimizer step each, as ``rank_rows`` lays them out): ``pack_by_tokens`` of each block,
+    shifted to shard positions, with exactly ``counts[k]`` micro-batches in block ``k`` when given
+    (the maximum over ranks of the greedy counts)."""
+    if num_minibatches < 1 or len(lengths) % num_minibatches:
+        raise ValueError(f"{len(lengths)} rows cannot be split into {num_minibatches} equal mini-batches")
+    mini = len(lengths) // num_minibatches
+    out = []
+    for k in range(num_minibatches):
+        block = pack_by_tokens(lengths[k * mini : (k + 1) * mini], max_tokens, None if counts is None else counts[k])
+        out.append([slice(k * mini + s.start, k * mini + s.stop) for s in block])
+    return out
+
+
+def backward_scale(grad_accum_steps: int, world_size: int) -> int:
+    """The factor on each micro-batch loss before ``engine.backward``: the losses are normalised by
+    their mini-batch's totals over all ranks, so they sum to the mini-batch loss; DeepSpeed divides
+    each backward by the engine's gradient-accumulation steps and averages gradients over ranks.
+    The factor undoes both, so it must be the accumulation steps the engine has for that step."""
+    return grad_accum_steps * world_size
 
 
 def pack_metrics(per_micro: list[dict[str, torch.Tensor | float]], loss_sum: float) -> torch.Tensor:

@@ -55,6 +55,22 @@ def test_impossible_batch_arithmetic_names_the_fields():
     assert "6 rows" in msg and "= 8" in msg
 
 
+def test_token_budget_replaces_the_micro_batch_divisibility_and_must_hold_the_longest_row():
+    budget = "learner.max_tokens_per_micro_batch=320"  # = 256 + 64, the longest possible row
+    # 6 rows over 2 ranks do not fill micro-batches of 4 rows, but a token budget packs them itself.
+    cfg = load_config(overrides=["trainer.prompts_per_step=3", "algorithm.num_generations=2", budget])
+    assert cfg.learner.max_tokens_per_micro_batch == 320 and cfg.gradient_accumulation_steps == 1
+    with pytest.raises(ConfigError) as e:  # ranks x mini-batches must still split the rows
+        load_config(overrides=["trainer.prompts_per_step=3", "algorithm.num_generations=2",
+                               "learner.optimizer_steps_per_batch=2", budget])
+    msg = str(e.value)
+    assert "6 rows" in msg and "learner.num_ranks * learner.optimizer_steps_per_batch = 4" in msg
+    assert "micro_batch_size" not in msg
+    with pytest.raises(ConfigError, match=r"learner.max_tokens_per_micro_batch=319 is below the longest possible row, "
+                                          r"data.max_prompt_length \+ algorithm.max_completion_length = 320"):
+        load_config(overrides=["learner.max_tokens_per_micro_batch=319"])
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [

@@ -37,10 +37,11 @@ def ray_cluster():
 
 
 def make_cfg(model_dir: Path, **learner) -> Config:
-    algo = learner.pop("algorithm", {})
+    algo, data = learner.pop("algorithm", {}), learner.pop("data", {})
     return Config.model_validate(
         {
             "model": {"path": str(model_dir), "dtype": "float32"},
+            "data": data,
             "algorithm": {"num_generations": G, "beta": 0.04, "max_completion_length": 8, **algo},
             "trainer": {"prompts_per_step": ROWS // G},
             "learner": {"num_ranks": WORLD, "lr": 1e-3, "max_grad_norm": 1.0, **learner},
@@ -213,6 +214,27 @@ def test_micro_batch_times_grad_accum_gives_same_update(micro, ray_cluster, tiny
         want_loss, want_w = reference_update(tiny_model_dir, cfg, batch)
         assert metrics["loss"] == pytest.approx(want_loss, abs=1e-6)
         assert_same_update(before, group.gathered_state_dict(), want_w)
+    finally:
+        group.shutdown()
+
+
+# make_batch's rows have 3-13 tokens; 18 packs the first batch's 4 rows per rank into micro-batches of
+# 1 and 2 rows (2 ranks x [1, 1, 2] / [1, 2, 1] under ZeRO-2; under ZeRO-3 accumulation 1 then 2 in
+# each of the 2 x 2 optimizer steps, so it changes between steps).
+@pytest.mark.parametrize("which", ["z2", "z3"])
+def test_token_budget_micro_batches_give_same_update(which, ray_cluster, tiny_model_dir):
+    budget = {"max_tokens_per_micro_batch": 18, "data": {"max_prompt_length": 5}}
+    cfg = make_cfg(tiny_model_dir, **{**(Z2 if which == "z2" else Z3), **budget})
+    group = start_group(cfg, f"budget-{which}")
+    try:
+        batch = make_batch(0)
+        before = group.gathered_state_dict()
+        metrics = group.train_step(batch)
+        want_loss, want_w = reference_update(tiny_model_dir, cfg, batch)
+        assert metrics["loss"] == pytest.approx(want_loss, abs=1e-6)
+        assert_same_update(before, group.gathered_state_dict(), want_w)
+        assert metrics["optimizer_steps"] == cfg.learner.optimizer_steps_per_batch * cfg.algorithm.num_iterations
+        assert 0 < metrics["padding_fraction"] < 0.2
     finally:
         group.shutdown()
 

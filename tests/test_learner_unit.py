@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
-from grpo_dist.config import LearnerConfig, ModelConfig
+from grpo_dist.batch import RolloutBatch
+from grpo_dist.config import AlgoConfig, LearnerConfig, ModelConfig
+from grpo_dist.losses import completion_logprobs, grpo_loss
 from learner.ds_config import build_ds_config, grad_accum_steps, lr_multiplier, ref_ds_config, resolve_dtype
 from learner.placement import placement_bundles, rank_env
-from learner.step import METRIC_KEYS, lerp_, micro_slices, pack_metrics, rank_rows, unpack_metrics
+from learner.step import (
+    METRIC_KEYS,
+    backward_scale,
+    forward_positions,
+    lerp_,
+    micro_slices,
+    pack_by_tokens,
+    pack_metrics,
+    rank_rows,
+    token_micro_batches,
+    unpack_metrics,
+)
 
 
 @pytest.mark.parametrize(
@@ -134,6 +149,165 @@ def test_rank_rows_refuses_uneven_splits():
 
 def test_micro_slices():
     assert micro_slices(4, 2, 3) == [slice(4, 6), slice(6, 8), slice(8, 10)]
+
+
+def test_forward_positions_pads_each_micro_batch_to_its_longest_row():
+    assert forward_positions([9, 4, 3, 3, 1], [slice(0, 2), slice(2, 5)]) == 2 * 9 + 3 * 3
+
+
+def test_pack_by_tokens_hand_worked():
+    lengths = [10, 9, 5, 5, 4, 3, 2]
+    # Budget 20: 2 x 10, then 4 x 5 (a fifth row would cost 25), then the last row alone.
+    assert pack_by_tokens(lengths, 20) == [slice(0, 2), slice(2, 6), slice(6, 7)]
+    # Exactly 4: the costliest (20 and 20, the first on ties) is halved; then 5: [2, 6) costs the most.
+    assert pack_by_tokens(lengths, 20, count=4) == [slice(0, 1), slice(1, 2), slice(2, 6), slice(6, 7)]
+    assert pack_by_tokens(lengths, 20, count=5) == [slice(0, 1), slice(1, 2), slice(2, 4), slice(4, 6), slice(6, 7)]
+    assert pack_by_tokens(lengths, 20, count=7) == [slice(i, i + 1) for i in range(7)]
+    # Any order is packed within the budget (the cost is rows x the longest so far).
+    assert pack_by_tokens([2, 9, 3], 20) == [slice(0, 2), slice(2, 3)]
+
+
+def test_pack_by_tokens_refuses_rows_over_the_budget_and_impossible_counts():
+    with pytest.raises(ValueError, match="a row of 21 tokens does not fit learner.max_tokens_per_micro_batch=20"):
+        pack_by_tokens([21, 3], 20)
+    with pytest.raises(ValueError, match="3 rows packed into 2 micro-batches cannot make exactly 1"):
+        pack_by_tokens([10, 10, 10], 20, count=1)
+    with pytest.raises(ValueError, match="cannot make exactly 4"):
+        pack_by_tokens([10, 10, 10], 20, count=4)
+
+
+def _set_partitions(items: list[int]):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        for i in range(len(part)):
+            yield part[:i] + [[first] + part[i]] + part[i + 1 :]
+        yield [[first]] + part
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pack_by_tokens_on_longest_first_rows_is_the_fewest_micro_batches_of_any_split(seed):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = sorted(torch.randint(1, 40, (7,), generator=gen).tolist(), reverse=True)
+    budget = int(torch.randint(lengths[0], 3 * lengths[0] + 1, (1,), generator=gen))
+    fewest = min(
+        len(part)
+        for part in _set_partitions(list(range(7)))
+        if all(len(g) * max(lengths[i] for i in g) <= budget for g in part)
+    )
+    assert len(pack_by_tokens(lengths, budget)) == fewest
+
+
+# Budgets at which some rank's greedy count is below another's, so it must split further.
+@pytest.mark.parametrize("world, minis, budget", [(1, 1, 600), (2, 1, 600), (2, 3, 700), (4, 2, 512)])
+def test_token_micro_batches_respect_the_budget_and_agree_on_counts_across_ranks(world, minis, budget):
+    gen = torch.Generator().manual_seed(7 * world + minis)
+    n = world * minis * 12
+    lengths = torch.randint(20, 300, (n,), generator=gen).tolist()
+    shards = [[lengths[i] for i in rows] for rows in rank_rows(lengths, world, minis)]
+    local = [[len(m) for m in token_micro_batches(s, minis, budget)] for s in shards]
+    counts = [max(c[k] for c in local) for k in range(minis)]  # the actor's all-reduce MAX
+    plans = [token_micro_batches(s, minis, budget, counts) for s in shards]
+    assert plans == [token_micro_batches(s, minis, budget, counts) for s in shards]  # deterministic
+    mini = n // (world * minis)
+    for shard, plan in zip(shards, plans):
+        assert [len(micro) for micro in plan] == counts
+        for k, micro in enumerate(plan):
+            # Consecutive slices that cover the mini-batch's rows once each: no row is split or lost.
+            assert micro[0].start == k * mini and micro[-1].stop == (k + 1) * mini
+            assert all(a.stop == b.start and a.start < a.stop for a, b in zip(micro, micro[1:]))
+            assert all(forward_positions(shard, [s]) <= budget for s in micro)
+    # Non-vacuous: micro-batches differ in size, and some rank had to split more than its own greedy count.
+    assert len({s.stop - s.start for plan in plans for micro in plan for s in micro}) > 1
+    if world > 1:
+        assert any(c != counts for c in local)
+    with pytest.raises(ValueError, match="7 rows cannot be split into 2 equal mini-batches"):
+        token_micro_batches([5] * 7, 2, 100)
+
+
+def _ragged_batch(rows: int, seed: int) -> RolloutBatch:
+    """Prompts of 2-9 and completions of 1-12 tokens over a 12-token vocabulary, 4 rows per group."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(12) for _ in range(rng.randrange(2, 10))] for _ in range(rows // 4)]
+    comps = [[rng.randrange(12) for _ in range(rng.randrange(1, 13))] for _ in range(rows)]
+    return RolloutBatch(
+        prompt_ids=[prompts[i // 4] for i in range(rows)],
+        completion_ids=comps,
+        sampling_logp=[[rng.uniform(-3.2, -1.8) for _ in c] for c in comps],
+        truncated=[False] * rows,
+        rewards=[0.0] * rows,
+        reward_components={},
+        group_ids=[i // 4 for i in range(rows)],
+        weight_version=0,
+        advantages=[rng.uniform(-1.5, 1.5) for _ in range(rows)],
+    )
+
+
+def _micro_loss(params, t, rows, cfg, **totals):
+    """The actor's micro-batch loss on a toy causal model (embedding, a running mean over earlier
+    positions, LM head): the forward is cut to the micro-batch's longest row like ``_forward``,
+    old / reference log-probs are fixed offsets of the engine's."""
+    emb, head = params
+    attn_BL = t["attention_mask_BL"][rows]
+    L = int(attn_BL.sum(1).max())
+    ids_BL = t["input_ids_BL"][rows, :L]
+    x_BLH = emb[ids_BL]
+    hidden_BLH = torch.tanh(x_BLH.cumsum(1) / torch.arange(1, L + 1, dtype=x_BLH.dtype).view(1, L, 1))
+    logp_BT, _ = completion_logprobs(hidden_BLH, ids_BL, t["prompt_len_B"][rows], t["mask_BT"][rows], 0.9,
+                                     lm_head=lambda h: h @ head)
+    sampling_BT = t["sampling_logp_BT"][rows].double()
+    return grpo_loss(logp_BT, sampling_BT + 0.05, sampling_BT - 0.1, t["adv_B"][rows].double(), t["mask_BT"][rows],
+                     cfg, sampling_logp_BT=sampling_BT, **totals)[0]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("minis", [1, 2])
+def test_token_budget_micro_batches_over_two_ranks_give_the_full_batch_gradient(loss_type, minis):
+    """2 fake ranks, rows dealt by rank_rows and packed under a token budget into uneven micro-batches
+    (the agreed count per optimizer step), each loss scaled by backward_scale, then DeepSpeed's
+    arithmetic: each backward divided by the accumulation steps, gradients averaged over ranks.
+    Each optimizer step's gradient equals that of its whole mini-batch in one piece."""
+    rows, world, budget = 16, 2, 36
+    cfg = AlgoConfig(loss_type=loss_type, beta=0.05, tis_cap=1.5, max_completion_length=12, epsilon_high=0.28)
+    batch = _ragged_batch(rows, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    params0 = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((12, 6), (6, 12))]
+    full_t = batch.to_tensors(pad_id=0)
+    lengths = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+    shards = [batch.select(mine).to_tensors(pad_id=0) for mine in rank_rows(lengths, world, minis)]
+    shard_lengths = [t["attention_mask_BL"].sum(1).tolist() for t in shards]
+    local = [[len(m) for m in token_micro_batches(s, minis, budget)] for s in shard_lengths]
+    counts = [max(c[k] for c in local) for k in range(minis)]
+    plans = [token_micro_batches(s, minis, budget, counts) for s in shard_lengths]
+    assert len({s.stop - s.start for plan in plans for micro in plan for s in micro}) > 1  # uneven
+    assert local[0] != local[1]  # and one rank splits beyond its own greedy count to match the other
+    mini = rows // minis
+    for k in range(minis):
+        whole = [p.clone().requires_grad_() for p in params0]
+        _micro_loss(whole, full_t, slice(k * mini, (k + 1) * mini), cfg).backward()
+        totals = {"num_sequences_total": mini,
+                  "global_num_tokens": float(full_t["mask_BT"][k * mini : (k + 1) * mini].sum())}
+        for scaled in (True, False):
+            rank_grads = []
+            for t, plan in zip(shards, plans):
+                params = [p.clone().requires_grad_() for p in params0]
+                ga = len(plan[k])
+                for micro_rows in plan[k]:
+                    if scaled:
+                        loss = _micro_loss(params, t, micro_rows, cfg, **totals) * backward_scale(ga, world)
+                    else:  # the classic bug: each micro-batch normalised by its own counts
+                        loss = _micro_loss(params, t, micro_rows, cfg)
+                    (loss / ga).backward()  # DeepSpeed's division by the accumulation steps
+                rank_grads.append([p.grad for p in params])
+            for i, p in enumerate(whole):
+                got = torch.stack([g[i] for g in rank_grads]).mean(0)  # DeepSpeed's mean over ranks
+                rel = float((got - p.grad).norm() / p.grad.norm())
+                if scaled:
+                    assert rel < 1e-6, f"step {k}, parameter {i}: relative gradient error {rel:.3g}"
+                else:
+                    assert rel > 1e-3
 
 
 def _m(tokens: float, value: float) -> dict[str, torch.Tensor]:
