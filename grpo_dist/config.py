@@ -31,6 +31,28 @@ def resolve_dtype(dtype: str, cuda: bool) -> str:
     return "bfloat16" if cuda else "float32"
 
 
+# The attention and MLP projections of Llama/Qwen/Mistral-style decoders (PEFT's usual targets).
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(_Section):
+    """A PEFT LoRA adapter on the policy: only its parameters are trained and synced."""
+
+    rank: int = Field(16, ge=1, description="LoRA rank r.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input (training only).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        min_length=1,
+        description="Module names (last name component) that get an adapter; each must exist in the model.",
+    )
+    sync: Literal["adapter", "merged"] = Field(
+        "adapter",
+        description="`adapter`: engines serve the adapter (vLLM LoRA) and only its tensors are synced; `merged`: "
+        "engines without LoRA get the merged full weights at every sync.",
+    )
+
+
 class ModelConfig(_Section):
     path: str = Field("runs/tiny-model", description="HF model id or local directory of the policy.")
     tokenizer_path: str | None = Field(None, description="Tokenizer location; defaults to `path`.")
@@ -39,6 +61,7 @@ class ModelConfig(_Section):
     )
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of every weight; off when absent.")
 
 
 class SyntheticTaskConfig(_Section):
@@ -146,7 +169,9 @@ class RolloutConfig(_Section):
     cpu_threads_per_worker: int = Field(1, ge=1, description="OMP threads (and cores bound) per worker on CPU.")
     max_model_len: int | None = Field(None, description="Defaults to max_prompt_length + max_completion_length.")
     enforce_eager: bool = True
-    enable_sleep_mode: bool = Field(False, description="vLLM sleep mode (GPU only; refused on CPU).")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        16, description="vLLM's max_lora_rank (its allowed values); must hold model.lora.rank with lora.sync=adapter."
+    )
     seed: int = 0
     generate_timeout_s: float = Field(600.0, gt=0)
 
@@ -173,6 +198,10 @@ class LearnerConfig(_Section):
         2048, ge=1, description="Completion tokens whose [tokens, vocab] logits exist at once (recomputed in "
         "backward); None = one pass per micro-batch, keeping its logits for backward."
     )
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="Token budget per rank per forward/backward (rows x the micro-batch's longest row, "
+        "prompt + completion); None = micro_batch_size rows each."
+    )
 
 
 class TrainerConfig(_Section):
@@ -198,10 +227,6 @@ class CheckpointConfig(_Section):
 class LoggingConfig(_Section):
     jsonl: bool = True
     tensorboard: bool = True
-    max_tokens_per_micro_batch: int | None = Field(
-        None, ge=1, description="Token budget per rank per forward/backward (rows x the micro-batch's longest row, "
-        "prompt + completion); None = micro_batch_size rows each."
-    )
     progress_bar: bool = True
     ray_metrics: bool = True
     log_completions: int = Field(2, ge=0, description="Sample completions printed per step.")
@@ -266,10 +291,35 @@ class Config(_Section):
         if self.algorithm.dynamic_sampling and self.trainer.max_staleness:
             raise ValueError("algorithm.dynamic_sampling tops batches up on-policy; it needs trainer.max_staleness=0")
         tp, gpus = self.rollout.tensor_parallel_size, self.cluster.num_gpus_per_rollout
-        if tp > 1 and gpus != tp:
+        # A fraction of a GPU would put two engines (and two ranks of one NCCL weight-sync group,
+        # which NCCL refuses) on one device.
+        if (tp > 1 or gpus > 0) and gpus != tp:
             raise ValueError(
-                f"rollout.tensor_parallel_size={tp} runs {tp} engine processes, one per GPU, inside each rollout "
-                f"actor: cluster.num_gpus_per_rollout must be {tp}, got {gpus:g}"
+                f"rollout.tensor_parallel_size={tp} runs {tp} engine process(es), one per whole GPU, inside each "
+                f"rollout actor: cluster.num_gpus_per_rollout must be {tp}, got {gpus:g}"
+            )
+        learner_gpus = self.cluster.num_gpus_per_learner
+        if learner_gpus not in (0, 1):
+            raise ValueError(
+                f"cluster.num_gpus_per_learner={learner_gpus:g}: a learner rank drives exactly one whole GPU (a "
+                "fraction puts two ranks of one NCCL group on a device, more leaves GPUs idle); use 1, or 0 on CPU"
+            )
+        if (gpus > 0) != (learner_gpus > 0):
+            raise ValueError(
+                f"cluster.num_gpus_per_rollout={gpus:g} with cluster.num_gpus_per_learner={learner_gpus:g}: the learner "
+                "and the rollout engines must both be on GPU or both on CPU (the weight sync is NCCL or gloo on both "
+                f"sides, and model.dtype={self.model.dtype} must resolve to the same dtype on both)"
+            )
+        lora = self.model.lora
+        if lora is not None and lora.sync == "adapter" and lora.rank > self.rollout.max_lora_rank:
+            raise ValueError(
+                f"model.lora.rank={lora.rank} is above rollout.max_lora_rank={self.rollout.max_lora_rank}: the engines "
+                "could not serve the adapter (raise rollout.max_lora_rank, or use model.lora.sync=merged)"
+            )
+        if lora is not None and self.learner.ref_sync_every is not None:
+            raise ValueError(
+                "learner.ref_sync_every with model.lora: the reference is the base model with the adapter switched off, "
+                "so refreshing it would mean merging the adapter into the base weights; not supported"
             )
         if self.learner.ref_sync_every is not None and self.algorithm.beta == 0:
             raise ValueError("learner.ref_sync_every is set but algorithm.beta=0 means no reference model is used")
@@ -285,7 +335,12 @@ class Config(_Section):
 
     @property
     def gradient_accumulation_steps(self) -> int:
+        """Micro-batches per rank per optimizer step, which seeds the DeepSpeed config. With
+        ``learner.max_tokens_per_micro_batch`` the learner sets it per optimizer step from the rows'
+        lengths, so the seed is 1."""
         ln = self.learner
+        if ln.max_tokens_per_micro_batch is not None:
+            return 1
         return self.rows_per_step // (ln.num_ranks * ln.micro_batch_size * ln.optimizer_steps_per_batch)
 
     @property
@@ -335,12 +390,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is not a section")
             node = child
-        """Micro-batches per rank per optimizer step, which seeds the DeepSpeed config. With
-        ``learner.max_tokens_per_micro_batch`` the learner sets it per optimizer step from the rows'
-        lengths, so the seed is 1."""
         try:
-        if ln.max_tokens_per_micro_batch is not None:
-            return 1
             node[parts[-1]] = _parse_scalar(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not YAML ({_yaml_problem(e)})") from None

@@ -66,17 +66,23 @@ def _model_problems(cfg: Config, cuda: bool) -> tuple[list[str], list[str]]:
     notes: list[str] = []
     path = Path(cfg.model.path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            problems.append(f"model.path={cfg.model.path!r} is a LoRA adapter, not a model: merge it first "
+                            f"(`grpo-dist export-merged {cfg.model.path} --out DIR`) or set model.path to its base "
+                            "and model.lora")
+        elif not (path / "config.json").is_file():
             problems.append(f"model.path={cfg.model.path!r} is a directory without config.json (not an HF model)")
         elif not any(next(path.glob(g), None) for g in WEIGHT_FILES):
             problems.append(f"model.path={cfg.model.path!r} has config.json but no weights (*.safetensors or "
                             "pytorch_model*.bin)")
-        elif not cuda:
+        else:
             hd = model_head_dim(path)
-            if hd is not None and hd not in VLLM_CPU_HEAD_SIZES and hd < 128:
+            if not cuda and hd is not None and hd not in VLLM_CPU_HEAD_SIZES and hd < 128:
                 problems.append(
                     f"model.path={cfg.model.path!r} has head_dim {hd}; vLLM-CPU supports {list(VLLM_CPU_HEAD_SIZES)}"
                 )
+            if cfg.model.lora is not None and (why := _lora_problem(cfg)):
+                problems.append(why)
     elif is_hub_id(cfg.model.path):
         notes.append(f"model.path={cfg.model.path!r} is not a local directory; it is resolved as a hub id")
     else:
@@ -94,6 +100,23 @@ def _model_problems(cfg: Config, cuda: bool) -> tuple[list[str], list[str]]:
     elif cfg.model.tokenizer_path and not is_hub_id(cfg.model.tokenizer_path):
         problems.append(f"model.tokenizer_path={cfg.model.tokenizer_path!r} does not exist")
     return problems, notes
+
+
+def _lora_problem(cfg: Config) -> str | None:
+    """Target modules the model does not have, found on a meta-device copy (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from grpo_dist.lora import check_target_modules
+
+    model_cfg = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_cfg, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        check_target_modules(model, cfg.model.lora, f"model.path={cfg.model.path!r}")
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _writable_dir_problem(field: str, value: str) -> str | None:
@@ -129,11 +152,8 @@ def preflight(cfg: Config, cuda: bool, where: Literal["local", "submit"] = "loca
         mp, mn = _model_problems(cfg, cuda)
         problems += mp
         notes += mn
-        if not cuda:
-            if cfg.rollout.enable_sleep_mode:
-                problems.append("rollout.enable_sleep_mode=true: vLLM sleep mode is refused on CPU")
-            if cfg.cluster.num_gpus_per_rollout or cfg.cluster.num_gpus_per_learner:
-                notes.append("GPUs requested per actor but this machine has no CUDA: the cluster must provide them")
+        if not cuda and (cfg.cluster.num_gpus_per_rollout or cfg.cluster.num_gpus_per_learner):
+            notes.append("GPUs requested per actor but this machine has no CUDA: the cluster must provide them")
         if cfg.data.source in ("gsm8k", "hf") and cfg.data.path and not Path(cfg.data.path).exists():
             if cfg.data.source == "hf" and is_hub_id(cfg.data.path):
                 notes.append(f"data.path={cfg.data.path!r} is not a local path; it is loaded from the hub")

@@ -20,6 +20,10 @@ REFUSED = {
     "model.dtype": "the saved weights and optimizer state have the checkpoint's dtype",
     "learner.num_ranks": "the DeepSpeed checkpoint holds one optimizer partition per rank",
     "learner.zero_stage": "the DeepSpeed optimizer state of one ZeRO stage cannot be read by another",
+    "model.lora": "the checkpoint holds the parameters and optimizer state of a full fine-tune or of an adapter",
+    "model.lora.rank": "the adapter's shapes come from it",
+    "model.lora.target_modules": "the adapter's layers come from it",
+    "model.lora.alpha": "it scales the saved adapter's update: the policy would change",
 }
 # Fields of the model's config.json that define the architecture.
 ARCH_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",

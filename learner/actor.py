@@ -8,6 +8,7 @@ and gradient all-reduces are collective over the data-parallel group.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import socket
 import time
@@ -18,6 +19,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from grpo_dist import lora as lora_lib
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ClusterConfig, LearnerConfig, ModelConfig
 from grpo_dist.losses import completion_logprobs, grpo_loss, sampler_gap
@@ -32,7 +34,16 @@ from grpo_dist.weight_sync import (
 )
 from learner.ds_config import build_ds_config, grad_accum_steps, lr_multiplier, ref_ds_config, resolve_dtype
 from learner.placement import rank_env
-from learner.step import lerp_, micro_slices, pack_metrics, rank_rows, unpack_metrics
+from learner.step import (
+    backward_scale,
+    forward_positions,
+    lerp_,
+    micro_slices,
+    pack_metrics,
+    rank_rows,
+    token_micro_batches,
+    unpack_metrics,
+)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -101,6 +112,11 @@ class LearnerActor:
         policy = self._load_model(ds_cfg)
         if self.mcfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
+            if self.mcfg.lora is not None:
+                # Frozen embeddings give the checkpointed blocks no input that requires grad.
+                policy.enable_input_require_grads()
+        if self.mcfg.lora is not None:
+            policy = lora_lib.wrap(policy, self.mcfg.lora, self.mcfg.path)
         schedule_steps = self.total_steps * self.lcfg.optimizer_steps_per_batch * self.acfg.num_iterations
         lr_fn = partial(
             lr_multiplier,
@@ -115,7 +131,8 @@ class LearnerActor:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn),
         )
         self._check_logits_path()
-        self.ref = self._build_reference() if self.acfg.beta > 0 else None
+        # With LoRA the reference is the policy with its adapter switched off: no second model.
+        self.ref = self._build_reference() if self.acfg.beta > 0 and self.mcfg.lora is None else None
         self.manifest = self._manifest()
         from transformers import AutoTokenizer
 
@@ -176,34 +193,68 @@ class LearnerActor:
 
     # ---- weights ----------------------------------------------------------------------------
 
-    def _named_params(self, module: torch.nn.Module | None = None) -> list[tuple[str, torch.nn.Parameter]]:
-        """HF parameter names of the unwrapped policy (or ``module``); a tied ``lm_head.weight``
-        is left out (it is the embedding; vLLM ties it itself)."""
+    def _entries(self, module: torch.nn.Module | None = None, mode: str | None = None) -> list[tuple[str, list, float | None]]:
+        """What a weight transfer sends, in order: ``(name, params, lora scaling)`` per tensor.
+
+        Full fine-tune: the HF parameters of the policy (or ``module``, the reference), one each; a
+        tied ``lm_head.weight`` is left out (it is the embedding; vLLM ties it itself). With LoRA,
+        ``mode`` (default ``model.lora.sync``) picks: ``adapter``, the adapter tensors by their saved
+        PEFT names; ``merged``, the base model's HF names with each targeted weight sent together
+        with its ``A``, ``B`` and scaling (merged on the fly); ``base``, the base weights alone (the
+        reference)."""
         module = self.engine.module if module is None else module
         tied = bool(getattr(module.config, "tie_word_embeddings", False))
-        return [(n, p) for n, p in module.named_parameters() if not (tied and n == "lm_head.weight")]
+        lora = self.mcfg.lora if module is self.engine.module else None
+        if lora is None:
+            return [(n, [p], None) for n, p in module.named_parameters() if not (tied and n == "lm_head.weight")]
+        mode = mode or lora.sync
+        named = list(module.named_parameters())
+        if mode == "adapter":
+            return [(lora_lib.sync_name(n), [p], None) for n, p in named if lora_lib.is_adapter_param(n)]
+        layers = dict(module.named_modules())
+        out = []
+        for n, p in named:
+            hf = lora_lib.base_name(n)
+            if lora_lib.is_adapter_param(n) or (tied and hf == "lm_head.weight"):
+                continue
+            if mode == "merged" and n.endswith(".base_layer.weight"):
+                layer = layers[n.removesuffix(".base_layer.weight")]
+                a, b = layer.lora_A[lora_lib.ADAPTER].weight, layer.lora_B[lora_lib.ADAPTER].weight
+                out.append((hf, [p, a, b], float(layer.scaling[lora_lib.ADAPTER])))
+            else:
+                out.append((hf, [p], None))
+        return out
+
+    @staticmethod
+    def _specs(entries: list[tuple[str, list, float | None]]) -> list[ParamSpec]:
+        # ZeRO-3 leaves an empty placeholder in p.shape; ds_shape is the full shape.
+        return [ParamSpec(n, tuple(getattr(ps[0], "ds_shape", ps[0].shape)), dtype_name(ps[0].dtype)) for n, ps, _ in entries]
 
     def _manifest(self) -> list[ParamSpec]:
-        # ZeRO-3 leaves an empty placeholder in p.shape; ds_shape is the full shape.
-        return [
-            ParamSpec(n, tuple(getattr(p, "ds_shape", p.shape)), dtype_name(p.dtype)) for n, p in self._named_params()
-        ]
+        return self._specs(self._entries())
 
     def weight_manifest(self) -> list[ParamSpec]:
         return list(self.manifest)
 
-    def _gathered(self, bucket_bytes: int, module: torch.nn.Module | None = None) -> Iterator[torch.Tensor | None]:
-        """Full parameters of the policy (or ``module``, same architecture) in manifest order,
-        gathered one bucket at a time (collective under ZeRO-3, so every rank iterates it);
-        rank 0 gets clones, the others ``None``."""
+    def _gathered(
+        self, bucket_bytes: int, entries: list[tuple[str, list, float | None]] | None = None
+    ) -> Iterator[torch.Tensor | None]:
+        """The full tensors of ``entries`` (default: what a weight sync sends) in order, gathered one
+        bucket at a time (collective under ZeRO-3, so every rank iterates it); rank 0 gets copies,
+        the others ``None``."""
         import deepspeed
 
-        params = [p for _, p in self._named_params(module)]
-        for bucket in plan_buckets(self.manifest, bucket_bytes):
-            ps = [params[i] for i in bucket]
-            with deepspeed.zero.GatheredParameters(ps, modifier_rank=None):
-                for p in ps:
-                    yield p.detach().clone() if self.rank == 0 else None
+        entries = self._entries() if entries is None else entries
+        for bucket in plan_buckets(self._specs(entries), bucket_bytes):
+            chosen = [entries[i] for i in bucket]
+            with deepspeed.zero.GatheredParameters([p for _, ps, _ in chosen for p in ps], modifier_rank=None):
+                for _, ps, scaling in chosen:
+                    if self.rank != 0:
+                        yield None
+                    elif scaling is None:
+                        yield ps[0].detach().clone()
+                    else:
+                        yield lora_lib.merged_weight(ps[0].detach(), ps[1].detach(), ps[2].detach(), scaling)
 
     def broadcast_weights(self, host: str, port: int, world_size: int, version: int, timeout_s: float) -> dict:
         """Send the policy to the weight-sync group (rank 0 is its group rank 0). All ranks call."""
@@ -220,7 +271,7 @@ class LearnerActor:
                 store = None
             try:
                 group = init_sync_group(host, port, 0, world_size, timeout_s, backend=pick_backend(self.device),
-                                        store=store)
+                                        store=store, device=self.device)
             except Exception as e:  # re-raised below, after the other ranks have been told
                 error = e
         # Everyone learns whether rank 0 got its group, so no rank waits in a gather that
@@ -235,6 +286,8 @@ class LearnerActor:
                 sent = send_weights(group, self.manifest, tensors, bucket_bytes, device=self.device)
             except Exception as e:  # a receiver died mid-transfer: finish the gathers first
                 failure = e
+            # Freed now, not with this frame (a traceback keeps it): an NCCL group's communicator is aborted.
+            del group
         for _ in tensors:  # ZeRO-3 gathers are collective: every rank walks every bucket
             pass
         self._raise_if_rank_failed(failure, RuntimeError(f"weight broadcast v{version} to {host}:{port} failed on "
@@ -252,27 +305,41 @@ class LearnerActor:
             raise elsewhere
 
     def gathered_state_dict(self, reference: bool = False) -> dict[str, torch.Tensor]:
-        """Full CPU weights of the policy (or the reference model) by HF name on rank 0 (empty
-        elsewhere). All ranks call."""
-        if reference and self.ref is None:
+        """Full CPU tensors on rank 0 (empty elsewhere) by name: what a weight sync sends (the
+        policy, or its adapter with LoRA), or with ``reference`` the reference model's weights (with
+        LoRA: the base model's). All ranks call."""
+        if reference and self.ref is None and self.mcfg.lora is None:
             raise ValueError("there is no reference model (algorithm.beta = 0)")
-        module = self.ref if reference else None
+        if reference:
+            entries = self._entries(mode="base") if self.mcfg.lora is not None else self._entries(self.ref)
+        else:
+            entries = self._entries()
         out = {}
-        for spec, t in zip(self.manifest, self._gathered(int(self.lcfg.weight_sync_bucket_mb * 2**20), module)):
+        for (name, _, _), t in zip(entries, self._gathered(int(self.lcfg.weight_sync_bucket_mb * 2**20), entries)):
             if t is not None:
-                out[spec.name] = t.cpu()
+                out[name] = t.cpu()
         return out
 
     def save_hf(self, path: str) -> None:
         """Policy in HF format (safetensors + config + tokenizer) into ``path``. All ranks call."""
         from safetensors.torch import save_file
 
-        state = self.gathered_state_dict()
+        lora = self.mcfg.lora
+        entries = self._entries(mode="adapter") if lora is not None else self._entries()
+        state = {name: t.cpu() for (name, _, _), t in zip(entries, self._gathered(
+            int(self.lcfg.weight_sync_bucket_mb * 2**20), entries)) if t is not None}
         if self.rank != 0:
             return
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in state.items()}
+        if lora is not None:
+            # PEFT's own layout: `PeftModel.from_pretrained(base, path)` and vLLM's LoRARequest load it;
+            # `grpo-dist export-merged` turns it into a plain model directory.
+            save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (out / "adapter_config.json").write_text(json.dumps(lora_lib.peft_config_dict(lora, self.mcfg.path), indent=2))
+            self.tokenizer.save_pretrained(out)
+            return
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         module = self.engine.module
         module.config.save_pretrained(out)
@@ -334,9 +401,24 @@ class LearnerActor:
         hidden_BLH = self._final_hidden(module, ids_BL, attn_BL[:, :L])
         return completion_logprobs(
             hidden_BLH, ids_BL, t["prompt_len_B"][rows], t["mask_BT"][rows], self.acfg.temperature,
-            lm_head=_unwrap(module).get_output_embeddings(), chunk_tokens=self.lcfg.logits_chunk_tokens,
-            entropy=entropy,
+            lm_head=self._lm_head(module), chunk_tokens=self.lcfg.logits_chunk_tokens, entropy=entropy,
         )
+
+    def _lm_head(self, module: torch.nn.Module):
+        """The LM head to project hidden states with. A frozen head (LoRA) under ZeRO-3 becomes a
+        plain function of a gathered copy of its weight: the chunked projection is recomputed in
+        backward, and ZeRO-3 re-gathers only trainable parameters then (measured: the recompute saw
+        the released [0]-shaped weight and torch.utils.checkpoint refused it)."""
+        head = _unwrap(module).get_output_embeddings()
+        params = [p for p in head.parameters()]
+        if not torch.is_grad_enabled() or any(p.requires_grad for p in params) or not any(hasattr(p, "ds_id") for p in params):
+            return head
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            weight = head.weight.detach().clone()
+            bias = head.bias.detach().clone() if getattr(head, "bias", None) is not None else None
+        return partial(torch.nn.functional.linear, weight=weight, bias=bias)
 
     @staticmethod
     def _final_hidden(module: torch.nn.Module, ids_BL: torch.Tensor, attn_BL: torch.Tensor) -> torch.Tensor:
@@ -356,12 +438,38 @@ class LearnerActor:
             handle.remove()
         return captured[-1]
 
+    def _micro_batches(self, t: dict[str, torch.Tensor]) -> list[list[slice]]:
+        """This rank's micro-batches (slices of its shard ``t``) for each optimizer step: fixed row
+        counts, or packed under ``learner.max_tokens_per_micro_batch`` with, in every step, the
+        largest count of any rank. Collective with a token budget; deterministic, so every call on
+        the same shard gives the same micro-batches."""
+        lc = self.lcfg
+        steps = lc.optimizer_steps_per_batch
+        mini = t["mask_BT"].shape[0] // steps  # rows per rank per optimizer step
+        if lc.max_tokens_per_micro_batch is None:
+            return [micro_slices(k * mini, lc.micro_batch_size, mini // lc.micro_batch_size) for k in range(steps)]
+        lengths = t["attention_mask_BL"].sum(1).tolist()
+        counts = torch.tensor(
+            [len(m) for m in token_micro_batches(lengths, steps, lc.max_tokens_per_micro_batch)], device=self.device
+        )
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        return token_micro_batches(lengths, steps, lc.max_tokens_per_micro_batch, counts.tolist())
+
     @torch.no_grad()
     def _logp_all(self, module: torch.nn.Module, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """Log-probs of every row of the shard, micro-batch by micro-batch, without gradients."""
-        micro = self.lcfg.micro_batch_size
-        slices = micro_slices(0, micro, t["mask_BT"].shape[0] // micro)
-        return torch.cat([self._forward(module, t, rows)[0] for rows in slices])
+        # The training micro-batches: under ZeRO-3 every rank must run as many forwards.
+        return torch.cat([self._forward(module, t, rows)[0] for micro in self._micro_batches(t) for rows in micro])
+
+    def _reference_logp(self, t: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Reference log-probs of the shard (None when beta = 0): the reference model's, or with
+        LoRA the policy's own with its adapter switched off (the base model)."""
+        if self.ref is not None:
+            return self._logp_all(self.ref, t)
+        if self.acfg.beta == 0:
+            return None
+        with _unwrap(self.engine).disable_adapter():
+            return self._logp_all(self.engine, t)
 
     def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)
@@ -373,16 +481,15 @@ class LearnerActor:
         if batch.advantages is None:
             raise ValueError("train_step needs batch.advantages (the driver fills them before training)")
         lc, ac, world = self.lcfg, self.acfg, self.world_size
-        ga = grad_accum_steps(len(batch), world, lc.micro_batch_size, lc.optimizer_steps_per_batch)
-        if ga != self.engine.gradient_accumulation_steps():
-            self.engine.set_train_batch_size(lc.micro_batch_size * ga * world)
+        if lc.max_tokens_per_micro_batch is None:  # whole row micro-batches; rank_rows checks ranks x mini-batches
+            grad_accum_steps(len(batch), world, lc.micro_batch_size, lc.optimizer_steps_per_batch)
         lengths = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
         mine = rank_rows(lengths, world, lc.optimizer_steps_per_batch)[self.rank]
         t = batch.select(mine).to_tensors(self.pad_id, self.device)
         timings = {}
 
         t0 = time.perf_counter()
-        ref_logp = self._logp_all(self.ref, t) if self.ref is not None else None
+        ref_logp = self._reference_logp(t)
         timings["ref_logp"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         # mu == 1: the policy has not moved yet, so the ratio's denominator is logp.detach().
@@ -392,15 +499,20 @@ class LearnerActor:
         t0 = time.perf_counter()
         self.engine.train()
         per_micro, loss_sum, grad_norms, lrs = [], 0.0, [], []
-        mini = lc.micro_batch_size * ga  # rows per rank per optimizer step
+        plan = self._micro_batches(t)
+        mini = t["mask_BT"].shape[0] // lc.optimizer_steps_per_batch  # rows per rank per optimizer step
         for _ in range(ac.num_iterations):
-            for k in range(lc.optimizer_steps_per_batch):
-                # Micro-batch losses are normalised by the mini-batch totals over all ranks, so
-                # their sum is the mini-batch loss; DeepSpeed divides each backward by GA and
-                # averages over ranks, which the factor ga * world undoes.
+            for k, micro in enumerate(plan):
+                ga = len(micro)  # the same on every rank
+                if ga != self.engine.gradient_accumulation_steps():
+                    self.engine.set_train_batch_size(self.engine.train_micro_batch_size_per_gpu() * ga * world)
+                scale = backward_scale(self.engine.gradient_accumulation_steps(), world)  # DeepSpeed's divisor
                 n_tokens = float(self._sum_over_ranks(t["mask_BT"][k * mini : (k + 1) * mini].sum()))
                 lrs.append(float(self.engine.get_lr()[0]))
-                for rows in micro_slices(k * mini, lc.micro_batch_size, ga):
+                for j, rows in enumerate(micro):
+                    # DeepSpeed's own boundary counts micro-steps since the first step, which goes
+                    # wrong as soon as the accumulation steps change between optimizer steps.
+                    self.engine.set_gradient_accumulation_boundary(j == ga - 1)
                     logp_BT, ent_BT = self._forward(self.engine, t, rows, entropy=True)
                     loss, m = grpo_loss(
                         logp_BT,
@@ -413,7 +525,7 @@ class LearnerActor:
                         num_sequences_total=mini * world,
                         sampling_logp_BT=t["sampling_logp_BT"][rows] if ac.tis_cap is not None else None,
                     )
-                    self.engine.backward(loss * (ga * world))
+                    self.engine.backward(loss * scale)
                     self.engine.step()  # applies the update only at the accumulation boundary
                     m["entropy"] = (ent_BT * t["mask_BT"][rows]).sum() / t["mask_BT"][rows].sum().clamp(min=1)
                     # The learner's log-probs of these tokens (the behaviour policy's when mu > 1) against the
@@ -432,14 +544,34 @@ class LearnerActor:
         n_steps = ac.num_iterations * lc.optimizer_steps_per_batch
         out = unpack_metrics(self._sum_over_ranks(pack_metrics(per_micro, loss_sum)), n_steps)
         # Every pass sees the same tokens; count the batch once.
-        tokens = float(self._sum_over_ranks(t["mask_BT"].sum()))
+        row_lengths = t["attention_mask_BL"].sum(1).tolist()
+        positions = forward_positions(row_lengths, [rows for micro in plan for rows in micro])
+        tokens, real, computed = self._sum_over_ranks(
+            torch.tensor([float(t["mask_BT"].sum()), sum(row_lengths), positions], dtype=torch.float64)
+        ).tolist()
         out.update(
             grad_norm=sum(grad_norms) / len(grad_norms),
             lr=lrs[-1],
             tokens=tokens,
+            # Share of the positions the training forwards compute that are padding.
+            padding_fraction=1.0 - real / max(computed, 1.0),
             # Trained tokens (every pass counts) per second of the update phase.
             tokens_per_s=tokens * ac.num_iterations / max(timings["train"], 1e-9),
             optimizer_steps=float(self.engine.global_steps),
         )
         out.update({f"time/{k}": v for k, v in timings.items()})
+        out["peak_memory_mb"] = self._peak_memory_mb()
         return out
+
+    def _peak_memory_mb(self) -> float:
+        """Peak memory of the most loaded rank so far: the CUDA allocator's peak on GPU, the process's
+        peak resident set on CPU (which includes the Python runtime and the libraries)."""
+        if self.cuda:
+            mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            import resource
+
+            mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = torch.tensor([mb], dtype=torch.float64, device=self.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return float(peak.item())

@@ -74,7 +74,7 @@ class WeightSyncExtension:
         """
         t0 = time.perf_counter()
         rank = rank_offset + self.rank
-        group = init_sync_group(host, port, rank, world_size, timeout_s, pick_backend(self.device))
+        group = init_sync_group(host, port, rank, world_size, timeout_s, pick_backend(self.device), device=self.device)
         t_join = time.perf_counter()
         try:
             # From the first tensor on, a failure leaves a mix of old and new weights.
@@ -84,7 +84,8 @@ class WeightSyncExtension:
             refreshed = refresh_tied_modules(self.model_runner.get_model()) if self.device.type == "cpu" else 0
             self._grpo_partial = False
         finally:
-            # A ProcessGroup without a default group has no destroy hook; dropping it frees it.
+            # Dropping the group frees it (a gloo group has no default group to destroy it through;
+            # an NCCL group aborts its communicator).
             del group
         t_end = time.perf_counter()
         return {
@@ -96,3 +97,63 @@ class WeightSyncExtension:
 
     def grpo_weights_partial(self) -> bool:
         return getattr(self, "_grpo_partial", False)
+
+    def grpo_receive_adapter(
+        self,
+        manifest: list[ParamSpec],
+        host: str,
+        port: int,
+        rank_offset: int,
+        world_size: int,
+        timeout_s: float,
+        bucket_bytes: int,
+        lora_id: int,
+        peft_config: dict,
+    ) -> dict[str, float]:
+        """Join the sync group, receive the LoRA adapter's tensors (PEFT names) and register them
+        as adapter ``lora_id``, built from the received tensors in memory (no files). Earlier
+        adapters are evicted first: the engine holds one adapter, the current one. The base weights
+        are never touched, so a failure leaves the previous adapter (or the base model) serving."""
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        manager = getattr(self.model_runner, "lora_manager", None)
+        if manager is None:
+            raise RuntimeError("this engine was built without LoRA (vLLM enable_lora=False); it cannot take an adapter")
+        t0 = time.perf_counter()
+        group = init_sync_group(host, port, rank_offset + self.rank, world_size, timeout_s, pick_backend(self.device),
+                                device=self.device)
+        t_join = time.perf_counter()
+        try:
+            # recv_weights yields views of one flat buffer per bucket; each bucket is fresh, so the
+            # views stay valid for as long as the adapter holds them.
+            tensors = dict(recv_weights(group, manifest, bucket_bytes, self.device))
+        finally:
+            del group
+        helper = PEFTHelper.from_dict(peft_config)
+        helper.validate_legal(manager.lora_config)
+        model = manager._adapter_manager.model
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        adapter = LoRAModel.from_lora_tensors(
+            lora_id,
+            tensors,
+            helper,
+            device="cpu",  # vLLM keeps registered adapters on the host and copies them into its slots
+            dtype=manager.lora_config.lora_dtype,
+            model_vocab_size=manager.vocab_size,
+            weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+            skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+        )
+        for old in manager.list_adapters():
+            manager.remove_adapter(old)
+        manager._adapter_manager.add_adapter(adapter)
+        return {
+            "join_seconds": t_join - t0,
+            "load_seconds": time.perf_counter() - t_join,
+            "bytes": float(sum(s.nbytes for s in manifest)),
+            "tied_refreshed": 0.0,
+        }
+
+    def grpo_adapter_ids(self) -> list[int]:
+        manager = getattr(self.model_runner, "lora_manager", None)
+        return sorted(manager.list_adapters()) if manager is not None else []

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from grpo_dist import lora as lora_lib
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, LearnerConfig, ModelConfig, RewardsConfig, RolloutConfig, resolve_dtype
 from grpo_dist.errors import first_line
@@ -61,8 +62,6 @@ class EngineFailure(RuntimeError):
 
 def engine_kwargs(rollout: RolloutConfig, model: ModelConfig, max_model_len: int, cuda: bool) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM`` for one rollout worker."""
-    if rollout.enable_sleep_mode and not cuda:
-        raise ValueError("rollout.enable_sleep_mode=true needs CUDA: vLLM refuses sleep mode on CPU")
     if rollout.tensor_parallel_size > 1 and not cuda:
         raise ValueError(f"rollout.tensor_parallel_size={rollout.tensor_parallel_size} needs CUDA; use 1 on CPU")
     kw: dict[str, Any] = dict(
@@ -82,9 +81,11 @@ def engine_kwargs(rollout: RolloutConfig, model: ModelConfig, max_model_len: int
         logprobs_mode="processed_logprobs",
         enable_prefix_caching=True,
     )
+    if serves_adapter(model):
+        # One adapter at a time, the current version: a new one replaces the old between batches.
+        kw.update(enable_lora=True, max_lora_rank=rollout.max_lora_rank, max_loras=1)
     if cuda:
         kw["gpu_memory_utilization"] = rollout.gpu_memory_utilization
-        kw["enable_sleep_mode"] = rollout.enable_sleep_mode
     else:
         # Every request carries a seed (reproducible sampling), so it has its own torch.Generator.
         # When a step's prompts exceed the token budget, chunked prefill splits one prompt across
@@ -96,6 +97,11 @@ def engine_kwargs(rollout: RolloutConfig, model: ModelConfig, max_model_len: int
         kw["enable_chunked_prefill"] = False
         kw["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, max_model_len)
     return kw
+
+
+def serves_adapter(model: ModelConfig) -> bool:
+    """The engine serves the policy's LoRA adapter (vLLM LoRA) rather than full weights."""
+    return model.lora is not None and model.lora.sync == "adapter"
 
 
 def sampling_kwargs(algo: AlgoConfig, n: int, overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -250,7 +256,15 @@ class RolloutWorker:
         # Bounded here by generate_timeout_s and from outside by RolloutManager.start's timeout.
         self._llm = self._on_engine(self._start_engine, rollout_cfg.generate_timeout_s)
         self.start_seconds = time.perf_counter() - t0
-        self._expected = expected_manifest(model_cfg.path, self._engine_kwargs["dtype"], model_cfg.trust_remote_code)
+        self._adapter = serves_adapter(model_cfg)
+        self._lora_request = None  # the vLLM LoRARequest of the adapter being served (None: base weights)
+        if self._adapter:
+            self._expected = lora_lib.adapter_manifest(
+                model_cfg.path, model_cfg.lora, self._engine_kwargs["dtype"], model_cfg.trust_remote_code
+            )
+            self._peft_config = lora_lib.peft_config_dict(model_cfg.lora, model_cfg.path)
+        else:
+            self._expected = expected_manifest(model_cfg.path, self._engine_kwargs["dtype"], model_cfg.trust_remote_code)
         self._thread_info = self._on_engine(_thread_info, 60.0)
         log.info("%s: engine ready in %.1f s (%s)", name, self.start_seconds, self._thread_info)
 
@@ -333,7 +347,10 @@ class RolloutWorker:
         engine_kw = {**kw, "n": 1} if kw["temperature"] == 0 else kw
         params = [SamplingParams(seed=s, **engine_kw) for s in seeds]
         try:
-            outs = self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+            outs = self._llm.generate(
+                [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False,
+                lora_request=self._lora_request,
+            )
         except Exception as e:
             # The engine's scheduler state is undefined after an exception inside a step: this
             # engine generates nothing more. The traceback goes to this actor's log; the caller
@@ -371,6 +388,8 @@ class RolloutWorker:
         )
 
     def _load_weights(self, manifest, version, host, port, rank, world_size, timeout_s, bucket_bytes):
+        if self._adapter:
+            return self._load_adapter(manifest, version, host, port, rank, world_size, timeout_s, bucket_bytes)
         t0 = time.perf_counter()
         try:
             stats = self._llm.collective_rpc(
@@ -390,6 +409,35 @@ class RolloutWorker:
             else:
                 state = f"no tensor was loaded, still serving version {self.weight_version}"
             raise RuntimeError(f"{self.name}: weight update to version {version} failed: {e} ({state})") from e
+        self._llm.reset_prefix_cache()
+        self.weight_version = version
+        return {
+            "version": float(version),
+            "seconds": time.perf_counter() - t0,
+            "bytes": stats[0]["bytes"],
+            "join_seconds": max(s["join_seconds"] for s in stats),
+            "load_seconds": max(s["load_seconds"] for s in stats),
+        }
+
+
+    def _load_adapter(self, manifest, version, host, port, rank, world_size, timeout_s, bucket_bytes):
+        """Receive the adapter into a new vLLM LoRA slot (id = version + 1, ids start at 1) and
+        serve it from the next batch on; the base weights are never written, so a failed update
+        leaves the previous adapter serving and nothing needs a restart."""
+        from vllm.lora.request import LoRARequest
+
+        t0 = time.perf_counter()
+        lora_id = version + 1
+        try:
+            stats = self._llm.collective_rpc(
+                "grpo_receive_adapter",
+                args=(manifest, host, port, rank, world_size, timeout_s, bucket_bytes, lora_id, self._peft_config),
+            )
+        except Exception as e:
+            raise RuntimeError(f"{self.name}: adapter update to version {version} failed: {e} (still serving "
+                               f"version {self.weight_version})") from e
+        # vLLM never reads the path of an adapter it already holds; it names the source in its logs.
+        self._lora_request = LoRARequest(f"grpo-v{version}", lora_id, lora_path=f"grpo-dist:in-memory/v{version}")
         self._llm.reset_prefix_cache()
         self.weight_version = version
         return {

@@ -120,6 +120,36 @@ def worker_methods() -> str:
             "model_runner/device/rank set; no name clashes")
 
 
+def lora_api() -> str:
+    import vllm
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from grpo_dist.config import LoraConfig
+    from grpo_dist.lora import peft_config_dict
+    from rollout_server.worker import engine_kwargs
+
+    # What WeightSyncExtension.grpo_receive_adapter and RolloutWorker._load_adapter call.
+    params = inspect.signature(LoRAModel.from_lora_tensors).parameters
+    for name in ("lora_model_id", "tensors", "peft_helper", "device", "dtype", "model_vocab_size", "weights_mapper",
+                 "skip_prefixes"):
+        assert name in params, f"LoRAModel.from_lora_tensors has no {name!r}: {inspect.signature(LoRAModel.from_lora_tensors)}"
+    PEFTHelper.from_dict(peft_config_dict(LoraConfig(rank=16), "base"))
+    for m in ("list_adapters", "remove_adapter", "_adapter_manager"):
+        assert m in inspect.getsource(LRUCacheWorkerLoRAManager) or hasattr(LRUCacheWorkerLoRAManager, m), m
+    assert "self.lora_manager = LRUCacheWorkerLoRAManager(" in inspect.getsource(inspect.getmodule(GPUModelRunner.load_lora_model))
+    LoRARequest("grpo-v1", 2, lora_path="grpo-dist:in-memory/v1")
+    for name, cfg in gpu_configs().items():
+        model = cfg.model.model_copy(update={"lora": LoraConfig(rank=16)})
+        kw = engine_kwargs(cfg.rollout, model, cfg.max_model_len, cuda=True)
+        args = vllm.EngineArgs(**kw)
+        assert args.enable_lora and args.max_lora_rank == 16 and args.max_loras == 1
+    return "LoRAModel.from_lora_tensors, PEFTHelper.from_dict, LRUCacheWorkerLoRAManager, LoRA engine kwargs"
+
+
 def nccl_sync_api() -> str:
     import threading
 
@@ -167,6 +197,7 @@ if __name__ == "__main__":
                      ("GPU engine kwargs build vllm.EngineArgs (extension, TP)", engine_args),
                      ("bf16 DeepSpeed configs", deepspeed_bf16),
                      ("extension's Worker API", worker_methods),
+                     ("vLLM LoRA API the adapter sync calls", lora_api),
                      ("NCCL weight-sync communicator API", nccl_sync_api)]:
         check(what, fn)
     print(f"{failures} failed")

@@ -4,6 +4,7 @@
 # one GPU, one DeepSpeed rank on another, NCCL weight sync), a checkpoint at step 2, then a resume
 # to step 3. Prints one verdict line, PASS or FAIL with the reason; exit code 0 or 1.
 #   scripts/gpu_smoke.sh                      the whole smoke test (into runs/gpu-smoke)
+#   scripts/gpu_smoke.sh --set KEY=VALUE ...  the same with overrides (e.g. --set model.lora.rank=16)
 #   scripts/gpu_smoke.sh --check-only DIR N   only the verdict on a finished run DIR of N steps
 # Env: GRPO_SMOKE_DIR (run directory), GRPO_SMOKE_GAP_TOL (sampler-gap bound), PYTHON (the venv's).
 set -euo pipefail
@@ -35,7 +36,7 @@ rm -rf "$out"
 "$PY" -m grpo_dist.cli get-model smollm2-135m-instruct --out runs/smollm2 >"$log" 2>&1 \
   || fail "grpo-dist get-model failed (see $log)"
 cfg=deploy/configs/smollm2_gsm8k_gpu_smoke.yaml
-sets=(--set model.path=runs/smollm2 --set "trainer.output_dir=$out")
+sets=(--set model.path=runs/smollm2 --set "trainer.output_dir=$out" "$@")
 "$PY" -m grpo_dist.cli run "$cfg" "${sets[@]}" >>"$log" 2>&1 || fail "the 2-step run failed (see $log)"
 first=$(verdict "$out" --steps 2 --checkpoint-step 2 --what "2 steps") || fail "${first#FAIL }"
 "$PY" -m grpo_dist.cli run "$cfg" "${sets[@]}" --set trainer.steps=3 --resume >>"$log" 2>&1 \

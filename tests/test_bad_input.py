@@ -90,6 +90,12 @@ def cases(tmp_path: Path, tiny: Path) -> dict:
             "(prompt_too_long=50); raise data.max_prompt_length=3"),
         "output directory below a file": (["run", str(ok), "--set", f"trainer.output_dir={ok}/out"],
                                           f"trainer.output_dir='{ok}/out' cannot be created: {ok} is a file"),
+        "LoRA target modules the model does not have": (
+            ["run", str(ok), "--set", "model.lora.target_modules=[q_proj, qkv_proj]"],
+            "model.lora.target_modules: ['qkv_proj'] not in model.path="),
+        "LoRA rank above what the engines serve": (
+            ["run", str(ok), "--set", "model.lora.rank=64"],
+            "model.lora.rank=64 is above rollout.max_lora_rank=16"),
         "resume with another model": ("resume", "--resume from"),
         "output directory held by a running job": ("locked", "is in use by pid"),
         "scale to a cluster that is not there": (["scale", "--workers", "3", "--address", f"127.0.0.1:{port}", "--connect-timeout", "3"],
@@ -103,7 +109,8 @@ def cases(tmp_path: Path, tiny: Path) -> dict:
 CASES = ["yaml syntax error", "missing config file", "reward module that does not exist",
          "cluster address nothing listens on", "model directory without tokenizer files",
          "model directory that does not exist", "prompt filter leaves less than one step",
-         "output directory below a file", "resume with another model", "output directory held by a running job",
+         "output directory below a file", "LoRA target modules the model does not have",
+         "LoRA rank above what the engines serve", "resume with another model", "output directory held by a running job",
          "scale to a cluster that is not there", "submit to a dashboard that is not there"]
 
 

@@ -81,6 +81,15 @@ def test_token_budget_replaces_the_micro_batch_divisibility_and_must_hold_the_lo
         (["rollout.tensor_parallel_size=2", "cluster.num_gpus_per_rollout=1"],
          "cluster.num_gpus_per_rollout must be 2, got 1"),
         (["rollout.tensor_parallel_size=2"], "cluster.num_gpus_per_rollout must be 2, got 0"),
+        (["cluster.num_gpus_per_rollout=0.5", "cluster.num_gpus_per_learner=1"],
+         r"rollout.tensor_parallel_size=1 .* cluster.num_gpus_per_rollout must be 1, got 0.5"),
+        (["cluster.num_gpus_per_rollout=1", "cluster.num_gpus_per_learner=0.5"],
+         "cluster.num_gpus_per_learner=0.5: a learner rank drives exactly one whole GPU"),
+        (["cluster.num_gpus_per_rollout=1", "cluster.num_gpus_per_learner=2"], "cluster.num_gpus_per_learner=2"),
+        (["cluster.num_gpus_per_rollout=1"],
+         "cluster.num_gpus_per_rollout=1 with cluster.num_gpus_per_learner=0: the learner and the rollout engines "
+         "must both be on GPU or both on CPU"),
+        (["cluster.num_gpus_per_learner=1"], "cluster.num_gpus_per_rollout=0 with cluster.num_gpus_per_learner=1"),
         (["learner.ref_sync_every=5", "algorithm.beta=0"], "learner.ref_sync_every"),
         (["rewards.functions=[]"], "at least one reward function"),
     ],
@@ -132,3 +141,13 @@ def test_assignment_is_validated():
     with pytest.raises(ValueError, match="loss_type"):
         algo.loss_type = "mean"
 
+
+
+def test_gpu_placement_checks_accept_one_whole_gpu_per_engine_process_and_learner_rank():
+    gpu = ["cluster.num_gpus_per_rollout=2", "rollout.tensor_parallel_size=2", "cluster.num_gpus_per_learner=1"]
+    cfg = load_config(overrides=gpu)
+    assert cfg.cluster.num_gpus_per_rollout == 2 and cfg.cluster.num_gpus_per_learner == 1
+    # A cross-field error is one line naming the fields.
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[*gpu, "cluster.num_gpus_per_learner=0.5"])
+    assert "\n" not in str(e.value) and "cluster.num_gpus_per_learner" in str(e.value)

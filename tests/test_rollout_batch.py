@@ -179,8 +179,6 @@ def test_engine_kwargs_cpu_and_gpu():
     gpu = engine_kwargs(RolloutConfig(tensor_parallel_size=2), model, 128, cuda=True)
     assert "enable_chunked_prefill" not in gpu  # CUDA generators rewind: vLLM's default stays
     assert gpu["dtype"] == "bfloat16" and gpu["distributed_executor_backend"] == "mp" and gpu["tensor_parallel_size"] == 2
-    with pytest.raises(ValueError, match="sleep mode"):
-        engine_kwargs(RolloutConfig(enable_sleep_mode=True), model, 128, cuda=False)
     with pytest.raises(ValueError, match="tensor_parallel_size=2 needs CUDA"):
         engine_kwargs(RolloutConfig(tensor_parallel_size=2), model, 128, cuda=False)
     assert resolve_dtype("float16", cuda=False) == "float16"

@@ -74,3 +74,14 @@ def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path):
     cfg = load_config(overrides=[f"trainer.output_dir={tmp_path}"])
     assert check_resume(cfg) == [f"--resume: no checkpoint under {cfg.checkpoint_dir}; starting from scratch"]
     assert config_changes(cfg.model_dump(mode="json"), cfg) == {}
+
+
+def test_resume_refuses_turning_lora_on_or_off_or_reshaping_the_adapter(tmp_path):
+    from grpo_dist.config import LoraConfig
+
+    saved = LoraConfig(rank=8, alpha=16).model_dump(mode="json")
+    cfg = _resumable(tmp_path, **{"model.lora": saved})  # saved with LoRA, resumed without
+    with pytest.raises(UserError, match=r"refused: model.lora.alpha: 16.0 -> None .* model.lora.rank: 8 -> None"):
+        check_resume(cfg)
+    on = load_config(overrides=[f"trainer.output_dir={tmp_path / 'run'}", "model.lora.rank=8", "model.lora.alpha=16"])
+    assert not [n for n in check_resume(on) if "lora" in n]  # the same adapter resumes
