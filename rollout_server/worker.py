@@ -409,6 +409,10 @@ class RolloutWorker:
             else:
                 state = f"no tensor was loaded, still serving version {self.weight_version}"
             raise RuntimeError(f"{self.name}: weight update to version {version} failed: {e} ({state})") from e
+        return self._adopt(version, t0, stats)
+
+    def _adopt(self, version: int, t0: float, stats: list[dict]) -> dict[str, float]:
+        """Serve ``version`` from the next batch on (its cached prefixes are the old weights')."""
         self._llm.reset_prefix_cache()
         self.weight_version = version
         return {
@@ -418,7 +422,6 @@ class RolloutWorker:
             "join_seconds": max(s["join_seconds"] for s in stats),
             "load_seconds": max(s["load_seconds"] for s in stats),
         }
-
 
     def _load_adapter(self, manifest, version, host, port, rank, world_size, timeout_s, bucket_bytes):
         """Receive the adapter into a new vLLM LoRA slot (id = version + 1, ids start at 1) and
@@ -438,15 +441,7 @@ class RolloutWorker:
                                f"version {self.weight_version})") from e
         # vLLM never reads the path of an adapter it already holds; it names the source in its logs.
         self._lora_request = LoRARequest(f"grpo-v{version}", lora_id, lora_path=f"grpo-dist:in-memory/v{version}")
-        self._llm.reset_prefix_cache()
-        self.weight_version = version
-        return {
-            "version": float(version),
-            "seconds": time.perf_counter() - t0,
-            "bytes": stats[0]["bytes"],
-            "join_seconds": max(s["join_seconds"] for s in stats),
-            "load_seconds": max(s["load_seconds"] for s in stats),
-        }
+        return self._adopt(version, t0, stats)
 
 
 def _thread_info() -> dict[str, Any]:

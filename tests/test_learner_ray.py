@@ -206,14 +206,20 @@ def test_first_step_matches_single_process_reference(which, request, tiny_model_
 def test_micro_batch_times_grad_accum_gives_same_update(micro, ray_cluster, tiny_model_dir):
     # Same effective batch as z2 (micro 2 x GA 2): micro 1 x GA 4 and micro 4 x GA 1.
     cfg = make_cfg(tiny_model_dir, **{**Z2, "micro_batch_size": micro})
-    group = start_group(cfg, f"micro{micro}")
+    step_matches_reference(cfg, f"micro{micro}", tiny_model_dir)
+
+
+def step_matches_reference(cfg, name, model_dir) -> dict:
+    """One train step of a fresh group on batch 0: loss and update equal the single-process reference's."""
+    group = start_group(cfg, name)
     try:
         batch = make_batch(0)
         before = group.gathered_state_dict()
         metrics = group.train_step(batch)
-        want_loss, want_w = reference_update(tiny_model_dir, cfg, batch)
+        want_loss, want_w = reference_update(model_dir, cfg, batch)
         assert metrics["loss"] == pytest.approx(want_loss, abs=1e-6)
         assert_same_update(before, group.gathered_state_dict(), want_w)
+        return metrics
     finally:
         group.shutdown()
 
@@ -225,18 +231,9 @@ def test_micro_batch_times_grad_accum_gives_same_update(micro, ray_cluster, tiny
 def test_token_budget_micro_batches_give_same_update(which, ray_cluster, tiny_model_dir):
     budget = {"max_tokens_per_micro_batch": 18, "data": {"max_prompt_length": 5}}
     cfg = make_cfg(tiny_model_dir, **{**(Z2 if which == "z2" else Z3), **budget})
-    group = start_group(cfg, f"budget-{which}")
-    try:
-        batch = make_batch(0)
-        before = group.gathered_state_dict()
-        metrics = group.train_step(batch)
-        want_loss, want_w = reference_update(tiny_model_dir, cfg, batch)
-        assert metrics["loss"] == pytest.approx(want_loss, abs=1e-6)
-        assert_same_update(before, group.gathered_state_dict(), want_w)
-        assert metrics["optimizer_steps"] == cfg.learner.optimizer_steps_per_batch * cfg.algorithm.num_iterations
-        assert 0 < metrics["padding_fraction"] < 0.2
-    finally:
-        group.shutdown()
+    metrics = step_matches_reference(cfg, f"budget-{which}", tiny_model_dir)
+    assert metrics["optimizer_steps"] == cfg.learner.optimizer_steps_per_batch * cfg.algorithm.num_iterations
+    assert 0 < metrics["padding_fraction"] < 0.2
 
 
 def test_manifest_has_hf_names_full_shapes_and_no_tied_head(z3, tiny_model_dir):
