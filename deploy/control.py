@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from grpo_dist.errors import UserError
+from grpo_dist.errors import UserError, first_line
 from grpo_dist.preflight import check_reachable
+
+# Ray >= 2.59 clusters started by `ray start` use token authentication; a missing or wrong token
+# looks like any refused connection from the client's side.
+AUTH_HINT = ("where the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+             "RAY_AUTH_TOKEN_PATH) to its token (`ray get-auth-token` on the head prints it)")
 
 
 def scale(workers: int, address: str = "auto", namespace: str = "grpo-dist", timeout_s: float = 30.0,
@@ -19,7 +24,10 @@ def scale(workers: int, address: str = "auto", namespace: str = "grpo-dist", tim
                         "grpo-dist job running? Pass its cluster's address with --address") from None
     check_reachable(resolved, connect_timeout_s, field="--address", bound="--connect-timeout")
 
-    ray.init(address=address, namespace=namespace, logging_level="ERROR")
+    try:
+        ray.init(address=address, namespace=namespace, logging_level="ERROR")
+    except ConnectionError as e:  # after Ray's own ~20 s of retries (and its warnings) on a refused token
+        raise UserError(f"--address {address}: {first_line(e)}; {AUTH_HINT}") from None
     try:
         try:
             control = ray.get_actor("grpo-control", namespace=namespace)

@@ -17,6 +17,10 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
 
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from deploy.control import AUTH_HINT
+from deploy.placement import describe_placement, head_node_id, lost_nodes, selector_problems
 from grpo_dist.config import Config
 from grpo_dist.driver import Trainer, evaluate
 from grpo_dist.errors import UserError, first_line
@@ -33,6 +37,9 @@ class MetricsExporter:
 
     def __init__(self) -> None:
         self._gauges: dict[str, Any] = {}
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def record(self, metrics: dict[str, float]) -> None:
         from ray.util.metrics import Gauge
@@ -61,6 +68,9 @@ class JobControl:
     def desired_workers(self) -> int:
         return self._workers
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
 
 class RayCluster:
     """The learner group + rollout workers of one job, and the weight sync between them."""
@@ -73,18 +83,27 @@ class RayCluster:
             cfg.rollout, cfg.model, cfg.algorithm, cfg.rewards, cfg.cluster, max_model_len=cfg.max_model_len,
             ensure_weights=self._push_current_weights,
         )
+        nodes = ray.nodes()
+        problems = selector_problems(nodes, {"cluster.learner_label_selector": cfg.cluster.learner_label_selector,
+                                             "cluster.rollout_label_selector": cfg.cluster.rollout_label_selector})
+        if problems:
+            raise UserError("; ".join(problems))
+        # The control and metrics actors live on the head: the cluster does not outlive it anyway,
+        # while any other node may go away mid-run with whatever Ray placed there.
+        head = head_node_id(nodes)
+        on_head = {"scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=False)} if head else {}
         self._metrics = None
         if cfg.logging.ray_metrics:
-            self._metrics = MetricsExporter.options(name="grpo-metrics", namespace=NAMESPACE,
-                                                    get_if_exists=True).remote()
+            self._metrics = MetricsExporter.options(name="grpo-metrics", namespace=NAMESPACE, get_if_exists=True,
+                                                    **on_head).remote()
         self._manifest = None
         self.synced_version = 0  # what every live rollout worker must serve
         # The learner's weights right now (the driver passes it to maintain/sync_weights); a re-push
         # sends these, so it is tagged with this version, which may be newer than synced_version.
         self.learner_version = 0
-        self.control = JobControl.options(name="grpo-control", namespace=NAMESPACE, get_if_exists=True).remote(
-            cfg.rollout.num_workers
-        )
+        self.control = JobControl.options(name="grpo-control", namespace=NAMESPACE, get_if_exists=True,
+                                          **on_head).remote(cfg.rollout.num_workers)
+        self._actor_nodes: dict[str, str] = {}
         self.counters = {"worker_restarts_repushed": 0, "workers_added": 0, "workers_removed": 0, "sync_retries": 0}
 
     def start(self) -> None:
@@ -94,6 +113,18 @@ class RayCluster:
         self.rollout.start(timeout_s=timeout)
         log.info("learner group (%d ranks) and %d rollout workers up in %.1fs", self.cfg.learner.num_ranks,
                  self.cfg.rollout.num_workers, time.perf_counter() - t0)
+        log.info("placement: %s", describe_placement(self.placement(), ray.nodes()))
+
+    def placement(self) -> dict[str, str]:
+        """Actor name -> node id, for every actor of the job (the last node each was seen on)."""
+        for name, where in self.learner.placement().items():
+            self._actor_nodes[name] = where["node_id"]
+        self._actor_nodes.update(self.rollout.placement())
+        rpc = self.cfg.cluster.rpc_timeout_s
+        for name, actor in (("grpo-control", self.control), ("grpo-metrics", self._metrics)):
+            if actor is not None:
+                self._actor_nodes[name] = ray.get(actor.node_id.remote(), timeout=rpc)
+        return dict(self._actor_nodes)
 
     def sync_weights(self, version: int) -> dict[str, float]:
         """Broadcast the learner's weights (tagged `version`) to every rollout engine.
@@ -103,16 +134,16 @@ class RayCluster:
         manifest mismatch (ValueError) is not retried."""
         self.learner_version = version
         t0 = time.perf_counter()
-        self.rollout.wait_alive()
+        self.rollout.refresh()
         try:
             sent = self._sync_once(version)
         except ValueError:
             raise
         except (RayError, TimeoutError, RuntimeError) as first:
             self.counters["sync_retries"] += 1
-            log.warning("weight sync v%d failed (%s); waiting for restarted workers and retrying once on a fresh port",
+            log.warning("weight sync v%d failed (%s); retrying once on a fresh port with the workers that answer",
                         version, first)
-            self.rollout.wait_alive()
+            self.rollout.refresh()
             try:
                 sent = self._sync_once(version)
             except (RayError, TimeoutError, RuntimeError) as second:
@@ -158,6 +189,7 @@ class RayCluster:
         stale = {k: v for k, v in versions.items() if v != version}
         if stale:
             raise RuntimeError(f"weight sync v{version}: workers still report {stale}")
+        self.rollout.mark_synced(version)
         return sent
 
     def _push_current_weights(self) -> None:
@@ -166,29 +198,40 @@ class RayCluster:
         self.sync_weights(self.learner_version)
 
     def maintain(self, version: int) -> dict[str, float]:
-        """Between steps: apply a requested worker count (`grpo-dist scale`), and re-push weights to
-        any worker that serves an older version than the last sync (a restarted or new actor).
-        Restarting workers are waited for; one out of restarts is dropped (the rest carry on)."""
+        """Between steps: apply a requested worker count (`grpo-dist scale`), and push the learner's
+        weights to every worker that does not serve the last sync's version (a restarted or new actor)
+        before anything generates. Down workers are not waited for while others serve (the rollout
+        manager's docstring); new workers start without blocking the step and join once up."""
         self.learner_version = version
         want = ray.get(self.control.desired_workers.remote(), timeout=self.cfg.cluster.rpc_timeout_s)
-        have = len(self.rollout.wait_alive())
+        versions = self.rollout.refresh()
+        have = self.rollout.num_registered
         while have < want:
-            self.rollout.add_worker()
+            self.rollout.start_worker()
             self.counters["workers_added"] += 1
             have += 1
         while have > max(want, 1):
-            self.rollout.remove_worker()
+            log.info("scaling down: removed %s", self.rollout.remove_worker())
             self.counters["workers_removed"] += 1
             have -= 1
-        behind = {k: v for k, v in self.rollout.weight_versions().items() if v != self.synced_version}
+        versions = {k: v for k, v in versions.items() if k in self.rollout.worker_names}
+        states = self.rollout.states()
+        behind = {k: v for k, v in versions.items() if v != self.synced_version or states.get(k) != "serving"}
         if behind:
             # The learner may have trained since the last sync (sync_every > 1): push what it holds now,
             # tagged with its own version, to everyone, so no two workers serve different weights.
-            log.warning("workers %s serve stale weights; pushing v%d before they generate", behind, version)
+            log.warning("workers %s do not serve the job's weights (v%d); pushing v%d before they generate", behind,
+                        self.synced_version, version)
             self.counters["worker_restarts_repushed"] += len(behind)
             self.sync_weights(version)
+            self._actor_nodes.update(self.rollout.placement())
+        states = self.rollout.states()
         counters = self.counters | {f"rollout_{k}": v for k, v in self.rollout.counters.items()}
-        return {f"count/{k}": float(v) for k, v in counters.items()} | {"rollout/num_workers": float(have)}
+        return {f"count/{k}": float(v) for k, v in counters.items()} | {
+            "rollout/num_workers": float(sum(s == "serving" for s in states.values())),
+            "rollout/workers_down": float(sum(s == "down" for s in states.values())),
+            "rollout/workers_starting": float(sum(s == "starting" for s in states.values())),
+        }
 
     def dead_actors(self, timeout_s: float = 5.0) -> dict[str, str]:
         """Learner ranks and rollout workers that are dead now, with Ray's reason. A busy actor (stuck in
@@ -210,6 +253,13 @@ class RayCluster:
             except (GetTimeoutError, RayError):
                 pass
         return dead
+
+    def lost_nodes(self) -> str | None:
+        """One line naming each dead node that hosted actors of this job, with those actors."""
+        try:
+            return lost_nodes(self._actor_nodes, ray.nodes())
+        except RayError:
+            return None
 
     def record_metrics(self, metrics: dict[str, float]) -> None:
         if self._metrics is not None:
@@ -236,8 +286,8 @@ def _ray_init(cfg: Config) -> bool:
     if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
         try:
             ray.init(address=cfg.cluster.address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
-        except ConnectionError as e:  # `auto` with no cluster to find
-            raise UserError(f"cluster.address={cfg.cluster.address!r}: {first_line(e)}") from None
+        except ConnectionError as e:  # `auto` with no cluster to find, or a refused token
+            raise UserError(f"cluster.address={cfg.cluster.address!r}: {first_line(e)}; {AUTH_HINT}") from None
         return False
     # Logical CPUs: every actor asks for its share; on a small machine they time-share the cores.
     need = (cfg.learner.num_ranks * cfg.cluster.num_cpus_per_learner
@@ -274,9 +324,11 @@ def run_job(cfg: Config, train_rows: list[dict], test_rows: list[dict], resume: 
                 raise
             # A dead learner rank leaves the ZeRO group unusable: no checkpoint is attempted; the
             # last complete one (saves are atomic) is where `--resume` continues.
-            who = "; ".join(f"{name}: {why}" for name, why in dead.items())
-            raise RuntimeError(f"job failed at step {trainer.step + 1} because actors died: {who}. Resume from the "
-                               f"last complete checkpoint under {cfg.checkpoint_dir} with --resume") from e
+            nodes = cluster.lost_nodes()
+            who = nodes or "actors died: " + "; ".join(f"{name}: {why}" for name, why in dead.items())
+            where = " on a cluster with room for the learner again" if nodes else ""
+            raise RuntimeError(f"job failed at step {trainer.step + 1}: {who}. Resume from the last complete "
+                               f"checkpoint under {cfg.checkpoint_dir} with --resume{where}") from e
     finally:
         cluster.shutdown()
         signal.signal(signal.SIGTERM, previous)

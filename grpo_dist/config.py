@@ -8,11 +8,12 @@ Each component receives only its own section (``cfg.rollout``, ``cfg.learner``, 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from grpo_dist.errors import UserError, one_line
 
@@ -232,6 +233,11 @@ class LoggingConfig(_Section):
     log_completions: int = Field(2, ge=0, description="Sample completions printed per step.")
 
 
+# Ray's label selector syntax: a value, its negation, or a set ("in(a, b)", "!in(a,b)").
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
+_LABEL_VALUE = re.compile(rf"!?in\({_LABEL}(, ?{_LABEL})*\)|!?{_LABEL}")
+
+
 class ClusterConfig(_Section):
     address: str | None = Field(None, description="Ray address; None starts a local head (with dashboard).")
     num_cpus_per_rollout: float = Field(1.0, gt=0)
@@ -239,12 +245,29 @@ class ClusterConfig(_Section):
     num_cpus_per_learner: float = Field(1.0, gt=0)
     num_gpus_per_learner: float = Field(0.0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    learner_label_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray node labels the nodes of the learner ranks must have, e.g. {'ray.io/accelerator-type': "
+        "'H100'} (Ray sets it on GPU nodes) or {'grpo-role': 'learner'} (`ray start --labels grpo-role=learner`). "
+        "Values use Ray's selector syntax: 'v', '!v', 'in(a,b)', '!in(a,b)'. Empty: any node.",
+    )
+    rollout_label_selector: dict[str, str] = Field(
+        default_factory=dict, description="The same for the rollout workers' nodes."
+    )
     connect_timeout_s: float = Field(
         30.0, gt=0, description="How long `cluster.address` may take to answer before the run is refused."
     )
     rpc_timeout_s: float = Field(600.0, gt=0, description="Bound on any single actor call.")
     collective_timeout_s: float = Field(300.0, gt=0, description="torch.distributed / weight-sync timeout.")
     max_worker_restarts: int = Field(3, ge=0)
+
+    @field_validator("learner_label_selector", "rollout_label_selector")
+    @classmethod
+    def _selector_syntax(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not key or not _LABEL_VALUE.fullmatch(value):
+                raise ValueError(f"label {key!r}: {value!r} is not 'v', '!v', 'in(a,b,...)' or '!in(a,b,...)'")
+        return v
 
 
 class Config(_Section):

@@ -89,6 +89,12 @@ class LearnerActor:
 
     # ---- rendezvous -------------------------------------------------------------------------
 
+    def where(self) -> dict:
+        """Node and process of this rank (the job logs its placement and names a dead node's ranks)."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": node_ip(), "pid": os.getpid()}
+
     def master_address(self) -> tuple[str, int]:
         """Rank 0's node IP and a free port for the DeepSpeed group's rendezvous."""
         return node_ip(), free_port()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -73,11 +74,18 @@ class LearnerGroup:
         return self.learner_cfg.num_ranks
 
     def _get(self, refs: Any, what: str, timeout_s: float | None = None) -> Any:
+        """Wait for ``refs`` (one ref or a list) within ``timeout_s``. The first rank that fails
+        raises at once: the others would wait in a collective for it until their own timeout."""
         timeout = self.cluster_cfg.rpc_timeout_s if timeout_s is None else timeout_s
-        try:
-            return ray.get(refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"learner group: {what} did not finish within {timeout:.0f}s") from None
+        many = isinstance(refs, list)
+        pending = list(refs) if many else [refs]
+        deadline = time.monotonic() + timeout
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"learner group: {what} did not finish within {timeout:.0f}s")
+            ray.get(ready)  # raises the rank's error (RayTaskError, ActorDiedError) now
+        return ray.get(refs)
 
     def _call_all(self, method: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
         with _signals_deferred():
@@ -96,10 +104,12 @@ class LearnerGroup:
     def _start(self, timeout_s: float) -> None:
         c = self.cluster_cfg
         bundles = placement_bundles(self.world_size, c.num_cpus_per_learner, c.num_gpus_per_learner)
-        self.pg = placement_group(bundles, strategy=c.placement_strategy)
+        selector = [dict(c.learner_label_selector)] * len(bundles) if c.learner_label_selector else None
+        self.pg = placement_group(bundles, strategy=c.placement_strategy, bundle_label_selector=selector)
+        on = f" on nodes matching {c.learner_label_selector}" if selector else ""
         self._get(
             self.pg.ready(),
-            f"reserving placement group {bundles} ({c.placement_strategy}; are the cluster's resources free?)",
+            f"reserving placement group {bundles}{on} ({c.placement_strategy}; are the cluster's resources free?)",
             timeout_s,
         )
         actor_cls = ray.remote(LearnerActor)
@@ -124,6 +134,11 @@ class LearnerGroup:
         # Rank 0 picks the rendezvous address on its own node; the others are told.
         host, port = self._get(self.actors[0].master_address.remote(), "rank 0 address", timeout_s)
         self._call_all("setup", host, port, timeout_s=timeout_s)
+
+    def placement(self) -> dict[str, dict]:
+        """Actor name -> {node_id, node_ip, pid} of every rank."""
+        where = self._get([a.where.remote() for a in self.actors], "where")
+        return {f"{self.name_prefix}-{r}": w for r, w in enumerate(where)}
 
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
         ref = ray.put(batch)

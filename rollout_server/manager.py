@@ -6,12 +6,22 @@ ranks. The number of workers is independent of the learner and may change betwee
 (``add_worker`` / ``remove_worker``); a new worker serves the initial checkpoint (version 0)
 until the next weight push. Every wait is bounded.
 
-Worker failures. A worker that dies while generating (its ``generate`` raises RayActorError)
-does not fail the step: ``collect`` re-issues its prompt chunk to the live workers serving the
-batch's weight version. With none left it waits for Ray's restart of the dead actor
-(``max_restarts``), which comes back on the initial checkpoint (version 0), calls the
-``ensure_weights`` hook (the job pushes the learner's weights) and regenerates there. A worker
-whose restarts are exhausted is dropped from the pool.
+Worker failures and node loss. Each worker is ``serving`` (in the generation pool), ``awaiting``
+(reachable, but its weights are not the job's: a restarted or newly started actor; weight pushes
+reach it, generation does not), ``down`` (not answering: Ray restarts it, possibly waiting for
+a node with room) or ``starting`` (a new actor whose engine is not up yet). ``refresh`` polls them
+all with a short bound and never waits for a down worker while another one serves, so losing a
+node costs the job that node's share of the work, not a stall; the worker rejoins when Ray has
+restarted it somewhere and the job pushed the current weights (the worker itself refuses to
+generate before that). Every restart is logged with the node it left and the one it came back on,
+and counted (``worker_restarts``, ``nodes_lost``).
+
+A worker that dies while generating (its ``generate`` raises) does not fail the step: ``collect``
+re-issues its prompt chunk to the serving workers on the batch's weight version; if none serves
+that version any more, the whole batch is generated again on one version. With no serving worker
+left it waits for Ray's restart of the dead actor (``max_restarts``), calls the ``ensure_weights``
+hook (the job pushes the learner's weights) and regenerates there. A worker whose restarts are
+exhausted is dropped from the pool (``workers_lost``).
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from grpo_dist.config import AlgoConfig, ClusterConfig, ModelConfig, RewardsConf
 from grpo_dist.errors import first_line
 from grpo_dist.weight_sync import ParamSpec
 from rollout_server.placement import cpu_bind_ranges, cpu_worker_env, oversubscribed, split_contiguous, sync_rank_offsets
-from rollout_server.worker import DEFAULT_BUCKET_BYTES, RolloutWorker
+from rollout_server.worker import DEFAULT_BUCKET_BYTES, RolloutWorker, WorkerRestarted
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,9 @@ _ACTOR_CONCURRENCY = 8
 # (one second apart) mean its restarts are exhausted (a restarting actor answers "unavailable").
 _POLL_S = 10.0
 _DEAD_ANSWERS = 3
+# How long a worker may take to answer a status query before it counts as down this round.
+_STATUS_S = 10.0
+SERVING, AWAITING, DOWN, STARTING = "serving", "awaiting", "down", "starting"
 
 
 @dataclass
@@ -51,6 +64,11 @@ class _Worker:
     handle: Any  # ray ActorHandle
     slot: int  # placement slot: decides the CPU cores
     engine_world_size: int
+    state: str = SERVING
+    node_id: str = ""  # where it ran when last seen
+    node_ip: str = ""
+    pid: int = 0
+    since: float = 0.0  # monotonic time of the last state change
 
 
 @dataclass
@@ -95,7 +113,10 @@ class RolloutManager:
         self.rewards_cfg, self.cluster_cfg, self.max_model_len = rewards_cfg, cluster_cfg, max_model_len
         self.ensure_weights = ensure_weights
         # Cumulative over the run; each batch also carries its own counts in ``metrics``.
-        self.counters = {"worker_failures": 0, "prompts_reissued": 0, "workers_lost": 0}
+        self.counters = {"worker_failures": 0, "prompts_reissued": 0, "workers_lost": 0, "worker_restarts": 0,
+                         "nodes_lost": 0}
+        self._lost_nodes: set[str] = set()
+        self.version = 0  # what the pool is meant to serve: the last version pushed
         self._workers: list[_Worker] = []
         self._next_id = 0
         # Core ids this driver may use; CPU workers are bound to disjoint slices of them.
@@ -109,7 +130,26 @@ class RolloutManager:
 
     @property
     def worker_names(self) -> list[str]:
-        return [w.name for w in self._workers]
+        """Workers that weight pushes reach (serving or awaiting weights)."""
+        return [w.name for w in self._reachable()]
+
+    @property
+    def num_registered(self) -> int:
+        """Every worker of the job, down and starting ones included (what `scale` counts)."""
+        return len(self._workers)
+
+    def states(self) -> dict[str, str]:
+        return {w.name: w.state for w in self._workers}
+
+    def placement(self) -> dict[str, str]:
+        """Worker name -> node id it was last seen on."""
+        return {w.name: w.node_id for w in self._workers if w.node_id}
+
+    def _serving(self) -> list[_Worker]:
+        return [w for w in self._workers if w.state == SERVING]
+
+    def _reachable(self) -> list[_Worker]:
+        return [w for w in self._workers if w.state in (SERVING, AWAITING)]
 
     def start(self, timeout_s: float | None = None) -> dict[str, dict]:
         """Create ``rollout.num_workers`` workers and wait until every engine is ready."""
@@ -119,17 +159,27 @@ class RolloutManager:
         return self._wait_ready(new, timeout_s)
 
     def add_worker(self, timeout_s: float | None = None) -> str:
-        """Start one more worker (version 0 until the next weight push); returns its name."""
+        """Start one more worker and wait until its engine is up (version 0 until the next weight
+        push); returns its name."""
         w = self._create()
         self._wait_ready([w], timeout_s)
         return w.name
 
+    def start_worker(self) -> str:
+        """Start one more worker without waiting: it joins at a later ``refresh`` once its engine is
+        up (and placed: it may wait for a node with room), awaiting the job's weights."""
+        w = self._create()
+        w.state, w.since = STARTING, time.monotonic()
+        log.info("%s starting (it joins once its engine is up and the job pushed the current weights)", w.name)
+        return w.name
+
     def remove_worker(self, name: str | None = None) -> str:
-        """Kill one worker (the newest by default) between steps; returns its name."""
+        """Kill one worker (by default a down one if any, else the newest) between steps; returns its name."""
         if not self._workers:
             raise RuntimeError("no rollout worker to remove")
         if name is None:
-            w = self._workers[-1]
+            idle = [w for w in self._workers if w.state in (DOWN, STARTING)]
+            w = idle[-1] if idle else self._workers[-1]
         else:
             matches = [w for w in self._workers if w.name == name]
             if not matches:
@@ -167,8 +217,10 @@ class RolloutManager:
             max_task_retries=0,
             max_concurrency=_ACTOR_CONCURRENCY,
             runtime_env={"env_vars": env},
+            label_selector=dict(self.cluster_cfg.rollout_label_selector) or None,
         ).remote(name, self.rollout_cfg, self.model_cfg, self.algo_cfg, self.rewards_cfg, self.max_model_len)
-        w = _Worker(name=name, handle=handle, slot=slot, engine_world_size=self.rollout_cfg.tensor_parallel_size)
+        w = _Worker(name=name, handle=handle, slot=slot, engine_world_size=self.rollout_cfg.tensor_parallel_size,
+                    since=time.monotonic())
         self._workers.append(w)
         return w
 
@@ -183,6 +235,7 @@ class RolloutManager:
             if r in ready:
                 try:
                     infos[w.name] = ray.get(r, timeout=timeout)
+                    w.node_id, w.node_ip, w.pid = infos[w.name]["node_id"], infos[w.name]["node_ip"], infos[w.name]["pid"]
                 except Exception as e:  # the constructor (engine start) raised
                     failed[w.name] = str(e)
         if late or failed:
@@ -202,8 +255,13 @@ class RolloutManager:
             raise RuntimeError("no rollout workers: call start() first")
         if not prompts:
             raise ValueError("submit() needs at least one prompt row")
+        if not self._serving():
+            self.refresh()
+        pool = self._serving()
+        if not pool:
+            raise RuntimeError(f"no rollout worker serves the job's weights (v{self.version}): {self.states()}")
         refs, names, chunks = [], [], []
-        for w, (a, b) in zip(self._workers, split_contiguous(len(prompts), len(self._workers))):
+        for w, (a, b) in zip(pool, split_contiguous(len(prompts), len(pool))):
             if a == b:
                 continue
             refs.append(w.handle.generate.remote(prompts[a:b], n, sampling))
@@ -236,12 +294,19 @@ class RolloutManager:
                 pending.remove(c)
                 try:
                     done[c.start] = ray.get(c.ref, timeout=self.cluster_cfg.rpc_timeout_s)
-                except RayActorError as e:
+                except (RayActorError, WorkerRestarted) as e:
                     failures += 1
                     reissued += c.stop - c.start
-                    log.warning("%s died while generating prompts %d..%d; generating them again (%s)", c.name, c.start,
-                                c.stop - 1, first_line(e))
-                    pending += self._reissue(handle, c, done)
+                    self._mark_down(c.name, first_line(e))
+                    log.warning("%s failed while generating prompts %d..%d; generating them again (%s)", c.name,
+                                c.start, c.stop - 1, first_line(e))
+                    fresh, whole = self._reissue(handle, c, done)
+                    if whole:  # the batch starts over on one weight version
+                        reissued += len(handle.prompts) - (c.stop - c.start)
+                        done.clear()
+                        pending = fresh
+                        break
+                    pending += fresh
         self.counters["worker_failures"] += failures
         self.counters["prompts_reissued"] += reissued
         parts = [done[a] for a in sorted(done)]
@@ -249,68 +314,69 @@ class RolloutManager:
         batch.metrics.update(worker_failures=float(failures), prompts_reissued=float(reissued))
         return batch
 
-    def _reissue(self, handle: PendingRollout, lost: _Chunk, done: dict[int, RolloutBatch]) -> list[_Chunk]:
-        """Generate ``lost``'s prompts again on the live workers that serve the batch's version (the
-        version of the chunks already back, else the most common one); with none, on the restarted
-        worker once ``ensure_weights`` has brought it up to date."""
+    def _reissue(self, handle: PendingRollout, lost: _Chunk, done: dict[int, RolloutBatch]) -> tuple[list[_Chunk], bool]:
+        """Chunks that generate ``lost``'s prompts again, and whether they replace the whole batch.
+
+        The serving workers on the version of the chunks already back take them; when none serves
+        that version any more (a sync happened meanwhile), the whole batch is generated again on the
+        version most serving workers have. With no serving worker left, the lost worker's restart is
+        waited for and given the learner's weights (``ensure_weights``) first."""
         finished = Counter(b.weight_version for b in done.values())
         target = finished.most_common(1)[0][0] if finished else None
-        live = self._live_versions(exclude=lost.name)
-        if target is None and live:
+        live = self._serving_versions(exclude=lost.name)
+        if not live:
+            self._restarted_for(lost.name)
+            live = self._serving_versions(exclude=None)
+        names = [n for n, v in live.items() if v == target]
+        whole = bool(finished) and not names
+        if not names:
             counts = Counter(live.values())
             target = max(counts, key=lambda v: (counts[v], v))
-        names = [n for n, v in live.items() if v == target]
-        if not names:
-            target = self._restarted_for(lost.name, target)
-            names = [lost.name]
+            names = [n for n, v in live.items() if v == target]
+        a0, b0 = (0, len(handle.prompts)) if whole else (lost.start, lost.stop)
         deadline = time.monotonic() + self.rollout_cfg.generate_timeout_s
         by_name = {w.name: w for w in self._workers}
         out = []
-        for name, (a, b) in zip(names, split_contiguous(lost.stop - lost.start, len(names))):
+        for name, (a, b) in zip(names, split_contiguous(b0 - a0, len(names))):
             if a == b:
                 continue
-            a, b = lost.start + a, lost.start + b
+            a, b = a0 + a, a0 + b
             ref = by_name[name].handle.generate.remote(handle.prompts[a:b], handle.n, handle.sampling)
             out.append(_Chunk(name, ref, a, b, deadline))
-        log.warning("prompts %d..%d of %s re-issued to %s (weight version %s)", lost.start, lost.stop - 1, lost.name,
-                    names, target)
-        return out
+        what = "the whole batch" if whole else f"prompts {lost.start}..{lost.stop - 1} of {lost.name}"
+        log.warning("%s re-issued to %s (weight version %s)", what, names, target)
+        return out, whole
 
-    def _live_versions(self, exclude: str) -> dict[str, int]:
-        """Version of each worker that answers now (a dead or restarting one is left out)."""
-        refs = {w.name: w.handle.get_version.remote() for w in self._workers if w.name != exclude}
+    def _serving_versions(self, exclude: str | None) -> dict[str, int]:
+        """Version of each serving worker that answers now (others are marked down)."""
         out = {}
-        for name, ref in refs.items():
-            try:
-                v = ray.get(ref, timeout=_POLL_S)
-            except (RayActorError, GetTimeoutError):
-                continue
-            if v >= 0:
-                out[name] = v
+        for name, st in self._poll([w for w in self._serving() if w.name != exclude]).items():
+            if isinstance(st, dict) and st["version"] >= 0 and not st["awaiting_weights"]:
+                out[name] = st["version"]
+            else:
+                self._mark_down(name, st if isinstance(st, str) else "no answer")
         return out
 
-    def _restarted_for(self, name: str, target: int | None) -> int:
-        """Wait for Ray to restart ``name`` and bring it to the learner's weights; return the version it
-        serves then, which must be ``target`` (None: any)."""
+    def _restarted_for(self, name: str) -> None:
+        """Wait for Ray to restart ``name`` (the only worker left) and bring it to the learner's weights."""
         w = next((w for w in self._workers if w.name == name), None)
         if w is None:
-            raise RuntimeError(f"{name} died while generating and is no longer in the pool; no other worker serves "
-                               f"weight version {target}")
+            raise RuntimeError(f"{name} died while generating and is no longer in the pool; no other worker serves")
         version = self._await_alive(w, self.cluster_cfg.rpc_timeout_s)
         if version is None:
             self._drop(w)
             raise RuntimeError(f"{name} died while generating and has no restarts left "
                                f"(cluster.max_worker_restarts={self.cluster_cfg.max_worker_restarts}); no other worker "
-                               f"serves weight version {target}")
-        if self.ensure_weights is not None:
-            log.warning("%s restarted at weight version %d; pushing the current weights before it regenerates", name,
-                        version)
-            self.ensure_weights()
-            version = self._await_alive(w, self.cluster_cfg.rpc_timeout_s)
-        if target is not None and version != target:
-            raise RuntimeError(f"{name} restarted and serves weight version {version}, but the rest of the batch has "
-                               f"version {target}; refusing to mix versions")
-        return version
+                               "serves")
+        self.refresh()
+        if self.ensure_weights is None:
+            if w.state != SERVING:
+                raise RuntimeError(f"{name} restarted at weight version {version} and nobody pushes weights to it "
+                                   "(no ensure_weights hook); push weights before generating")
+            return
+        log.warning("%s restarted at weight version %d; pushing the current weights before it regenerates", name,
+                    version)
+        self.ensure_weights()
 
     def _await_alive(self, w: _Worker, timeout_s: float) -> int | None:
         """``w``'s version once it answers (a restarting actor is waited for; -1, a worker about to exit
@@ -335,27 +401,104 @@ class RolloutManager:
                 died = 0
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
-    def _drop(self, w: _Worker) -> None:
-        log.error("%s is dead for good (restarts exhausted); continuing without it", w.name)
+    def _drop(self, w: _Worker, why: str = "restarts exhausted") -> None:
+        log.error("%s is dead for good (%s); continuing without it", w.name, why)
         if w in self._workers:
             self._workers.remove(w)
             self.counters["workers_lost"] += 1
 
-    def wait_alive(self, timeout_s: float | None = None) -> dict[str, int]:
-        """Every worker's version once each answers: restarting workers are waited for (at most
-        ``timeout_s``, default cluster.rpc_timeout_s, each), ones with no restarts left are dropped.
-        Raises RuntimeError when no worker is left."""
-        timeout = self.cluster_cfg.rpc_timeout_s if timeout_s is None else timeout_s
-        versions = {}
+    def _poll(self, workers: list[_Worker]) -> dict[str, dict | str | None]:
+        """Each worker's ``status`` within ``_STATUS_S``: a dict, None (no answer: restarting, waiting
+        for a node, or busy), or the one-line error it died with."""
+        refs = {w.name: w.handle.status.remote() for w in workers}
+        if refs:
+            ray.wait(list(refs.values()), num_returns=len(refs), timeout=_STATUS_S)
+        out: dict[str, dict | str | None] = {}
+        for name, ref in refs.items():
+            try:
+                out[name] = ray.get(ref, timeout=0.1)
+            except GetTimeoutError:
+                out[name] = None
+            except RayActorError as e:
+                out[name] = _death_line(e)
+        return out
+
+    def _mark_down(self, name: str, why: str) -> None:
+        w = next((w for w in self._workers if w.name == name), None)
+        if w is not None and w.state != DOWN:
+            where = f"node {w.node_id[:8]} ({w.node_ip})" if w.node_id else "its node"
+            log.warning("%s on %s is down (%s); the job goes on with %d serving worker(s) while Ray restarts it",
+                        name, where, why, len([x for x in self._serving() if x is not w]))
+            w.state, w.since = DOWN, time.monotonic()
+
+    def _alive_nodes(self) -> set[str]:
+        return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+    def refresh(self, timeout_s: float | None = None) -> dict[str, int]:
+        """Poll every worker once and update its state (module docstring); returns the version of each
+        reachable worker. Restarts are logged and counted here. Only when no worker is reachable does
+        it wait (at most ``timeout_s``, default cluster.rpc_timeout_s) for one to come back; workers
+        with no restarts left are dropped. Raises RuntimeError when none is left."""
+        statuses = self._poll(list(self._workers))
+        alive_nodes = None
         for w in list(self._workers):
-            v = self._await_alive(w, timeout)
-            if v is None:
-                self._drop(w)
-            else:
-                versions[w.name] = v
-        if not versions:
+            st = statuses[w.name]
+            if isinstance(st, dict) and st["version"] >= 0:
+                if w.pid and (st["pid"], st["node_id"]) != (w.pid, w.node_id):
+                    alive_nodes = self._alive_nodes() if alive_nodes is None else alive_nodes
+                    self._note_restart(w, st, alive_nodes)
+                elif w.state in (DOWN, STARTING):
+                    log.info("%s is up on node %s (%s) after %.1fs", w.name, st["node_id"][:8], st["node_ip"],
+                             time.monotonic() - w.since)
+                w.node_id, w.node_ip, w.pid = st["node_id"], st["node_ip"], st["pid"]
+                state = SERVING if st["version"] == self.version and not st["awaiting_weights"] else AWAITING
+                if state != w.state:
+                    w.state, w.since = state, time.monotonic()
+            elif isinstance(st, str) and _gone(w):
+                self._drop(w, st)
+            elif w.state != STARTING:
+                if st is None:
+                    why = f"no answer within {_STATUS_S:.0f}s"
+                elif isinstance(st, str):
+                    why = st
+                else:  # version -1
+                    why = "a failed update broke its weights; it restarts"
+                self._mark_down(w.name, why)
+        reachable = self._reachable()
+        if reachable:
+            return {w.name: statuses[w.name]["version"] for w in reachable}
+        if not self._workers:
             raise RuntimeError("every rollout worker is dead and out of restarts")
-        return versions
+        timeout = self.cluster_cfg.rpc_timeout_s if timeout_s is None else timeout_s
+        log.warning("no rollout worker answers (%s); waiting up to %.0fs for one to come back", self.states(), timeout)
+        deadline = time.monotonic() + timeout
+        while self._workers:
+            w = min(self._workers, key=lambda w: w.since)  # the longest down first
+            if self._await_alive(w, max(1.0, deadline - time.monotonic())) is None:
+                self._drop(w)
+                continue
+            return self.refresh(timeout_s=max(1.0, deadline - time.monotonic()))
+        raise RuntimeError("every rollout worker is dead and out of restarts")
+
+    def _note_restart(self, w: _Worker, st: dict, alive_nodes: set[str]) -> None:
+        self.counters["worker_restarts"] += 1
+        old_dead = w.node_id not in alive_nodes
+        if old_dead and w.node_id not in self._lost_nodes:
+            self._lost_nodes.add(w.node_id)
+            self.counters["nodes_lost"] += 1
+        moved = f"on node {st['node_id'][:8]} ({st['node_ip']})"
+        cause = f"its node {w.node_id[:8]} ({w.node_ip}) is dead" if old_dead else f"pid {w.pid} on node {w.node_id[:8]} died"
+        log.warning("%s was restarted by Ray %s after %.1fs down: %s; it waits for the job's current weights (v%d)",
+                    w.name, moved, time.monotonic() - w.since, cause, self.version)
+
+    def wait_alive(self, timeout_s: float | None = None) -> dict[str, int]:
+        """Every worker's version once each answers: down workers are waited for (at most
+        ``timeout_s`` each). For tests and tools that need the whole pool; the job uses ``refresh``."""
+        timeout = self.cluster_cfg.rpc_timeout_s if timeout_s is None else timeout_s
+        for w in list(self._workers):
+            if self._await_alive(w, timeout) is None:
+                self._drop(w)
+        return self.refresh(timeout)
 
     def generate(
         self, prompts: list[dict], n: int | None = None, sampling: dict | None = None, timeout_s: float | None = None
@@ -367,7 +510,7 @@ class RolloutManager:
 
     def _call_all(self, method: str, *args, timeout_s: float | None = None) -> dict[str, Any]:
         timeout = self.cluster_cfg.rpc_timeout_s if timeout_s is None else timeout_s
-        refs = {w.name: getattr(w.handle, method).remote(*args) for w in self._workers}
+        refs = {w.name: getattr(w.handle, method).remote(*args) for w in self._reachable()}
         out = {}
         for name, ref in refs.items():
             try:
@@ -377,15 +520,15 @@ class RolloutManager:
         return out
 
     def weight_versions(self, timeout_s: float | None = None) -> dict[str, int]:
-        """Version served by each worker: 0 = initial checkpoint, -1 = broken by a failed update."""
-        return self._call_all("get_version", timeout_s=timeout_s)
+        """Version of each reachable worker: 0 = initial checkpoint, -1 = broken by a failed update."""
+        return self._call_all("get_version", timeout_s=_STATUS_S if timeout_s is None else timeout_s)
 
     def workers_info(self, timeout_s: float | None = None) -> dict[str, dict]:
         return self._call_all("info", timeout_s=timeout_s)
 
     def world_size(self) -> int:
         """Weight-sync group size: learner rank 0 plus every engine worker of every rollout worker."""
-        return 1 + sum(w.engine_world_size for w in self._workers)
+        return 1 + sum(w.engine_world_size for w in self._reachable())
 
     def check_manifest(self, manifest: list[ParamSpec], timeout_s: float | None = None) -> None:
         """Raise ValueError from the first worker that refuses ``manifest`` (names what is wrong)."""
@@ -408,13 +551,36 @@ class RolloutManager:
         ``world_size()`` and send, then waits on the refs. ``bucket_bytes`` must equal the
         sender's. A running generate finishes before its worker joins.
         """
-        if not self._workers:
-            raise RuntimeError("no rollout workers to receive weights")
+        pool = self._reachable()
+        if not pool:
+            raise RuntimeError(f"no reachable rollout worker to receive weights: {self.states()}")
         self.check_manifest(manifest)
         world = self.world_size()
-        offsets = sync_rank_offsets([w.engine_world_size for w in self._workers])
+        offsets = sync_rank_offsets([w.engine_world_size for w in pool])
         manifest_ref = ray.put(manifest)
+        self.version = version
         return [
             w.handle.receive_weights.remote(manifest_ref, version, host, port, rank, world, timeout_s, bucket_bytes)
-            for w, rank in zip(self._workers, offsets)
+            for w, rank in zip(pool, offsets)
         ]
+
+    def mark_synced(self, version: int) -> None:
+        """Every reachable worker loaded ``version``: they all serve it from now on."""
+        for w in self._reachable():
+            w.state, w.since = SERVING, time.monotonic()
+        self.version = version
+
+
+def _death_line(e: BaseException) -> str:
+    """Ray's "The actor is dead because ..." line of an actor error, else its first line."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    return next((ln for ln in lines if ln.startswith("The actor is dead because")), first_line(e))
+
+
+def _gone(w: _Worker) -> bool:
+    """True once Ray has given up on the actor: its name is no longer registered."""
+    try:
+        ray.get_actor(w.name)
+        return False
+    except ValueError:
+        return True

@@ -18,6 +18,16 @@ re-runs this constructor) and the learner's version after each successful update
 refused up front (manifest mismatch) or failing before the first tensor (group join) leaves the
 old weights serving. An update failing mid-transfer leaves the engine half-updated and unable
 to reload: the worker reports -1, refuses generation, and exits so Ray restarts it (version 0).
+
+Restarts. A restarted actor (Ray re-created it: its process or its node died) comes back on the
+initial checkpoint, which is not the job's weights any more: it refuses to generate
+(``WorkerRestarted``) until the job has pushed weights to it, so a restart can never serve stale
+weights silently, whatever the driver was doing when it happened. ``status`` says where the worker
+runs (node, pid) and whether it waits for weights.
+
+Metrics. Each worker exports its own gauges from its own process, so Ray's metrics agent of the
+node it runs on serves them: ``grpo_worker_weight_version``, ``grpo_worker_awaiting_weights``,
+``grpo_worker_completions`` and ``grpo_worker_generate_seconds`` (tags ``worker`` and ``node``).
 """
 
 from __future__ import annotations
@@ -58,6 +68,10 @@ _NOT_COLUMNS = ("prompt", "prompt_ids")
 
 class EngineFailure(RuntimeError):
     """The vLLM engine of a rollout worker raised; the message is one line naming the worker."""
+
+
+class WorkerRestarted(RuntimeError):
+    """A restarted rollout worker was asked to generate before the job pushed weights to it."""
 
 
 def engine_kwargs(rollout: RolloutConfig, model: ModelConfig, max_model_len: int, cuda: bool) -> dict[str, Any]:
@@ -250,6 +264,11 @@ class RolloutWorker:
         self._rewards = build_reward_fns(rewards_cfg.functions)
         self._calls = itertools.count()
         self.weight_version = 0
+        self.where = _where()
+        # A re-created actor serves the initial checkpoint, no longer the job's weights (module docstring).
+        self.awaiting_weights = self.where["restarted"]
+        self._gauges = _WorkerGauges(name, self.where["node_id"])
+        self._gauges.version(self.weight_version, self.awaiting_weights)
         self._engine_failure: str | None = None  # set once the engine raised inside generate
         self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-engine")
         t0 = time.perf_counter()
@@ -291,6 +310,10 @@ class RolloutWorker:
     def get_version(self) -> int:
         return self.weight_version
 
+    def status(self) -> dict[str, Any]:
+        """Version, whether a restart left it waiting for weights, and where it runs (node, pid)."""
+        return {"version": self.weight_version, "awaiting_weights": self.awaiting_weights, **self.where}
+
     def engine_world_size(self) -> int:
         return self.rollout_cfg.tensor_parallel_size
 
@@ -302,6 +325,8 @@ class RolloutWorker:
             "start_seconds": self.start_seconds,
             "dtype": self._engine_kwargs["dtype"],
             "engine_world_size": self.engine_world_size(),
+            "awaiting_weights": self.awaiting_weights,
+            **self.where,
             **self._thread_info,
         }
 
@@ -329,6 +354,7 @@ class RolloutWorker:
             self._run_engine, self.rollout_cfg.generate_timeout_s, [list(r["prompt_ids"]) for r in prompts], kw, seeds
         )
         gen_seconds = time.perf_counter() - t0
+        self._gauges.generated(len(prompts) * n, gen_seconds)
         return build_batch(prompts, n, completions, version, self._rewards, self.rewards_cfg.timeout_s, gen_seconds)
 
     def _run_engine(self, prompt_ids: list[list[int]], kw: dict[str, Any], seeds: list[int]):
@@ -342,6 +368,11 @@ class RolloutWorker:
             )
         if self._engine_failure is not None:
             raise EngineFailure(self._engine_failure)
+        if self.awaiting_weights:
+            raise WorkerRestarted(
+                f"{self.name}: restarted on node {self.where['node_id'][:8]} ({self.where['node_ip']}) and serves the "
+                "initial checkpoint; it generates nothing until the job pushes its current weights"
+            )
         n = kw["n"]
         # vLLM refuses n > 1 with greedy sampling; the n greedy completions are identical anyway.
         engine_kw = {**kw, "n": 1} if kw["temperature"] == 0 else kw
@@ -401,6 +432,7 @@ class RolloutWorker:
                 # meta device; measured: the next reload raises). Restart the process through Ray
                 # (max_restarts), which brings the engine back on the initial checkpoint, version 0.
                 self.weight_version = -1
+                self._gauges.version(-1, False)
                 threading.Timer(_RESTART_DELAY_S, os._exit, args=(1,)).start()
                 state = (
                     "the engine is half-updated and cannot reload again: this worker restarts and comes "
@@ -415,6 +447,8 @@ class RolloutWorker:
         """Serve ``version`` from the next batch on (its cached prefixes are the old weights')."""
         self._llm.reset_prefix_cache()
         self.weight_version = version
+        self.awaiting_weights = False
+        self._gauges.version(version, False)
         return {
             "version": float(version),
             "seconds": time.perf_counter() - t0,
@@ -448,3 +482,40 @@ def _thread_info() -> dict[str, Any]:
     """Cores and threads of the calling (engine) thread: shows the binding took effect."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     return {"cores": cores, "torch_threads": torch.get_num_threads(), "omp_places": os.environ.get("OMP_PLACES", "")}
+
+
+def _where() -> dict[str, Any]:
+    """Node and process of this actor, and whether Ray re-created it (False outside an actor)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {
+        "node_id": ctx.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "pid": os.getpid(),
+        "restarted": bool(ctx.get_actor_id() and ctx.was_current_actor_reconstructed),
+    }
+
+
+class _WorkerGauges:
+    """This worker's series in Ray's metrics (the module docstring lists them)."""
+
+    def __init__(self, worker: str, node_id: str) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        keys = ("worker", "node")
+        self._tags = {"worker": worker, "node": node_id}
+        self._version = Gauge("grpo_worker_weight_version", "weight version a rollout worker serves", tag_keys=keys)
+        self._awaiting = Gauge("grpo_worker_awaiting_weights", "1 while a restarted worker waits for the job's weights",
+                               tag_keys=keys)
+        self._completions = Counter("grpo_worker_completions", "completions a rollout worker generated", tag_keys=keys)
+        self._seconds = Counter("grpo_worker_generate_seconds", "seconds a rollout worker spent generating",
+                                tag_keys=keys)
+
+    def version(self, version: int, awaiting: bool) -> None:
+        self._version.set(version, tags=self._tags)
+        self._awaiting.set(float(awaiting), tags=self._tags)
+
+    def generated(self, completions: int, seconds: float) -> None:
+        self._completions.inc(completions, tags=self._tags)
+        self._seconds.inc(seconds, tags=self._tags)

@@ -88,6 +88,18 @@ def kill_during(cluster, rows, victim: str):
     return cluster.rollout.collect(handle), pid
 
 
+def rejoin(cluster, version: int, timeout_s: float = 300) -> dict:
+    """Run the job's between-steps upkeep until every worker serves again (a restarted one comes
+    back once Ray has restarted it); returns the last upkeep's metrics."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        up = cluster.maintain(version)
+        if set(cluster.rollout.states().values()) == {"serving"} and up["rollout/num_workers"] == 2:
+            return up
+        assert time.monotonic() < deadline, f"workers did not all serve again: {cluster.rollout.states()}"
+        time.sleep(1)
+
+
 def assert_every_prompt_once(batch, rows):
     assert batch.prompts == [r["prompt"] for r in rows for _ in range(G)]
     assert batch.group_ids == [g for g in range(len(rows)) for _ in range(G)]
@@ -103,11 +115,13 @@ def test_worker_killed_while_generating_is_reissued_to_the_survivor(cluster, row
     assert batch.metrics["worker_failures"] == 1.0 and batch.metrics["prompts_reissued"] == 3.0
     assert batch.metrics["prompts"] == 6.0  # each prompt generated (and counted) once in the batch
 
-    # Between steps: Ray restarted rollout-0 on the initial checkpoint; maintain re-pushes v1.
-    up = cluster.maintain(1)
+    # Between steps: the steps go on with rollout-1 while Ray restarts rollout-0 on the initial
+    # checkpoint; once it answers, maintain pushes v1 to it before it generates.
+    up = rejoin(cluster, 1)
     assert cluster.rollout.weight_versions() == {"rollout-0": 1, "rollout-1": 1}
     assert worker_pid("rollout-0") != old_pid
     assert up["count/rollout_worker_failures"] == 1.0 and up["count/worker_restarts_repushed"] == 1.0
+    assert up["count/rollout_worker_restarts"] == 1.0 and up["count/rollout_nodes_lost"] == 0.0
 
 
 def test_worker_killed_during_weight_sync_recovers_on_retry(cluster, rows, monkeypatch):
@@ -126,6 +140,8 @@ def test_worker_killed_during_weight_sync_recovers_on_retry(cluster, rows, monke
     out = cluster.sync_weights(2)
     assert len(calls) == 2 and cluster.counters["sync_retries"] == 1
     assert out["version"] == 2
+    # The retry went to the worker that answered; the restarted one gets v2 when it is back.
+    rejoin(cluster, 2)
     assert cluster.rollout.weight_versions() == {"rollout-0": 2, "rollout-1": 2}
     assert worker_pid("rollout-1") != victim_pid
     monkeypatch.undo()

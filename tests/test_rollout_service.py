@@ -274,9 +274,12 @@ def test_add_restart_and_remove_worker(manager, rows, hf_models, serving):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{name} did not come back within 300 s")
         time.sleep(2)
-    assert info["weight_version"] == 0
-    with pytest.raises(ValueError, match="refusing to mix weight versions"):
-        manager.generate(rows)
+    # Back on the initial checkpoint, it refuses to generate until weights are pushed to it: its
+    # prompts go to the workers that serve version v, and the batch is all version v.
+    assert info["weight_version"] == 0 and info["awaiting_weights"]
+    batch = manager.generate(rows)
+    assert batch.weight_version == v and batch.metrics["worker_failures"] == 1.0
+    assert manager.states()[name] == "down"
 
     assert manager.remove_worker(name) == name
     assert manager.worker_names == ["rollout-0", "rollout-1"] and manager.world_size() == 3
@@ -316,11 +319,11 @@ def test_update_broken_mid_transfer_restarts_the_workers(manager, rows, hf_model
     for ref in refs:
         with pytest.raises(ray.exceptions.RayTaskError, match="half-updated and cannot reload again"):
             ray.get(ref, timeout=120)
-    # Ray restarts both workers on the initial checkpoint; the next push brings them up to date.
+    # Ray restarts both workers on the initial checkpoint; they generate nothing until a push.
     _wait_for_versions(manager, 0)
-    serving["model"] = hf_models["base"]
-    batch = manager.generate(rows[:2])
-    assert max_abs_diff(batch.sampling_logp, hf_logps(hf_models["base"], batch)) < LOGP_TOL
+    with pytest.raises(RuntimeError, match="nobody pushes weights to it"):
+        manager.generate(rows[:2])
+    assert set(manager.refresh().values()) == {0} and set(manager.states().values()) == {"awaiting"}
     push(manager, model, version=51)
     serving["model"] = model
     assert manager.weight_versions() == {"rollout-0": 51, "rollout-1": 51}
