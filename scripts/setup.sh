@@ -23,3 +23,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     || { echo "[setup] import check failed" >&2; .venv/bin/python -c "import torch, transformers, vllm, ray, deepspeed"; exit 1; }
   echo "$want" > "$stamp"
 fi
+# Prometheus (Debian's package) for the metrics test, which scrapes a live multi-node job. Only
+# where apt works without asking (root, e.g. CI); elsewhere that one test skips and says why.
+if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing Debian's prometheus package (for tests/test_multinode.py)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } \
+    >/dev/null 2>&1 || echo "[setup] could not install prometheus; the Prometheus test will skip" >&2
+fi

@@ -53,9 +53,9 @@ def test_submit_runs_a_job_on_a_live_head(tmp_path, tiny_model_dir):
     token.write_text(secrets.token_hex(32))
     env = {**cli_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_AUTH_TOKEN", None)
-    dash = free_port()
+    dash, gcs = free_port(), free_port()
     address = f"http://127.0.0.1:{dash}"
-    subprocess.run([RAY, "start", "--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+    subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}", "--num-cpus=4", "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=180)
     try:
@@ -91,5 +91,14 @@ def test_submit_runs_a_job_on_a_live_head(tmp_path, tiny_model_dir):
         assert summary["steps"] == 2 and summary["final_weight_version"] == 2
         assert (out_dir / "metrics.jsonl").read_text().count("\n") == 2
         assert {"learner-0", "learner-1", "rollout-0", "grpo-metrics", "grpo-control"} <= set(seen["actors"]), seen["actors"]
+        # `grpo-dist scale` connects with the token (and finds the job gone); without it, one line says why.
+        for mode, code, cause in (("token", 2, "the Ray cluster runs no grpo-dist job"),
+                                  ("disabled", 2, "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")):
+            out = subprocess.run([sys.executable, "-m", "grpo_dist.cli", "scale", "--workers", "2", "--address",
+                                  f"127.0.0.1:{gcs}"], cwd=ROOT, env={**env, "RAY_AUTH_MODE": mode},
+                                 capture_output=True, text=True, timeout=180)
+            said = [ln for ln in out.stderr.splitlines() if ln.startswith("grpo-dist:")]
+            assert out.returncode == code and len(said) == 1 and cause in said[0], out.stderr[-3000:]
+            assert "Traceback" not in out.stderr
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=180)
