@@ -26,6 +26,7 @@ from grpo_dist.driver import Trainer, evaluate
 from grpo_dist.errors import UserError, first_line
 from learner import LearnerGroup
 from rollout_server import RolloutManager
+from rollout_server.manager import death_reason
 
 log = logging.getLogger("grpo_dist.job")
 NAMESPACE = "grpo-dist"
@@ -249,7 +250,7 @@ class RayCluster:
             try:
                 ray.get(ref, timeout=0.1)
             except ActorDiedError as e:
-                dead[name] = _death_reason(e)
+                dead[name] = death_reason(e)
             except (GetTimeoutError, RayError):
                 pass
         return dead
@@ -359,9 +360,3 @@ def _outcome(ref) -> str:
         return "still running"
     except RayError as e:
         return first_line(e)
-
-
-def _death_reason(e: BaseException) -> str:
-    """Ray's "The actor is dead because ..." line (exit type and detail), else the first line."""
-    lines = [ln.strip() for ln in str(e).splitlines()]
-    return next((ln for ln in lines if ln.startswith("The actor is dead because")), first_line(e))

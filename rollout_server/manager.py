@@ -420,7 +420,7 @@ class RolloutManager:
             except GetTimeoutError:
                 out[name] = None
             except RayActorError as e:
-                out[name] = _death_line(e)
+                out[name] = death_reason(e)
         return out
 
     def _mark_down(self, name: str, why: str) -> None:
@@ -571,7 +571,7 @@ class RolloutManager:
         self.version = version
 
 
-def _death_line(e: BaseException) -> str:
+def death_reason(e: BaseException) -> str:
     """Ray's "The actor is dead because ..." line of an actor error, else its first line."""
     lines = [ln.strip() for ln in str(e).splitlines()]
     return next((ln for ln in lines if ln.startswith("The actor is dead because")), first_line(e))
