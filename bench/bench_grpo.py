@@ -3,12 +3,21 @@
 
     .venv/bin/pip install --no-deps trl==1.16.0     # only for --trl (the `bench` extra)
     python -m bench.bench_grpo [--config deploy/configs/tiny_cpu.yaml] [--steps 6] [--warmup 2]
-                               [--workers 1 2] [--modes on-policy async] [--trl] [--out FILE]
+                               [--workers 1 2] [--modes on-policy async] [--set k=v ...] [--trl] [--out FILE]
+
+The real model, as the README's first performance table (SmolLM2-135M-Instruct on GSM8K):
+
+    grpo-dist get-model smollm2-135m-instruct --out runs/smollm2
+    python -m bench.bench_grpo --config deploy/configs/smollm2_gsm8k_cpu.yaml \
+        --set trainer.prompts_per_step=8 --set algorithm.num_generations=4 \
+        --set algorithm.max_completion_length=128 --set learner.micro_batch_size=8 \
+        --steps 3 --warmup 1 --trl
 
 Each configuration is a real `grpo-dist run` (local Ray head, vLLM rollout workers, DeepSpeed
 learner) with evaluation and checkpoints off; figures are medians over the steps after warm-up,
 read from the run's metrics.jsonl. The model is whatever `model.path` names, so the same harness
-runs the tiny model here and a real model on a GPU cluster (`--set model.path=...`).
+runs the tiny model, the real one and, unchanged, a GPU cluster. TRL gets the same config
+(`bench/trl_baseline.py` reads it: model, prompts, rewards, G, batch, micro-batch, loss, beta, lr).
 
 Definitions (per step):
 - engine = vLLM generation time inside the workers (per worker), train = learner forward/backward/
@@ -19,6 +28,12 @@ Definitions (per step):
 - weight sync: seconds per update and MB/s over the bytes moved (group set-up included).
 - vs TRL: completions/s, and the loop wall time (warm-up included, engine start and model
   loading excluded) to train on the same number of samples.
+- FLOP floor: the matmul FLOPs a step cannot avoid, 6NT to train on its T = prompt + completion
+  tokens, 2NT more for the reference (beta > 0, full fine-tune) and for old log-probs
+  (num_iterations > 1), 2N per generated token and per unique prompt token (the engine prefills a
+  prompt once for its G children), over this machine's fp32 matmul rate with every core busy
+  (measured here on a model-shaped matmul). Attention and the optimizer are left out, so it is
+  a floor that no implementation reaches; each run and TRL report their share of it.
 - CPU only: the work floor of a step on this machine. The on-policy 1-worker run's engine and
   learner times are taken as busy core-seconds (engine_s x engine threads + train_s x threads x
   ranks); no scheduling can make a step shorter than those core-seconds spread over every core,
@@ -38,6 +53,44 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def matmul_gflops(threads: int, d: int = 576, f: int = 1536, t: int = 2048, reps: int = 20) -> float:
+    """fp32 matmul rate (GFLOP/s) with ``threads`` threads on a [t, d] x [d, f] product: a decoder MLP
+    projection of a micro-batch's tokens at SmolLM2-135M's widths."""
+    import time
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(t, d), torch.randn(d, f)
+        for _ in range(3):
+            a @ b
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        return 2 * t * d * f * reps / (time.perf_counter() - t0) / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
+def model_params(path: str) -> int:
+    """Parameters of the model at ``path`` (tied weights once), built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return sum(p.numel() for p in model.parameters())
+
+
+def step_flops(n_params: int, train_tokens: float, generated: float, unique_prompt_tokens: float,
+               forward_passes: int) -> float:
+    """Matmul FLOPs of one step (see the module docstring): 6NT train, 2NT per extra no-grad
+    forward (reference, old log-probs), 2N per token the engine computes."""
+    return n_params * (6 * train_tokens + 2 * forward_passes * train_tokens + 2 * (generated + unique_prompt_tokens))
 
 
 def run_grpo(config: str, steps: int, workers: int, staleness: int, sets: list[str], out_dir: Path) -> list[dict]:
@@ -94,6 +147,8 @@ def summarize(all_rows: list[dict], warmup: int) -> dict[str, float]:
         "sync_bytes": med(rows, "sync/bytes"),
         "sync_MB_per_s": med(rows, "sync/bytes") / 1e6 / sync_s if sync_s > 0 else float("nan"),
         "idle_s": med(rows, "time/idle"),
+        "prompt_tokens_per_step": statistics.mean(r.get("rollout/prompt_tokens") or 0.0 for r in rows),
+        "generated_tokens_per_step": statistics.mean(r.get("rollout/generated_tokens") or 0.0 for r in rows),
         "overhead_frac": statistics.median(max(st - e - t, 0.0) / st for st, e, t in per_step),
         "step_over_max": statistics.median(st / max(e, t) for st, e, t in per_step),
         "sum_over_max": statistics.median((e + t) / max(e, t) for st, e, t in per_step),
@@ -152,42 +207,64 @@ def main() -> None:
     print(table(results))
     report: dict = {"grpo_dist": results}
 
+    # The FLOP floor, from this machine's matmul rate measured now (between runs, all cores).
+    cores = os.cpu_count() or 1
+    gflops = matmul_gflops(cores)
+    n_params = model_params(cfg.model.path)
+    G = cfg.algorithm.num_generations
+    extra_passes = int(cfg.algorithm.beta > 0 and cfg.model.lora is None) + int(cfg.algorithm.num_iterations > 1)
+
+    def floor_s(prompt_tokens: float, generated: float) -> float:
+        return step_flops(n_params, prompt_tokens + generated, generated, prompt_tokens / G, extra_passes) / (gflops * 1e9)
+
+    print(f"\nFLOP floor: N = {n_params / 1e6:.1f}M parameters, fp32 matmul {gflops:.1f} GFLOP/s on {cores} cores, "
+          f"{extra_passes} no-grad forward(s) per step besides training")
+    for name, r in results.items():
+        r["flop_floor_s"] = floor_s(r["prompt_tokens_per_step"], r["generated_tokens_per_step"])
+        r["flop_floor_share"] = r["flop_floor_s"] / r["step_s"]
+        print(f"  {name}: floor {r['flop_floor_s']:.2f} s per step, step {r['step_s']:.2f} s: "
+              f"{r['flop_floor_share']:.0%} of the floor's rate")
+    report["flop_floor"] = {"params": n_params, "matmul_gflops": gflops, "cores": cores, "extra_forwards": extra_passes}
+
     if args.trl:
         trl_out = Path(tempfile.mkdtemp()) / "trl.json"
-        cmd = [sys.executable, "-m", "bench.trl_baseline", "--model", cfg.model.path,
-               "--num-generations", str(cfg.algorithm.num_generations),
-               "--prompts-per-step", str(cfg.trainer.prompts_per_step),
-               "--max-completion-length", str(cfg.algorithm.max_completion_length),
-               "--micro-batch-size", str(cfg.learner.micro_batch_size),
-               "--steps", str(args.steps), "--warmup-steps", str(args.warmup),
-               "--temperature", str(cfg.algorithm.temperature), "--beta", str(cfg.algorithm.beta),
-               "--lr", str(cfg.learner.lr), "--out", str(trl_out)]
+        cmd = [sys.executable, "-m", "bench.trl_baseline", "--config", args.config,
+               "--steps", str(args.steps), "--warmup-steps", str(args.warmup), "--out", str(trl_out)]
+        for o in args.set:
+            cmd += ["--set", o]
         print("\nrunning TRL GRPOTrainer on the same settings ...", flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
         trl = json.loads(trl_out.read_text())
         report["trl"] = trl
         base = results.get("on-policy, 1 worker") or next(iter(results.values()))
-        best = max(results.values(), key=lambda r: r["completions_per_s"])
-        ratios = {
-            "completions_per_s (on-policy, 1 worker) / TRL": base["completions_per_s"] / trl["completions_per_s"],
-            "completions_per_s (best grpo-dist) / TRL": best["completions_per_s"] / trl["completions_per_s"],
-            f"TRL wall / grpo-dist wall to train on {trl['trained_samples']} samples (on-policy, 1 worker)":
-                trl["time_to_target_samples_s"] / base["loop_s"],
-        }
+        best_name, best = max(results.items(), key=lambda kv: kv[1]["completions_per_s"])
         if base["samples"] != trl["trained_samples"]:
             raise SystemExit(f"sample counts differ: grpo-dist {base['samples']}, TRL {trl['trained_samples']}")
+        # TRL trains on the same prompts; its completions are its own lengths.
+        per_completion_prompt = base["prompt_tokens_per_step"] / (cfg.trainer.prompts_per_step * G)
+        trl_gen = trl["measured_tokens"] / trl["measured_steps"]
+        trl_floor = floor_s(per_completion_prompt * trl["settings"]["completions_per_step"], trl_gen)
+        ratios = {f"completions/s ({name}) / TRL": r["completions_per_s"] / trl["completions_per_s"]
+                  for name, r in results.items()}
+        ratios.update({
+            f"TRL wall / grpo-dist wall to train on {trl['trained_samples']} samples ({name})":
+                trl["time_to_target_samples_s"] / r["loop_s"] for name, r in results.items()
+        })
+        ratios["TRL share of its FLOP floor"] = trl_floor / trl["step_s_median"]
         if not cfg.cluster.num_gpus_per_learner:
             # Busy core-seconds of one on-policy step: the engine threads while generating, every
             # learner rank's threads while training.
             core_s = (base["engine_s"] * cfg.rollout.cpu_threads_per_worker
                       + base["train_s"] * cfg.learner.num_ranks * max(1, int(cfg.cluster.num_cpus_per_learner)))
-            floor = core_s / (os.cpu_count() or 1)
-            ratios[f"estimated best on this machine: TRL step / work floor ({core_s:.2f} core-s over "
-                   f"{os.cpu_count()} cores = {floor:.3f} s)"] = trl["step_s_median"] / floor
+            floor = core_s / cores
+            ratios[f"work floor: busy core-s of the on-policy step over the cores ({core_s:.2f} core-s over "
+                   f"{cores} cores = {floor:.3f} s); best step ({best_name}) / floor"] = best["step_s"] / floor
+            ratios["estimated best on this machine: TRL step / work floor"] = trl["step_s_median"] / floor
         report["ratios"] = ratios
-        print(f"\nTRL GRPOTrainer: {trl['completions_per_s']:.3g} completions/s, step {trl['step_s_median']:.3g} s")
+        print(f"\nTRL GRPOTrainer: {trl['completions_per_s']:.3g} completions/s, {trl['tokens_per_s']:.3g} tokens/s, "
+              f"step {trl['step_s_median']:.3g} s, FLOP floor {trl_floor:.2f} s")
         for k, v in ratios.items():
-            print(f"  {k}: {v:.2f}x")
+            print(f"  {k}: {v:.2f}x" if "share" not in k else f"  {k}: {v:.0%}")
 
     on = results.get("on-policy, 1 worker")
     if on:

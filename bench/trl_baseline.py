@@ -1,15 +1,14 @@
 """TRL baseline for the side-by-side throughput benchmark: Hugging Face TRL's ``GRPOTrainer`` on
 grpo-dist's task and settings, on this machine.
 
-Same task as grpo-dist: the synthetic arithmetic train split from ``grpo_dist.data.load_split``
-(default ``DataConfig``), each prompt the chat-templated text grpo-dist feeds its rollout workers
-(checked: TRL tokenizes it to the same ids), rewards ``accuracy`` (weight 1.0) and ``format``
-(weight 0.2) from ``grpo_dist.rewards.REWARDS``, the tiny Qwen2 policy (untrained unless
-``--model`` points elsewhere) in fp32. One TRL optimizer step = one generation of
-``--prompts-per-step`` x ``--num-generations`` completions trained on once (``num_iterations=1``,
-``steps_per_generation = gradient_accumulation_steps``), in micro-batches of
-``--micro-batch-size`` rows; loss ``grpo``, clip 0.2, group-std advantages, AdamW
-betas (0.9, 0.99), constant LR, grad-norm clip 1.0, no gradient checkpointing (as grpo-dist).
+Everything comes from a grpo-dist config (``--config`` and ``--set``, as ``grpo-dist run`` takes
+them): the model (``model.path``, fp32), the train split from ``grpo_dist.data.load_split`` with
+each prompt the chat-templated text grpo-dist feeds its rollout workers (checked: TRL tokenizes it
+to the same ids), the reward functions and weights, G, prompts per step, micro-batch rows,
+``max_completion_length``, temperature, beta, loss type, clip range, reward scaling, lr and warm-up.
+One TRL optimizer step = one generation of prompts_per_step x G completions trained on once
+(``num_iterations=1``, ``steps_per_generation = gradient_accumulation_steps``); AdamW betas
+(0.9, 0.99), grad-norm clip 1.0, no gradient checkpointing (as grpo-dist).
 
 Generation is TRL's default path, transformers ``model.generate`` (``use_vllm=False``): what a
 TRL user on one machine without a vLLM server gets. TRL's vLLM colocate mode needs vLLM GPU
@@ -35,12 +34,14 @@ without touching them (its other requirements are already in the venv):
 
 Run from the repo root (prints a summary; ``--out`` also writes it as JSON):
 
-    .venv/bin/python -m bench.trl_baseline [--model DIR] [--steps 5] [--out trl.json]
+    .venv/bin/python -m bench.trl_baseline [--config deploy/configs/tiny_cpu.yaml] [--set k=v ...]
+                                           [--steps 5] [--out trl.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -54,12 +55,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from grpo_dist.config import DataConfig
+from grpo_dist.config import Config, load_config
 from grpo_dist.data import load_split
-from grpo_dist.rewards import REWARDS
-from grpo_dist.tiny_model import make_tiny_model
-
-REWARD_WEIGHTS = {"accuracy": 1.0, "format": 0.2}
+from grpo_dist.rewards import resolve_reward
 
 
 class StepClock(TrainerCallback):
@@ -99,9 +97,9 @@ def counting(fn: Callable[..., list], tally: dict[str, int]) -> Callable[..., li
     return reward
 
 
-def prompt_dataset(tokenizer: Any) -> Dataset:
-    """grpo-dist's synthetic train split as a TRL dataset: ``prompt`` text plus the ``answer`` column."""
-    rows = load_split(DataConfig(), tokenizer, "train").rows
+def prompt_dataset(cfg: Config, tokenizer: Any) -> Dataset:
+    """grpo-dist's train split as a TRL dataset: ``prompt`` text plus the ``answer`` column."""
+    rows = load_split(cfg.data, tokenizer, "train").rows
     # TRL tokenizes a plain-text prompt with ``tokenizer(text=...)``; it must see grpo-dist's ids.
     sample = rows[:64]
     trl_ids = tokenizer(text=[r["prompt"] for r in sample])["input_ids"]
@@ -111,40 +109,43 @@ def prompt_dataset(tokenizer: Any) -> Dataset:
     return Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "answer": [r["answer"] for r in rows]})
 
 
-def grpo_args(args: argparse.Namespace, output_dir: str) -> Any:
+def grpo_args(cfg: Config, args: argparse.Namespace, output_dir: str) -> Any:
     from trl import GRPOConfig
 
-    completions_per_step = args.prompts_per_step * args.num_generations
-    if completions_per_step % args.micro_batch_size:
+    ac, lc = cfg.algorithm, cfg.learner
+    completions_per_step = cfg.trainer.prompts_per_step * ac.num_generations
+    if completions_per_step % lc.micro_batch_size:
         raise ValueError(
-            f"--micro-batch-size {args.micro_batch_size} must divide --prompts-per-step x --num-generations "
-            f"= {completions_per_step}"
+            f"learner.micro_batch_size {lc.micro_batch_size} must divide trainer.prompts_per_step x "
+            f"algorithm.num_generations = {completions_per_step}"
         )
-    accum = completions_per_step // args.micro_batch_size
+    accum = completions_per_step // lc.micro_batch_size
     return GRPOConfig(
         output_dir=output_dir,
         use_cpu=True,
         bf16=False,
         fp16=False,
         gradient_checkpointing=False,
-        seed=args.seed,
+        seed=cfg.trainer.seed,
         max_steps=args.steps,
-        per_device_train_batch_size=args.micro_batch_size,
+        per_device_train_batch_size=lc.micro_batch_size,
         gradient_accumulation_steps=accum,
         steps_per_generation=accum,  # one generation batch = one optimizer step
         num_iterations=1,
-        num_generations=args.num_generations,
-        max_completion_length=args.max_completion_length,
-        temperature=args.temperature,
+        num_generations=ac.num_generations,
+        max_completion_length=ac.max_completion_length,
+        temperature=ac.temperature,
         top_p=1.0,
         top_k=0,
-        beta=args.beta,
-        epsilon=0.2,
-        loss_type="grpo",
-        scale_rewards="group",
-        reward_weights=[REWARD_WEIGHTS[name] for name in REWARD_WEIGHTS],
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
+        beta=ac.beta,
+        epsilon=ac.epsilon_low,
+        epsilon_high=ac.epsilon_high,
+        loss_type=ac.loss_type,
+        scale_rewards=ac.scale_rewards,
+        reward_weights=[spec.weight for spec in cfg.rewards.functions],
+        learning_rate=lc.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=lc.warmup_steps,
         weight_decay=0.0,
         adam_beta1=0.9,
         adam_beta2=0.99,
@@ -184,48 +185,64 @@ def figures(clock: StepClock, args: argparse.Namespace, completions_per_step: in
     }
 
 
-def run(args: argparse.Namespace, model_dir: str, work_dir: str) -> dict[str, Any]:
+def reward_functions(cfg: Config, tally: dict[str, int]) -> list[Callable[..., list]]:
+    """The config's reward functions for TRL; the first also counts what is generated."""
+    fns = []
+    for spec in cfg.rewards.functions:
+        fn = resolve_reward(spec.name)
+        if spec.kwargs:
+            fn = functools.partial(fn, **spec.kwargs)
+            fn.__name__ = spec.name  # TRL names its reward columns after the functions
+        fns.append(fn)
+    fns[0] = counting(fns[0], tally)
+    return fns
+
+
+def run(cfg: Config, args: argparse.Namespace, work_dir: str) -> dict[str, Any]:
     import trl
     from trl import GRPOTrainer
     import transformers
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset = prompt_dataset(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ac = cfg.algorithm
+    if ac.advantage != "grpo" or ac.kl_estimator != "k3":
+        raise SystemExit("TRL's GRPOTrainer has only the grpo advantage and the k3 KL estimator; "
+                         f"the config asks for advantage={ac.advantage}, kl_estimator={ac.kl_estimator}")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    dataset = prompt_dataset(cfg, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
     tally = {"completions": 0, "tokens": 0}
     clock = StepClock(tally)
-    config = grpo_args(args, work_dir)
-    reward_funcs = [counting(REWARDS["accuracy"], tally), REWARDS["format"]]
+    config = grpo_args(cfg, args, work_dir)
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=reward_funcs,
+        reward_funcs=reward_functions(cfg, tally),
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[clock],
     )
     trainer.train()
-    completions_per_step = args.prompts_per_step * args.num_generations
+    completions_per_step = cfg.trainer.prompts_per_step * ac.num_generations
     return {
         "impl": "trl.GRPOTrainer",
         "generation": "transformers.generate (use_vllm=False)",
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
         "settings": {
-            "model": args.model or "tiny (make_tiny_model seed=0, untrained)",
+            "model": cfg.model.path,
             "params": sum(p.numel() for p in model.parameters()),
-            "num_generations": args.num_generations,
-            "prompts_per_step": args.prompts_per_step,
+            "num_generations": ac.num_generations,
+            "prompts_per_step": cfg.trainer.prompts_per_step,
             "completions_per_step": completions_per_step,
-            "micro_batch_size": args.micro_batch_size,
+            "micro_batch_size": cfg.learner.micro_batch_size,
             "gradient_accumulation_steps": config.gradient_accumulation_steps,
-            "max_completion_length": args.max_completion_length,
+            "max_completion_length": ac.max_completion_length,
             "steps": args.steps,
             "warmup_steps": args.warmup_steps,
-            "temperature": args.temperature,
-            "beta": args.beta,
-            "lr": args.lr,
-            "seed": args.seed,
+            "temperature": ac.temperature,
+            "beta": ac.beta,
+            "loss_type": ac.loss_type,
+            "lr": cfg.learner.lr,
         },
         **figures(clock, args, completions_per_step),
     }
@@ -233,34 +250,27 @@ def run(args: argparse.Namespace, model_dir: str, work_dir: str) -> dict[str, An
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="policy dir; default: build the untrained tiny model into a tmp dir")
-    ap.add_argument("--num-generations", type=int, default=8)
-    ap.add_argument("--prompts-per-step", type=int, default=16)
-    ap.add_argument("--max-completion-length", type=int, default=48)
-    ap.add_argument("--micro-batch-size", type=int, default=16, help="rows per forward/backward (grpo-dist's learner.micro_batch_size)")
+    ap.add_argument("--config", default="deploy/configs/tiny_cpu.yaml", help="the grpo-dist config to mirror")
+    ap.add_argument("--set", action="append", default=[], help="config override, as `grpo-dist run --set` (repeatable)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup-steps", type=int, default=1)
     ap.add_argument("--target-samples", type=int, help="N for the time-to-N-samples figure; default: all steps' samples")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--beta", type=float, default=0.02)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write the figures to this JSON file")
     args = ap.parse_args()
     if not 0 <= args.warmup_steps < args.steps:
         ap.error(f"need 0 <= --warmup-steps < --steps, got {args.warmup_steps} and {args.steps}")
+    cfg = load_config(args.config, args.set)
+    G, P = cfg.algorithm.num_generations, cfg.trainer.prompts_per_step
     if args.target_samples is None:
-        args.target_samples = args.steps * args.prompts_per_step * args.num_generations
+        args.target_samples = args.steps * P * G
 
     with tempfile.TemporaryDirectory(prefix="trl-baseline-") as tmp:
-        model_dir = args.model or str(make_tiny_model(Path(tmp) / "model", size="tiny", seed=0, warm_start=False))
-        result = run(args, model_dir, str(Path(tmp) / "trainer"))
+        result = run(cfg, args, str(Path(tmp) / "trainer"))
 
     print(
         f"\nTRL {result['versions']['trl']} GRPOTrainer (transformers generate, CPU fp32, "
-        f"{result['machine']['torch_threads']} torch threads): {args.prompts_per_step} prompts x "
-        f"G={args.num_generations}, max {args.max_completion_length} tokens, {args.steps} steps "
-        f"({args.warmup_steps} warm-up)"
+        f"{result['machine']['torch_threads']} torch threads): {P} prompts x G={G}, "
+        f"max {cfg.algorithm.max_completion_length} tokens, {args.steps} steps ({args.warmup_steps} warm-up)"
     )
     print(f"  completions/s           {result['completions_per_s']:.2f}")
     print(f"  generated tokens/s      {result['tokens_per_s']:.1f}  (mean {result['mean_completion_tokens']:.1f} tokens/completion)")
