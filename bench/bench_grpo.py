@@ -28,7 +28,7 @@ Definitions (per step):
 - weight sync: seconds per update and MB/s over the bytes moved (group set-up included).
 - vs TRL: completions/s, and the loop wall time (warm-up included, engine start and model
   loading excluded) to train on the same number of samples.
-- FLOP floor: the matmul FLOPs a step cannot avoid, 6NT to train on its T = prompt + completion
+- CPU only: the FLOP floor, the matmul FLOPs a step cannot avoid, 6NT to train on its T = prompt + completion
   tokens, 2NT more for the reference (beta > 0, full fine-tune) and for old log-probs
   (num_iterations > 1), 2N per generated token and per unique prompt token (the engine prefills a
   prompt once for its G children), over this machine's fp32 matmul rate with every core busy
@@ -207,24 +207,29 @@ def main() -> None:
     print(table(results))
     report: dict = {"grpo_dist": results}
 
-    # The FLOP floor, from this machine's matmul rate measured now (between runs, all cores).
+    # The FLOP floor, from this machine's matmul rate measured now (between runs, all cores). CPU
+    # only: on a GPU cluster this process's cores say nothing about the devices.
     cores = os.cpu_count() or 1
-    gflops = matmul_gflops(cores)
-    n_params = model_params(cfg.model.path)
     G = cfg.algorithm.num_generations
-    extra_passes = int(cfg.algorithm.beta > 0 and cfg.model.lora is None) + int(cfg.algorithm.num_iterations > 1)
+    on_cpu = not cfg.cluster.num_gpus_per_learner
+    if on_cpu:
+        gflops = matmul_gflops(cores)
+        n_params = model_params(cfg.model.path)
+        extra_passes = int(cfg.algorithm.beta > 0 and cfg.model.lora is None) + int(cfg.algorithm.num_iterations > 1)
 
-    def floor_s(prompt_tokens: float, generated: float) -> float:
-        return step_flops(n_params, prompt_tokens + generated, generated, prompt_tokens / G, extra_passes) / (gflops * 1e9)
+        def floor_s(prompt_tokens: float, generated: float) -> float:
+            return step_flops(n_params, prompt_tokens + generated, generated, prompt_tokens / G,
+                              extra_passes) / (gflops * 1e9)
 
-    print(f"\nFLOP floor: N = {n_params / 1e6:.1f}M parameters, fp32 matmul {gflops:.1f} GFLOP/s on {cores} cores, "
-          f"{extra_passes} no-grad forward(s) per step besides training")
-    for name, r in results.items():
-        r["flop_floor_s"] = floor_s(r["prompt_tokens_per_step"], r["generated_tokens_per_step"])
-        r["flop_floor_share"] = r["flop_floor_s"] / r["step_s"]
-        print(f"  {name}: floor {r['flop_floor_s']:.2f} s per step, step {r['step_s']:.2f} s: "
-              f"{r['flop_floor_share']:.0%} of the floor's rate")
-    report["flop_floor"] = {"params": n_params, "matmul_gflops": gflops, "cores": cores, "extra_forwards": extra_passes}
+        print(f"\nFLOP floor: N = {n_params / 1e6:.1f}M parameters, fp32 matmul {gflops:.1f} GFLOP/s on {cores} "
+              f"cores, {extra_passes} no-grad forward(s) per step besides training")
+        for name, r in results.items():
+            r["flop_floor_s"] = floor_s(r["prompt_tokens_per_step"], r["generated_tokens_per_step"])
+            r["flop_floor_share"] = r["flop_floor_s"] / r["step_s"]
+            print(f"  {name}: floor {r['flop_floor_s']:.2f} s per step, step {r['step_s']:.2f} s: "
+                  f"{r['flop_floor_share']:.0%} of the floor's rate")
+        report["flop_floor"] = {"params": n_params, "matmul_gflops": gflops, "cores": cores,
+                                "extra_forwards": extra_passes}
 
     if args.trl:
         trl_out = Path(tempfile.mkdtemp()) / "trl.json"
@@ -240,18 +245,18 @@ def main() -> None:
         best_name, best = max(results.items(), key=lambda kv: kv[1]["completions_per_s"])
         if base["samples"] != trl["trained_samples"]:
             raise SystemExit(f"sample counts differ: grpo-dist {base['samples']}, TRL {trl['trained_samples']}")
-        # TRL trains on the same prompts; its completions are its own lengths.
-        per_completion_prompt = base["prompt_tokens_per_step"] / (cfg.trainer.prompts_per_step * G)
-        trl_gen = trl["measured_tokens"] / trl["measured_steps"]
-        trl_floor = floor_s(per_completion_prompt * trl["settings"]["completions_per_step"], trl_gen)
         ratios = {f"completions/s ({name}) / TRL": r["completions_per_s"] / trl["completions_per_s"]
                   for name, r in results.items()}
         ratios.update({
             f"TRL wall / grpo-dist wall to train on {trl['trained_samples']} samples ({name})":
                 trl["time_to_target_samples_s"] / r["loop_s"] for name, r in results.items()
         })
-        ratios["TRL share of its FLOP floor"] = trl_floor / trl["step_s_median"]
-        if not cfg.cluster.num_gpus_per_learner:
+        if on_cpu:
+            # TRL trains on the same prompts; its completions are its own lengths.
+            per_completion_prompt = base["prompt_tokens_per_step"] / (cfg.trainer.prompts_per_step * G)
+            trl_gen = trl["measured_tokens"] / trl["measured_steps"]
+            trl_floor = floor_s(per_completion_prompt * trl["settings"]["completions_per_step"], trl_gen)
+            ratios["TRL share of its FLOP floor"] = trl_floor / trl["step_s_median"]
             # Busy core-seconds of one on-policy step: the engine threads while generating, every
             # learner rank's threads while training.
             core_s = (base["engine_s"] * cfg.rollout.cpu_threads_per_worker
@@ -262,7 +267,7 @@ def main() -> None:
             ratios["estimated best on this machine: TRL step / work floor"] = trl["step_s_median"] / floor
         report["ratios"] = ratios
         print(f"\nTRL GRPOTrainer: {trl['completions_per_s']:.3g} completions/s, {trl['tokens_per_s']:.3g} tokens/s, "
-              f"step {trl['step_s_median']:.3g} s, FLOP floor {trl_floor:.2f} s")
+              f"step {trl['step_s_median']:.3g} s")
         for k, v in ratios.items():
             print(f"  {k}: {v:.2f}x" if "share" not in k else f"  {k}: {v:.0%}")
 
