@@ -256,7 +256,7 @@ def main() -> None:
             per_completion_prompt = base["prompt_tokens_per_step"] / (cfg.trainer.prompts_per_step * G)
             trl_gen = trl["measured_tokens"] / trl["measured_steps"]
             trl_floor = floor_s(per_completion_prompt * trl["settings"]["completions_per_step"], trl_gen)
-            ratios["TRL share of its FLOP floor"] = trl_floor / trl["step_s_median"]
+            trl["flop_floor_share"] = trl_floor / trl["step_s_median"]
             # Busy core-seconds of one on-policy step: the engine threads while generating, every
             # learner rank's threads while training.
             core_s = (base["engine_s"] * cfg.rollout.cpu_threads_per_worker
@@ -267,9 +267,10 @@ def main() -> None:
             ratios["estimated best on this machine: TRL step / work floor"] = trl["step_s_median"] / floor
         report["ratios"] = ratios
         print(f"\nTRL GRPOTrainer: {trl['completions_per_s']:.3g} completions/s, {trl['tokens_per_s']:.3g} tokens/s, "
-              f"step {trl['step_s_median']:.3g} s")
+              f"step {trl['step_s_median']:.3g} s" + (f", {trl['flop_floor_share']:.0%} of its FLOP floor's rate"
+                                                      if on_cpu else ""))
         for k, v in ratios.items():
-            print(f"  {k}: {v:.2f}x" if "share" not in k else f"  {k}: {v:.0%}")
+            print(f"  {k}: {v:.2f}x")
 
     on = results.get("on-policy, 1 worker")
     if on:

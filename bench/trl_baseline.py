@@ -57,7 +57,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from grpo_dist.config import Config, load_config
 from grpo_dist.data import load_split
-from grpo_dist.rewards import resolve_reward
+from grpo_dist.rewards import build_reward_fns
 
 
 class StepClock(TrainerCallback):
@@ -186,13 +186,12 @@ def figures(clock: StepClock, args: argparse.Namespace, completions_per_step: in
 
 
 def reward_functions(cfg: Config, tally: dict[str, int]) -> list[Callable[..., list]]:
-    """The config's reward functions for TRL; the first also counts what is generated."""
+    """The config's reward functions for TRL, resolved and checked as the job does; the first also
+    counts what is generated."""
     fns = []
-    for spec in cfg.rewards.functions:
-        fn = resolve_reward(spec.name)
-        if spec.kwargs:
-            fn = functools.partial(fn, **spec.kwargs)
-            fn.__name__ = spec.name  # TRL names its reward columns after the functions
+    for built in build_reward_fns(cfg.rewards.functions):
+        fn = functools.partial(built.fn, **built.kwargs)
+        fn.__name__ = built.key  # TRL names its reward columns after the functions
         fns.append(fn)
     fns[0] = counting(fns[0], tally)
     return fns
