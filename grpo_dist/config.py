@@ -170,6 +170,12 @@ class RolloutConfig(_Section):
     cpu_threads_per_worker: int = Field(1, ge=1, description="OMP threads (and cores bound) per worker on CPU.")
     max_model_len: int | None = Field(None, description="Defaults to max_prompt_length + max_completion_length.")
     enforce_eager: bool = True
+    block_size: int | None = Field(
+        None, ge=1, description="Tokens per KV-cache block. Prefix caching shares whole blocks only, so the G "
+        "completions of a prompt share its first floor(P / block_size) blocks. None: 32 on CPU (vLLM-CPU's own "
+        "default, 128, shares nothing of a prompt shorter than 128 tokens; its attention needs multiples of 32), "
+        "vLLM's default on GPU."
+    )
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
         16, description="vLLM's max_lora_rank (its allowed values); must hold model.lora.rank with lora.sync=adapter."
     )
@@ -321,6 +327,9 @@ class Config(_Section):
                 f"rollout.tensor_parallel_size={tp} runs {tp} engine process(es), one per whole GPU, inside each "
                 f"rollout actor: cluster.num_gpus_per_rollout must be {tp}, got {gpus:g}"
             )
+        bs = self.rollout.block_size
+        if gpus == 0 and bs is not None and bs % 32:
+            raise ValueError(f"rollout.block_size={bs}: vLLM-CPU's attention takes blocks of a multiple of 32 tokens")
         learner_gpus = self.cluster.num_gpus_per_learner
         if learner_gpus not in (0, 1):
             raise ValueError(

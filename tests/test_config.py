@@ -151,3 +151,9 @@ def test_gpu_placement_checks_accept_one_whole_gpu_per_engine_process_and_learne
     with pytest.raises(ConfigError) as e:
         load_config(overrides=[*gpu, "cluster.num_gpus_per_learner=0.5"])
     assert "\n" not in str(e.value) and "cluster.num_gpus_per_learner" in str(e.value)
+
+
+def test_a_cpu_block_size_vllm_cpu_cannot_run_is_refused_before_launch():
+    with pytest.raises(ValueError, match="rollout.block_size=16: vLLM-CPU's attention takes blocks of a multiple of 32"):
+        Config.model_validate({"rollout": {"block_size": 16}})
+    Config.model_validate({"rollout": {"block_size": 64}})

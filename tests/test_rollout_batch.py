@@ -176,8 +176,13 @@ def test_engine_kwargs_cpu_and_gpu():
     # Seeded requests never have their prefill split on CPU (vLLM-CPU cannot rewind their generator).
     assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] == 4096
     assert engine_kwargs(RolloutConfig(), model, 8192, cuda=False)["max_num_batched_tokens"] == 8192
+    # Prefix caching shares whole KV blocks: 32-token blocks on CPU (vLLM-CPU's 128 would share nothing
+    # of a shorter prompt between a group's completions); an explicit block size is kept as given.
+    assert cpu["enable_prefix_caching"] is True and cpu["block_size"] == 32
+    assert engine_kwargs(RolloutConfig(block_size=64), model, 128, cuda=False)["block_size"] == 64
     gpu = engine_kwargs(RolloutConfig(tensor_parallel_size=2), model, 128, cuda=True)
     assert "enable_chunked_prefill" not in gpu  # CUDA generators rewind: vLLM's default stays
+    assert "block_size" not in gpu
     assert gpu["dtype"] == "bfloat16" and gpu["distributed_executor_backend"] == "mp" and gpu["tensor_parallel_size"] == 2
     with pytest.raises(ValueError, match="tensor_parallel_size=2 needs CUDA"):
         engine_kwargs(RolloutConfig(tensor_parallel_size=2), model, 128, cuda=False)
