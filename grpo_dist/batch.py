@@ -109,8 +109,8 @@ class RolloutBatch:
         """Right-padded ``prompt + completion`` sequences for a causal-LM forward.
 
         Returns input_ids_BL, attention_mask_BL, prompt_len_B, completion_ids_BT, completion
-        mask_BT (1 on generated tokens, EOS included), sampling_logp_BT and adv_B (if set),
-        where T = longest completion in the batch.
+        mask_BT (1 on generated tokens, EOS included), sampling_logp_BT, group_B (rows with equal
+        values share their prompt) and adv_B (if set), where T = longest completion in the batch.
         """
         B = len(self)
         L = max(len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids))
@@ -137,6 +137,7 @@ class RolloutBatch:
             "completion_ids_BT": comp,
             "mask_BT": mask,
             "sampling_logp_BT": slogp,
+            "group_B": torch.tensor(self.group_ids, dtype=torch.long),
         }
         if self.advantages is not None:
             out["adv_B"] = torch.tensor(self.advantages, dtype=torch.float32)

@@ -209,6 +209,11 @@ class LearnerConfig(_Section):
         None, ge=1, description="Token budget per rank per forward/backward (rows x the micro-batch's longest row, "
         "prompt + completion); None = micro_batch_size rows each."
     )
+    shared_prompt_forward: bool = Field(
+        True, description="Forward each prompt once per micro-batch and its rows' completions on top of its key/value "
+        "cache (the G rows of a group share it), instead of every row's prompt + completion: the same log-probs "
+        "and gradients for (G-1) fewer prompt passes per group. A rank's rows are dealt group by group."
+    )
 
 
 class TrainerConfig(_Section):
@@ -352,6 +357,12 @@ class Config(_Section):
             raise ValueError(
                 "learner.ref_sync_every with model.lora: the reference is the base model with the adapter switched off, "
                 "so refreshing it would mean merging the adapter into the base weights; not supported"
+            )
+        if self.model.gradient_checkpointing and self.learner.shared_prompt_forward:
+            raise ValueError(
+                "model.gradient_checkpointing with learner.shared_prompt_forward: a checkpointed layer recomputed in "
+                "backward would append to the shared prompt's key/value cache again; set "
+                "learner.shared_prompt_forward=false to use gradient checkpointing"
             )
         if self.learner.ref_sync_every is not None and self.algorithm.beta == 0:
             raise ValueError("learner.ref_sync_every is set but algorithm.beta=0 means no reference model is used")

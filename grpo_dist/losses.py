@@ -108,8 +108,6 @@ def completion_logprobs(
     if input_ids_BL.shape != (B, L) or prompt_len_B.shape != (B,) or mask_BT.shape[0] != B:
         raise ValueError(f"shapes do not match: hidden {tuple(hidden_BLH.shape)}, input_ids "
                          f"{tuple(input_ids_BL.shape)}, prompt_len {tuple(prompt_len_B.shape)}, mask {tuple(mask_BT.shape)}")
-    if chunk_tokens is not None and chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     for i, P in enumerate(prompt_len_B.tolist()):
         if not 1 <= P <= L:
             raise ValueError(f"row {i}: prompt length {P} outside [1, {L}] (a completion needs a prompt token)")
@@ -118,8 +116,71 @@ def completion_logprobs(
     pos_N = pos_BT[b_N, t_N]
     if pos_N.numel() and int(pos_N.max()) + 1 >= L:
         raise ValueError(f"a masked completion token lies beyond the {L} positions of its row")
-    h_NH = hidden_BLH[b_N, pos_N]
-    ids_N = input_ids_BL[b_N, pos_N + 1]
+    return _scatter_BT(
+        *token_logprobs(hidden_BLH[b_N, pos_N], input_ids_BL[b_N, pos_N + 1], temperature, lm_head=lm_head,
+                        chunk_tokens=chunk_tokens, entropy=entropy),
+        b_N, t_N, B, T,
+    )
+
+
+def shared_prompt_logprobs(
+    prompt_hidden_UPH: torch.Tensor,
+    completion_hidden_BCH: torch.Tensor,
+    prompt_of_B: torch.Tensor,
+    prompt_len_B: torch.Tensor,
+    completion_ids_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    temperature: float,
+    *,
+    lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    chunk_tokens: int | None = None,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``completion_logprobs`` for rows whose prompt was run once per unique prompt.
+
+    ``prompt_hidden_UPH`` holds the final hidden states of the ``U`` unique (right-padded) prompts,
+    ``completion_hidden_BCH`` those of each row's completion tokens run on top of its prompt's
+    keys and values; ``prompt_of_B`` maps a row to its prompt. Completion token 0 is predicted by
+    the last prompt position (``P - 1``), token ``t >= 1`` by completion position ``t - 1``:
+    the same hidden states as the row layout's, so the same log-probs and gradients.
+    """
+    B, T = mask_BT.shape
+    C = completion_hidden_BCH.shape[1]
+    if prompt_of_B.shape != (B,) or prompt_len_B.shape != (B,) or completion_ids_BT.shape[0] != B:
+        raise ValueError(f"shapes do not match: {B} rows in mask_BT, prompt_of {tuple(prompt_of_B.shape)}, "
+                         f"prompt_len {tuple(prompt_len_B.shape)}, completion_ids {tuple(completion_ids_BT.shape)}")
+    b_N, t_N = (mask_BT > 0).nonzero(as_tuple=True)
+    if t_N.numel() and int(t_N.max()) > C:
+        raise ValueError(f"a masked completion token lies beyond the {C} completion positions of its row")
+    P_N = prompt_len_B[b_N]
+    if P_N.numel() and (int(P_N.min()) < 1 or int(P_N.max()) > prompt_hidden_UPH.shape[1]):
+        raise ValueError(f"prompt lengths outside [1, {prompt_hidden_UPH.shape[1]}] (a completion needs a prompt token)")
+    first_N = (t_N == 0).unsqueeze(1)
+    h_NH = torch.where(
+        first_N,
+        prompt_hidden_UPH[prompt_of_B[b_N], P_N - 1],
+        completion_hidden_BCH[b_N, (t_N - 1).clamp(min=0)],
+    )
+    return _scatter_BT(
+        *token_logprobs(h_NH, completion_ids_BT[b_N, t_N], temperature, lm_head=lm_head, chunk_tokens=chunk_tokens,
+                        entropy=entropy),
+        b_N, t_N, B, T,
+    )
+
+
+def token_logprobs(
+    h_NH: torch.Tensor,
+    ids_N: torch.Tensor,
+    temperature: float,
+    *,
+    lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    chunk_tokens: int | None = None,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp_N, ent_N)`` of ``ids_N`` predicted by the hidden states ``h_NH``, projected through
+    ``lm_head`` ``chunk_tokens`` at a time (recomputed in backward when gradients flow)."""
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     N = h_NH.shape[0]
     step = chunk_tokens or max(N, 1)
     recompute = chunk_tokens is not None and torch.is_grad_enabled() and h_NH.requires_grad
@@ -130,14 +191,16 @@ def completion_logprobs(
             parts.append(torch.utils.checkpoint.checkpoint(_token_logp, *args, use_reentrant=False))
         else:
             parts.append(_token_logp(*args))
-    if parts:
-        logp_N = torch.cat([p[0] for p in parts])
-        ent_N = torch.cat([p[1] for p in parts])
-    else:
-        logp_N = ent_N = _at_least_fp32(hidden_BLH.new_zeros(0))
-    logp_BT = logp_N.new_zeros(B, T).index_put((b_N, t_N), logp_N)
-    ent_BT = ent_N.new_zeros(B, T).index_put((b_N, t_N), ent_N)
-    return logp_BT, ent_BT
+    if not parts:
+        empty = _at_least_fp32(h_NH.new_zeros(0))
+        return empty, empty
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _scatter_BT(
+    logp_N: torch.Tensor, ent_N: torch.Tensor, b_N: torch.Tensor, t_N: torch.Tensor, B: int, T: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return logp_N.new_zeros(B, T).index_put((b_N, t_N), logp_N), ent_N.new_zeros(B, T).index_put((b_N, t_N), ent_N)
 
 
 # ---------------------------------------------------------------- per-token loss

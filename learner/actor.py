@@ -22,7 +22,8 @@ import torch.distributed as dist
 from grpo_dist import lora as lora_lib
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ClusterConfig, LearnerConfig, ModelConfig
-from grpo_dist.losses import completion_logprobs, grpo_loss, sampler_gap
+from grpo_dist.forward import final_hidden, row_logprobs, shared_prompt_logprobs, unwrap
+from grpo_dist.losses import grpo_loss, sampler_gap
 from grpo_dist.weight_sync import (
     ParamSpec,
     dtype_name,
@@ -42,13 +43,9 @@ from learner.step import (
     pack_metrics,
     rank_rows,
     token_micro_batches,
+    unique_tokens,
     unpack_metrics,
 )
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The HF model inside a DeepSpeed engine (or the model itself)."""
-    return getattr(module, "module", module)
 
 
 def free_port() -> int:
@@ -168,15 +165,15 @@ class LearnerActor:
         post-processes its logits (soft-capping, scaling) would silently train on other log-probs
         than the ones it samples with, so it is refused here. Collective under ZeRO-3."""
         self.engine.eval()
-        vocab = _unwrap(self.engine).get_output_embeddings().weight
+        vocab = unwrap(self.engine).get_output_embeddings().weight
         n = int(getattr(vocab, "ds_shape", vocab.shape)[0])
         ids = torch.arange(1, 9, device=self.device).unsqueeze(0) % n
-        hidden = self._final_hidden(self.engine, ids, torch.ones_like(ids))
-        via_head = _unwrap(self.engine).get_output_embeddings()(hidden).float()
+        hidden = final_hidden(self.engine, input_ids=ids, attention_mask=torch.ones_like(ids))
+        via_head = unwrap(self.engine).get_output_embeddings()(hidden).float()
         full = self.engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
         if not torch.allclose(via_head, full, rtol=1e-3, atol=1e-3 * float(full.abs().max())):
             raise ValueError(
-                f"model.path={self.mcfg.path!r}: {type(_unwrap(self.engine)).__name__} computes its logits from more "
+                f"model.path={self.mcfg.path!r}: {type(unwrap(self.engine)).__name__} computes its logits from more "
                 "than its LM head (soft-capping or scaling); grpo-dist's log-prob path does not support it"
             )
 
@@ -398,24 +395,19 @@ class LearnerActor:
         self, module: torch.nn.Module, t: dict[str, torch.Tensor], rows: slice, entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logp_BT, ent_BT)`` of the completion tokens of ``rows`` (``ent_BT`` zeros unless
-        ``entropy``). The forward is cut to the micro-batch's longest row (rows are right-padded, so
-        later columns are all padding) and stops at the final hidden state: the vocabulary projection
-        runs only on completion tokens, in chunks of ``learner.logits_chunk_tokens``."""
-        attn_BL = t["attention_mask_BL"][rows]
-        L = int(attn_BL.sum(1).max())
-        ids_BL = t["input_ids_BL"][rows, :L]
-        hidden_BLH = self._final_hidden(module, ids_BL, attn_BL[:, :L])
-        return completion_logprobs(
-            hidden_BLH, ids_BL, t["prompt_len_B"][rows], t["mask_BT"][rows], self.acfg.temperature,
-            lm_head=self._lm_head(module), chunk_tokens=self.lcfg.logits_chunk_tokens, entropy=entropy,
-        )
+        ``entropy``): each unique prompt forwarded once (``learner.shared_prompt_forward``) or every
+        row whole. Both stop at the final hidden state and project only completion tokens through
+        the LM head, ``learner.logits_chunk_tokens`` at a time (``grpo_dist.forward``)."""
+        fn = shared_prompt_logprobs if self.lcfg.shared_prompt_forward else row_logprobs
+        return fn(module, t, rows, self.acfg.temperature, lm_head=self._lm_head(module),
+                  chunk_tokens=self.lcfg.logits_chunk_tokens, entropy=entropy)
 
     def _lm_head(self, module: torch.nn.Module):
         """The LM head to project hidden states with. A frozen head (LoRA) under ZeRO-3 becomes a
         plain function of a gathered copy of its weight: the chunked projection is recomputed in
         backward, and ZeRO-3 re-gathers only trainable parameters then (measured: the recompute saw
         the released [0]-shaped weight and torch.utils.checkpoint refused it)."""
-        head = _unwrap(module).get_output_embeddings()
+        head = unwrap(module).get_output_embeddings()
         params = [p for p in head.parameters()]
         if not torch.is_grad_enabled() or any(p.requires_grad for p in params) or not any(hasattr(p, "ds_id") for p in params):
             return head
@@ -425,24 +417,6 @@ class LearnerActor:
             weight = head.weight.detach().clone()
             bias = head.bias.detach().clone() if getattr(head, "bias", None) is not None else None
         return partial(torch.nn.functional.linear, weight=weight, bias=bias)
-
-    @staticmethod
-    def _final_hidden(module: torch.nn.Module, ids_BL: torch.Tensor, attn_BL: torch.Tensor) -> torch.Tensor:
-        """The decoder's last hidden state (after its final norm), the input of the LM head.
-
-        Captured by a hook on the decoder so the full forward (and DeepSpeed's ZeRO-3 hooks) runs
-        unchanged, with ``logits_to_keep=1``: no ``[B, L, V]`` logits are made."""
-        captured: list[torch.Tensor] = []
-
-        def grab(_mod, _inputs, output):
-            captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-        handle = _unwrap(module).get_decoder().register_forward_hook(grab)
-        try:
-            module(input_ids=ids_BL, attention_mask=attn_BL, logits_to_keep=1)
-        finally:
-            handle.remove()
-        return captured[-1]
 
     def _micro_batches(self, t: dict[str, torch.Tensor]) -> list[list[slice]]:
         """This rank's micro-batches (slices of its shard ``t``) for each optimizer step: fixed row
@@ -454,12 +428,20 @@ class LearnerActor:
         mini = t["mask_BT"].shape[0] // steps  # rows per rank per optimizer step
         if lc.max_tokens_per_micro_batch is None:
             return [micro_slices(k * mini, lc.micro_batch_size, mini // lc.micro_batch_size) for k in range(steps)]
-        lengths = t["attention_mask_BL"].sum(1).tolist()
+        lengths, prompts = t["attention_mask_BL"].sum(1).tolist(), self._prompts(t)
         counts = torch.tensor(
-            [len(m) for m in token_micro_batches(lengths, steps, lc.max_tokens_per_micro_batch)], device=self.device
+            [len(m) for m in token_micro_batches(lengths, steps, lc.max_tokens_per_micro_batch, prompts=prompts)],
+            device=self.device,
         )
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-        return token_micro_batches(lengths, steps, lc.max_tokens_per_micro_batch, counts.tolist())
+        return token_micro_batches(lengths, steps, lc.max_tokens_per_micro_batch, counts.tolist(), prompts)
+
+    def _prompts(self, t: dict[str, torch.Tensor]) -> list[tuple[int, int]] | None:
+        """Per row of the shard: (group id, prompt length) under the shared-prompt forward, whose
+        micro-batch cost counts each prompt once; None in the row layout."""
+        if not self.lcfg.shared_prompt_forward:
+            return None
+        return list(zip(t["group_B"].tolist(), t["prompt_len_B"].tolist()))
 
     @torch.no_grad()
     def _logp_all(self, module: torch.nn.Module, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -474,7 +456,7 @@ class LearnerActor:
             return self._logp_all(self.ref, t)
         if self.acfg.beta == 0:
             return None
-        with _unwrap(self.engine).disable_adapter():
+        with unwrap(self.engine).disable_adapter():
             return self._logp_all(self.engine, t)
 
     def _sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
@@ -490,7 +472,8 @@ class LearnerActor:
         if lc.max_tokens_per_micro_batch is None:  # whole row micro-batches; rank_rows checks ranks x mini-batches
             grad_accum_steps(len(batch), world, lc.micro_batch_size, lc.optimizer_steps_per_batch)
         lengths = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
-        mine = rank_rows(lengths, world, lc.optimizer_steps_per_batch)[self.rank]
+        groups = batch.group_ids if lc.shared_prompt_forward else None  # keep a prompt's rows together
+        mine = rank_rows(lengths, world, lc.optimizer_steps_per_batch, groups)[self.rank]
         t = batch.select(mine).to_tensors(self.pad_id, self.device)
         timings = {}
 
@@ -551,9 +534,12 @@ class LearnerActor:
         out = unpack_metrics(self._sum_over_ranks(pack_metrics(per_micro, loss_sum)), n_steps)
         # Every pass sees the same tokens; count the batch once.
         row_lengths = t["attention_mask_BL"].sum(1).tolist()
-        positions = forward_positions(row_lengths, [rows for micro in plan for rows in micro])
-        tokens, real, computed = self._sum_over_ranks(
-            torch.tensor([float(t["mask_BT"].sum()), sum(row_lengths), positions], dtype=torch.float64)
+        flat = [rows for micro in plan for rows in micro]
+        prompts = self._prompts(t)
+        positions = forward_positions(row_lengths, flat, prompts)
+        real = sum(row_lengths) if prompts is None else unique_tokens(row_lengths, flat, prompts)
+        tokens, rows_total, real, computed = self._sum_over_ranks(
+            torch.tensor([float(t["mask_BT"].sum()), sum(row_lengths), real, positions], dtype=torch.float64)
         ).tolist()
         out.update(
             grad_norm=sum(grad_norms) / len(grad_norms),
@@ -561,6 +547,8 @@ class LearnerActor:
             tokens=tokens,
             # Share of the positions the training forwards compute that are padding.
             padding_fraction=1.0 - real / max(computed, 1.0),
+            # Share of the rows' prompt + completion tokens not forwarded: prompts shared by their rows.
+            shared_prompt_saving=1.0 - real / max(rows_total, 1.0),
             # Trained tokens (every pass counts) per second of the update phase.
             tokens_per_s=tokens * ac.num_iterations / max(timings["train"], 1e-9),
             optimizer_steps=float(self.engine.global_steps),

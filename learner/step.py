@@ -13,31 +13,55 @@ from grpo_dist.losses import merge_metrics
 METRIC_KEYS = ("kl", "ratio", "clip_low", "clip_high", "clip_region", "tis", "entropy", "sampler_gap")
 
 
-def rank_rows(lengths: list[int], world_size: int, num_minibatches: int) -> list[list[int]]:
+def rank_rows(
+    lengths: list[int], world_size: int, num_minibatches: int, groups: list[int] | None = None
+) -> list[list[int]]:
     """Row indices each data-parallel rank trains on, in its training order.
 
     The batch is cut into ``num_minibatches`` contiguous mini-batches (one optimizer step each).
     Inside each, rows are dealt to ranks in equal counts (gradient accumulation needs the same
     number of micro-batches on every rank) and near-equal token totals (every all-reduce waits
-    for the slowest rank): longest row first, each to the rank with the fewest tokens that still
+    for the slowest rank): longest first, each to the rank with the fewest tokens that still
     has room. A rank's share stays longest-first, so consecutive rows -- its micro-batches --
     have similar lengths and padding each micro-batch to its own longest row wastes little.
+
+    With ``groups`` (rows with equal values share a prompt: the shared-prompt forward) the unit
+    dealt is a group's rows in the mini-batch, most tokens first, so a group's rows stay
+    consecutive on one rank and its prompt is forwarded once per micro-batch it lands in. A group
+    larger than any rank's remaining room is split: its longest rows fill the rank with most room.
     The loss is normalised by mini-batch totals, so any such split gives the same update.
     """
     n = len(lengths)
     if world_size < 1 or num_minibatches < 1 or n % (world_size * num_minibatches):
         raise ValueError(f"{n} rows cannot be split into {num_minibatches} mini-batches over {world_size} ranks")
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"{len(groups)} group ids for {n} rows")
     per_rank = n // (world_size * num_minibatches)
     out: list[list[int]] = [[] for _ in range(world_size)]
     mini = n // num_minibatches
     for start in range(0, n, mini):
-        rows = sorted(range(start, start + mini), key=lambda i: (-lengths[i], i))
+        by_length = sorted(range(start, start + mini), key=lambda i: (-lengths[i], i))
+        if groups is None:
+            units = [[i] for i in by_length]
+        else:
+            members: dict[int, list[int]] = {}
+            for i in by_length:
+                members.setdefault(groups[i], []).append(i)
+            units = sorted(members.values(), key=lambda u: (-sum(lengths[i] for i in u), u[0]))
         share: list[list[int]] = [[] for _ in range(world_size)]
         tokens = [0] * world_size
-        for i in rows:
-            r = min((r for r in range(world_size) if len(share[r]) < per_rank), key=lambda r: (tokens[r], r))
-            share[r].append(i)
-            tokens[r] += lengths[i]
+        while units:
+            unit = units.pop(0)
+            fits = [r for r in range(world_size) if per_rank - len(share[r]) >= len(unit)]
+            if fits:
+                r = min(fits, key=lambda r: (tokens[r], r))
+            else:
+                r = max(range(world_size), key=lambda r: (per_rank - len(share[r]), -r))
+                room = per_rank - len(share[r])
+                unit, rest = unit[:room], unit[room:]
+                units.insert(0, rest)
+            share[r] += unit
+            tokens[r] += sum(lengths[i] for i in unit)
         for r in range(world_size):
             out[r] += share[r]
     return out
@@ -48,23 +72,51 @@ def micro_slices(start: int, micro_batch_size: int, count: int) -> list[slice]:
     return [slice(start + j * micro_batch_size, start + (j + 1) * micro_batch_size) for j in range(count)]
 
 
-def forward_positions(lengths: list[int], micro: list[slice]) -> int:
-    """Positions the forwards of the micro-batches ``micro`` compute: each row of a micro-batch is
-    padded to the micro-batch's longest row."""
-    return sum((s.stop - s.start) * max(lengths[s], default=0) for s in micro)
+def micro_cost(lengths: list[int], rows: slice, prompts: list[tuple[int, int]] | None = None) -> int:
+    """Positions the forward of the micro-batch ``rows`` computes.
+
+    Row layout: every row padded to the micro-batch's longest row. With ``prompts`` (per row: its
+    group id and prompt length; the shared-prompt forward), each unique prompt once, padded to the
+    longest prompt, plus every row's completion padded to the longest completion."""
+    if rows.stop <= rows.start:
+        return 0
+    if prompts is None:
+        return (rows.stop - rows.start) * max(lengths[rows])
+    part = prompts[rows]
+    unique = {g: p for g, p in part}
+    completions = [n - p for n, (_, p) in zip(lengths[rows], part)]
+    return len(unique) * max(unique.values()) + len(part) * max(completions)
 
 
-def pack_by_tokens(lengths: list[int], max_tokens: int, count: int | None = None) -> list[slice]:
-    """Consecutive micro-batches of the rows ``lengths`` (tokens each) whose cost -- rows times the
-    micro-batch's longest row, the positions its padded forward computes -- is at most ``max_tokens``.
+def forward_positions(lengths: list[int], micro: list[slice], prompts: list[tuple[int, int]] | None = None) -> int:
+    """Positions the forwards of the micro-batches ``micro`` compute (``micro_cost`` summed)."""
+    return sum(micro_cost(lengths, s, prompts) for s in micro)
+
+
+def unique_tokens(lengths: list[int], micro: list[slice], prompts: list[tuple[int, int]]) -> int:
+    """Real (non-padding) tokens the shared-prompt forwards of ``micro`` compute: each unique
+    prompt of a micro-batch once, plus every row's completion."""
+    total = 0
+    for s in micro:
+        part = prompts[s]
+        total += sum(dict(part).values()) + sum(n - p for n, (_, p) in zip(lengths[s], part))
+    return total
+
+
+def pack_by_tokens(
+    lengths: list[int], max_tokens: int, count: int | None = None, prompts: list[tuple[int, int]] | None = None
+) -> list[slice]:
+    """Consecutive micro-batches of the rows ``lengths`` (tokens each) whose cost -- the positions
+    their padded forward computes, ``micro_cost`` -- is at most ``max_tokens``.
 
     Greedy in the given order (sorted greedy, not first-fit decreasing: first-fit would drop short
     rows into the spare room of long micro-batches, padding each of them to a long row): a
-    micro-batch takes rows until the next one would break the budget. On rows sorted longest first
-    (a rank's share of a mini-batch, see ``rank_rows``) this is the fewest micro-batches of any
-    split, contiguous or not (swapping rows turns any split into one whose first micro-batch is the
-    longest rows that fit with the longest), and rows of similar length share a micro-batch, so
-    little of it is padding. Contiguous micro-batches stay tensor slices.
+    micro-batch takes rows until the next one would break the budget, which gives the fewest
+    consecutive micro-batches, since the cost never falls as rows are added. On rows sorted longest
+    first in the row layout (a rank's share of a mini-batch, see ``rank_rows``) it is the fewest
+    of any split, contiguous or not (swapping rows turns any split into one whose first
+    micro-batch is the longest rows that fit with the longest), and rows of similar length share a
+    micro-batch, so little of it is padding. Contiguous micro-batches stay tensor slices.
 
     ``count`` (at least the greedy count, at most the rows): the costliest micro-batch (the first
     on ties) of two rows or more is halved until there are exactly ``count``, because every rank
@@ -72,14 +124,13 @@ def pack_by_tokens(lengths: list[int], max_tokens: int, count: int | None = None
     parameter gathers are collective). Halving never breaks the budget and evens out the work.
     """
     out: list[slice] = []
-    start, longest = 0, 0
+    start = 0
     for i, n in enumerate(lengths):
         if n > max_tokens:
             raise ValueError(f"a row of {n} tokens does not fit learner.max_tokens_per_micro_batch={max_tokens}")
-        if i > start and (i - start + 1) * max(longest, n) > max_tokens:
+        if i > start and micro_cost(lengths, slice(start, i + 1), prompts) > max_tokens:
             out.append(slice(start, i))
-            start, longest = i, 0
-        longest = max(longest, n)
+            start = i
     if lengths:
         out.append(slice(start, len(lengths)))
     if count is None:
@@ -89,7 +140,7 @@ def pack_by_tokens(lengths: list[int], max_tokens: int, count: int | None = None
     while len(out) < count:
         j = max(
             (j for j, s in enumerate(out) if s.stop - s.start > 1),
-            key=lambda j: (forward_positions(lengths, [out[j]]), -j),
+            key=lambda j: (micro_cost(lengths, out[j], prompts), -j),
         )
         s = out[j]
         mid = s.start + (s.stop - s.start) // 2
@@ -98,7 +149,11 @@ def pack_by_tokens(lengths: list[int], max_tokens: int, count: int | None = None
 
 
 def token_micro_batches(
-    lengths: list[int], num_minibatches: int, max_tokens: int, counts: list[int] | None = None
+    lengths: list[int],
+    num_minibatches: int,
+    max_tokens: int,
+    counts: list[int] | None = None,
+    prompts: list[tuple[int, int]] | None = None,
 ) -> list[list[slice]]:
     """A rank's micro-batches for each of its ``num_minibatches`` equal consecutive blocks of rows
     (one optimizer step each, as ``rank_rows`` lays them out): ``pack_by_tokens`` of each block,
@@ -109,7 +164,9 @@ def token_micro_batches(
     mini = len(lengths) // num_minibatches
     out = []
     for k in range(num_minibatches):
-        block = pack_by_tokens(lengths[k * mini : (k + 1) * mini], max_tokens, None if counts is None else counts[k])
+        part = slice(k * mini, (k + 1) * mini)
+        block = pack_by_tokens(lengths[part], max_tokens, None if counts is None else counts[k],
+                               None if prompts is None else prompts[part])
         out.append([slice(k * mini + s.start, k * mini + s.stop) for s in block])
     return out
 

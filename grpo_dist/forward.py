@@ -1,0 +1,122 @@
+"""Log-probs of a micro-batch's completion tokens under a causal LM (torch and transformers only).
+
+Two layouts of the same computation, over the tensors of ``RolloutBatch.to_tensors``:
+
+- ``row_logprobs``: every row is its prompt + completion, right-padded, in one forward.
+- ``shared_prompt_logprobs``: the micro-batch's unique prompts run once, filling a key/value
+  cache; each row's completion then runs on top of its own prompt's keys and values. The G rows
+  of a GRPO group share one prompt, so its tokens are forwarded, and back-propagated, once per
+  group instead of G times. Positions, keys, values and attention are those of the row layout,
+  so the log-probs and gradients are the same up to float rounding (tested against it).
+
+Both stop at the decoder's final hidden state and project only completion tokens through the
+LM head (``grpo_dist.losses``): no ``[B, L, V]`` logits exist.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from grpo_dist.losses import completion_logprobs, shared_prompt_logprobs as _shared_from_hidden
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside a DeepSpeed engine (or the model itself)."""
+    return getattr(module, "module", module)
+
+
+def final_hidden(module: torch.nn.Module, **inputs) -> torch.Tensor:
+    """The decoder's last hidden state (after its final norm), the input of the LM head.
+
+    Captured by a hook on the decoder so the full forward (and DeepSpeed's ZeRO-3 hooks) runs
+    unchanged, with ``logits_to_keep=1``: no ``[B, L, V]`` logits are made."""
+    captured: list[torch.Tensor] = []
+
+    def grab(_mod, _inputs, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = unwrap(module).get_decoder().register_forward_hook(grab)
+    try:
+        module(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def row_logprobs(
+    module: torch.nn.Module,
+    t: dict[str, torch.Tensor],
+    rows: slice,
+    temperature: float,
+    *,
+    lm_head: Callable | None,
+    chunk_tokens: int | None,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp_BT, ent_BT)`` of ``rows``, each row forwarded whole. The forward is cut to the
+    micro-batch's longest row (rows are right-padded, so later columns are all padding)."""
+    attn_BL = t["attention_mask_BL"][rows]
+    L = int(attn_BL.sum(1).max())
+    ids_BL = t["input_ids_BL"][rows, :L]
+    hidden_BLH = final_hidden(module, input_ids=ids_BL, attention_mask=attn_BL[:, :L])
+    return completion_logprobs(hidden_BLH, ids_BL, t["prompt_len_B"][rows], t["mask_BT"][rows], temperature,
+                               lm_head=lm_head, chunk_tokens=chunk_tokens, entropy=entropy)
+
+
+def prompt_layout(group_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first_row_U, prompt_of_B)``: the first row of each unique prompt (rows with equal group
+    ids share their prompt) in order of first appearance, and each row's index into them."""
+    B = group_B.shape[0]
+    _, inverse = torch.unique(group_B, return_inverse=True)
+    first_by_id = torch.full((int(inverse.max()) + 1 if B else 0,), B, dtype=torch.long, device=group_B.device)
+    first_by_id = first_by_id.scatter_reduce(0, inverse, torch.arange(B, device=group_B.device), reduce="amin")
+    order = torch.argsort(first_by_id)  # unique prompts in order of their first row
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return first_by_id[order], rank[inverse]
+
+
+def shared_prompt_logprobs(
+    module: torch.nn.Module,
+    t: dict[str, torch.Tensor],
+    rows: slice,
+    temperature: float,
+    *,
+    lm_head: Callable | None,
+    chunk_tokens: int | None,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``row_logprobs`` with each unique prompt of ``rows`` forwarded once (module docstring).
+
+    Two forwards: the ``U`` unique prompts, right-padded to the longest, into a fresh key/value
+    cache; then the cache rows picked for each row (a differentiable gather, so each prompt's
+    gradient is the sum over its rows) and the ``B`` completions, right-padded, at positions
+    ``P + j`` with an attention mask over ``[prompt padding | completion padding]``."""
+    from transformers import DynamicCache
+
+    plen_B = t["prompt_len_B"][rows]
+    mask_BT = t["mask_BT"][rows]
+    ids_BL = t["input_ids_BL"][rows]
+    first_U, prompt_of_B = prompt_layout(t["group_B"][rows])
+    P_U = plen_B[first_U]
+    P = int(P_U.max())
+    device = ids_BL.device
+    prompt_mask_UP = (torch.arange(P, device=device) < P_U.unsqueeze(1)).long()
+    cache = DynamicCache(config=unwrap(module).config)
+    prompt_hidden_UPH = final_hidden(module, input_ids=ids_BL[first_U, :P], attention_mask=prompt_mask_UP,
+                                     past_key_values=cache, use_cache=True)
+    C = max(int(mask_BT.sum(1).max()), 1)
+    cache.batch_select_indices(prompt_of_B)
+    completion_hidden_BCH = final_hidden(
+        module,
+        input_ids=t["completion_ids_BT"][rows, :C],
+        attention_mask=torch.cat([prompt_mask_UP[prompt_of_B], mask_BT[:, :C].long()], dim=1),
+        position_ids=plen_B.unsqueeze(1) + torch.arange(C, device=device),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return _shared_from_hidden(prompt_hidden_UPH, completion_hidden_BCH, prompt_of_B, plen_B,
+                               t["completion_ids_BT"][rows], mask_BT, temperature, lm_head=lm_head,
+                               chunk_tokens=chunk_tokens, entropy=entropy)
