@@ -567,6 +567,8 @@ class RolloutManager:
     def mark_synced(self, version: int) -> None:
         """Every reachable worker loaded ``version``: they all serve it from now on."""
         for w in self._reachable():
+            if w.state == AWAITING:  # a new or restarted worker joins, by whichever push reached it first
+                log.info("%s serves the job's weights (v%d) from now on", w.name, version)
             w.state, w.since = SERVING, time.monotonic()
         self.version = version
 
