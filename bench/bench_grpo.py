@@ -184,6 +184,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--modes", nargs="+", default=["on-policy", "async"], choices=["on-policy", "async"])
     ap.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
+                    help="one more async 1-worker run with these overrides on top (repeatable): a lever's other setting, "
+                         "measured in the same invocation")
     ap.add_argument("--trl", action="store_true", help="also run TRL GRPOTrainer on the same settings")
     ap.add_argument("--out", default=None, help="write all figures as JSON")
     args = ap.parse_args()
@@ -201,6 +204,16 @@ def main() -> None:
                                 Path(tmp) / name.replace(", ", "_").replace(" ", "-"))
                 print(per_step_table(rows, args.warmup), flush=True)
                 results[name] = summarize(rows, args.warmup)
+        for variant in args.variant:
+            label, _, sets = variant.partition(":")
+            extra = [x for x in sets.split(";") if x]
+            if not label or not extra:
+                ap.error(f"--variant {variant!r}: expected NAME:KEY=VALUE[;KEY=VALUE]")
+            name = f"async, 1 worker, {label}"
+            print(f"running grpo-dist: {name} ({'; '.join(extra)}) ...", flush=True)
+            rows = run_grpo(args.config, args.steps, 1, 1, args.set + extra, Path(tmp) / f"variant-{len(results)}")
+            print(per_step_table(rows, args.warmup), flush=True)
+            results[name] = summarize(rows, args.warmup)
     print("\ngrpo-dist, medians over steps after warm-up "
           f"({cfg.trainer.prompts_per_step} prompts x G={cfg.algorithm.num_generations}, "
           f"max_completion_length={cfg.algorithm.max_completion_length}, model={cfg.model.path}):")

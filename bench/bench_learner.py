@@ -11,6 +11,12 @@ and prints the two side by side: trained tokens/s and the padding fraction (padd
 positions the training forwards compute). ``--model DIR --prompts gsm8k`` trains a real model on
 GSM8K prompts (the shipped copy, tokenized by ``grpo_dist.data``) with completion lengths drawn
 uniformly from ``--min-completion``..``--completion`` (fixed seeds: both runs see the same rows).
+``--variant NAME:KEY=VALUE[;KEY=VALUE]`` adds a run with those config overrides (a lever's other
+setting) to the same table, e.g. the row layout against the shared-prompt forward:
+
+    .venv/bin/python -m bench.bench_learner --model runs/smollm2 --prompts gsm8k --rows 32 --group 4 \
+        --micro 8 --completion 128 --min-completion 100 --stages 2 --pushes 0 --steps 2 \
+        --variant "row layout:learner.shared_prompt_forward=false"
 
     .venv/bin/python -m bench.bench_learner [--size tiny] [--steps 5] [--rows 16]   # from the repo root
     .venv/bin/python -m bench.bench_learner --model runs/smollm2 --prompts gsm8k --completion 256 \
@@ -31,7 +37,7 @@ from pathlib import Path
 import ray
 
 from grpo_dist.batch import RolloutBatch
-from grpo_dist.config import Config, load_config
+from grpo_dist.config import Config, apply_overrides, load_config
 from grpo_dist.data import load_split
 from grpo_dist.tiny_model import build_tiny_model
 from grpo_dist.weight_sync import init_sync_group, recv_weights
@@ -40,17 +46,17 @@ from learner import LearnerGroup
 REPO = str(Path(__file__).resolve().parents[1])
 
 
-def _config(model_dir: str, stage: int, args: argparse.Namespace, max_tokens: int | None = None) -> Config:
-    return Config.model_validate(
-        {
-            "model": {"path": model_dir, "dtype": "float32"},
-            "algorithm": {"num_generations": args.group, "beta": 0.04, "max_completion_length": args.completion},
-            "trainer": {"prompts_per_step": args.rows // args.group},
-            "learner": {"num_ranks": args.ranks, "zero_stage": stage, "micro_batch_size": args.micro,
-                        "max_tokens_per_micro_batch": max_tokens},
-            "cluster": {"num_cpus_per_learner": 1, "rpc_timeout_s": 1800},
-        }
-    )
+def _config(model_dir: str, stage: int, args: argparse.Namespace, max_tokens: int | None = None,
+            overrides: list[str] = ()) -> Config:
+    raw = {
+        "model": {"path": model_dir, "dtype": "float32"},
+        "algorithm": {"num_generations": args.group, "beta": 0.04, "max_completion_length": args.completion},
+        "trainer": {"prompts_per_step": args.rows // args.group},
+        "learner": {"num_ranks": args.ranks, "zero_stage": stage, "micro_batch_size": args.micro,
+                    "max_tokens_per_micro_batch": max_tokens},
+        "cluster": {"num_cpus_per_learner": 1, "rpc_timeout_s": 1800},
+    }
+    return Config.model_validate(apply_overrides(raw, [*args.set, *overrides]))
 
 
 def _batch(args: argparse.Namespace, vocab: int, seed: int, prompts: list[list[int]] | None) -> RolloutBatch:
@@ -103,9 +109,9 @@ def _push(group: LearnerGroup, bucket_bytes: int, version: int) -> dict:
 
 def bench_stage(
     model_dir: str, stage: int, vocab: int, args: argparse.Namespace, max_tokens: int | None = None,
-    prompts: list[list[int]] | None = None,
+    prompts: list[list[int]] | None = None, variant: tuple[str, list[str]] = ("", []),
 ) -> dict:
-    cfg = _config(model_dir, stage, args, max_tokens)
+    cfg = _config(model_dir, stage, args, max_tokens, variant[1])
     group = LearnerGroup(
         cfg.learner, cfg.model, cfg.algorithm, cfg.cluster, total_steps=args.steps + 1,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, name_prefix=f"bench-z{stage}",
@@ -130,7 +136,8 @@ def bench_stage(
         "zero_stage": stage,
         "ranks": args.ranks,
         "rows": args.rows,
-        "micro_batches": f"{max_tokens} tokens" if max_tokens else f"{args.micro} rows",
+        "variant": variant[0] or "base",
+        "micro_batches": f"{max_tokens} tokens" if max_tokens else f"{cfg.learner.micro_batch_size} rows",
         "start_s": round(start_s, 2),
         "step_s": round(med(walls), 3),
         "ref_logp_s": round(med(m["time/ref_logp"] for m in metrics), 3),
@@ -138,6 +145,8 @@ def bench_stage(
         "tokens_per_step": med(m["tokens"] for m in metrics),
         "train_tokens_per_s": round(med(m["tokens_per_s"] for m in metrics), 1),
         "padding_fraction": round(med(m["padding_fraction"] for m in metrics), 4),
+        "shared_prompt_saving": round(med(m["shared_prompt_saving"] for m in metrics), 4),
+        "peak_memory_mb": round(max(m["peak_memory_mb"] for m in metrics)),
     }
     if pushes:
         out.update(broadcast_s=round(med(p["seconds"] for p in pushes), 3), broadcast_bytes=pushes[0]["bytes"])
@@ -145,7 +154,8 @@ def bench_stage(
 
 
 def _side_by_side(results: list[dict]) -> str:
-    keys = ["micro_batches", "step_s", "ref_logp_s", "train_s", "train_tokens_per_s", "padding_fraction"]
+    keys = ["variant", "micro_batches", "step_s", "ref_logp_s", "train_s", "train_tokens_per_s", "padding_fraction",
+            "shared_prompt_saving", "peak_memory_mb"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in results]
     return "\n".join(lines)
@@ -176,6 +186,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--pushes", type=int, default=3)
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--set", action="append", default=[], help="config override for every run, e.g. learner.micro_batch_size=8")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
+                    help="one more run per stage with these overrides (repeatable), printed side by side")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,8 +200,14 @@ def main() -> None:
         try:
             for stage in args.stages:
                 results = []
-                for max_tokens in [None] + ([args.max_tokens] if args.max_tokens else []):
-                    results.append(bench_stage(str(model_dir), stage, vocab, args, max_tokens, prompts))
+                runs = [(None, ("", []))] + ([(args.max_tokens, ("", []))] if args.max_tokens else [])
+                for v in args.variant:
+                    label, _, sets = v.partition(":")
+                    if not label or not sets:
+                        ap.error(f"--variant {v!r}: expected NAME:KEY=VALUE[;KEY=VALUE]")
+                    runs.append((None, (label, [x for x in sets.split(";") if x])))
+                for max_tokens, variant in runs:
+                    results.append(bench_stage(str(model_dir), stage, vocab, args, max_tokens, prompts, variant))
                     print(json.dumps({"model": name, "prompts": args.prompts, **results[-1]}), flush=True)
                 if len(results) > 1:
                     title = f"ZeRO-{stage}, {args.ranks} ranks, {name}, {args.prompts} prompts"

@@ -185,6 +185,23 @@ def figures(clock: StepClock, args: argparse.Namespace, completions_per_step: in
     }
 
 
+def timed(obj: Any, method: str) -> list[float]:
+    """Wrap ``obj.method`` so each call's wall time is appended to the returned list."""
+    seconds: list[float] = []
+    inner = getattr(obj, method)
+
+    @functools.wraps(inner)
+    def wrapper(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return inner(*a, **kw)
+        finally:
+            seconds.append(time.perf_counter() - t0)
+
+    setattr(obj, method, wrapper)
+    return seconds
+
+
 def reward_functions(cfg: Config, tally: dict[str, int]) -> list[Callable[..., list]]:
     """The config's reward functions for TRL, resolved and checked as the job does; the first also
     counts what is generated."""
@@ -209,6 +226,7 @@ def run(cfg: Config, args: argparse.Namespace, work_dir: str) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     dataset = prompt_dataset(cfg, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    generate_s = timed(model, "generate")  # TRL calls the unwrapped model's generate (one process)
     tally = {"completions": 0, "tokens": 0}
     clock = StepClock(tally)
     config = grpo_args(cfg, args, work_dir)
@@ -244,6 +262,10 @@ def run(cfg: Config, args: argparse.Namespace, work_dir: str) -> dict[str, Any]:
             "lr": cfg.learner.lr,
         },
         **figures(clock, args, completions_per_step),
+        # model.generate's seconds per step (the first --warmup-steps excluded); the rest of a step is
+        # scoring, the reference and old log-prob passes and the update.
+        "generate_s_median": statistics.median(generate_s[args.warmup_steps:]) if len(generate_s) > args.warmup_steps
+        else None,
     }
 
 
@@ -274,6 +296,8 @@ def main() -> None:
     print(f"  completions/s           {result['completions_per_s']:.2f}")
     print(f"  generated tokens/s      {result['tokens_per_s']:.1f}  (mean {result['mean_completion_tokens']:.1f} tokens/completion)")
     print(f"  step time (median)      {result['step_s_median']:.2f} s   all steps: {result['step_s']}")
+    if result["generate_s_median"] is not None:
+        print(f"  model.generate (median) {result['generate_s_median']:.2f} s per step")
     print(f"  trained samples         {result['trained_samples']}")
     reach = result["time_to_target_samples_s"]
     print(f"  time to {args.target_samples} samples    " + ("not reached" if reach is None else f"{reach:.1f} s"))
