@@ -370,6 +370,7 @@ class LearnerActor:
             with torch.no_grad():
                 for dst, src in zip(self._local_tensors(self.ref), saved, strict=True):
                     dst.copy_(src)
+            self._drop_gathered(self.ref)
 
     def shutdown(self) -> None:
         if dist.is_initialized():
@@ -377,17 +378,20 @@ class LearnerActor:
 
     @staticmethod
     def _local_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-        """This rank's storage of each parameter: the full tensor, or under ZeRO-3 its shard plus
-        the full replica ZeRO-3 keeps of small "persistent" parameters (the one forward uses)."""
-        out = []
-        for p in module.parameters():
-            if hasattr(p, "ds_tensor"):
-                out.append(p.ds_tensor)
-                if p.ds_persist:
-                    out.append(p.data)
-            else:
-                out.append(p.data)
-        return out
+        """This rank's storage of each parameter: the full tensor, or under ZeRO-3 its partition (the
+        copy the optimizer writes; ``_drop_gathered`` after writing into the reference's)."""
+        return [p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in module.parameters()]
+
+    @staticmethod
+    def _drop_gathered(module: torch.nn.Module) -> None:
+        """ZeRO-3: release every full copy gathered from ``module``'s partitions before they were written,
+        so the next forward gathers them again. Small "persistent" parameters otherwise stay gathered
+        between forwards, and whether one is gathered at a given moment depends on the forwards before."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        stale = [p for p in module.parameters() if hasattr(p, "ds_tensor") and p.ds_status == ZeroParamStatus.AVAILABLE]
+        if stale:
+            stale[0].partition(param_list=stale)
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -529,6 +533,7 @@ class LearnerActor:
         self.step += 1
         if self.ref is not None and lc.ref_sync_every and self.step % lc.ref_sync_every == 0:
             lerp_(self._local_tensors(self.ref), self._local_tensors(self.engine.module), lc.ref_sync_alpha)
+            self._drop_gathered(self.ref)
 
         n_steps = ac.num_iterations * lc.optimizer_steps_per_batch
         out = unpack_metrics(self._sum_over_ranks(pack_metrics(per_micro, loss_sum)), n_steps)

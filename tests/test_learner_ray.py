@@ -233,7 +233,8 @@ def test_token_budget_micro_batches_give_same_update(which, ray_cluster, tiny_mo
     cfg = make_cfg(tiny_model_dir, **{**(Z2 if which == "z2" else Z3), **budget})
     metrics = step_matches_reference(cfg, f"budget-{which}", tiny_model_dir)
     assert metrics["optimizer_steps"] == cfg.learner.optimizer_steps_per_batch * cfg.algorithm.num_iterations
-    assert 0 < metrics["padding_fraction"] < 0.2
+    # Micro-batches this small (a budget of 18 positions, each prompt counted once) can hold no padding.
+    assert 0 <= metrics["padding_fraction"] < 0.2 and 0 <= metrics["shared_prompt_saving"] < 1
 
 
 def test_manifest_has_hf_names_full_shapes_and_no_tied_head(z3, tiny_model_dir):
