@@ -206,8 +206,9 @@ class LearnerConfig(_Section):
         "backward); None = one pass per micro-batch, keeping its logits for backward."
     )
     max_tokens_per_micro_batch: int | None = Field(
-        None, ge=1, description="Token budget per rank per forward/backward (rows x the micro-batch's longest row, "
-        "prompt + completion); None = micro_batch_size rows each."
+        None, ge=1, description="Token budget per rank per forward/backward: the positions a micro-batch's padded "
+        "forward computes (unique prompts x the longest prompt + rows x the longest completion with "
+        "shared_prompt_forward, else rows x the longest row); None = micro_batch_size rows each."
     )
     shared_prompt_forward: bool = Field(
         True, description="Forward each prompt once per micro-batch and its rows' completions on top of its key/value "
@@ -360,8 +361,8 @@ class Config(_Section):
             )
         if self.model.gradient_checkpointing and self.learner.shared_prompt_forward:
             raise ValueError(
-                "model.gradient_checkpointing with learner.shared_prompt_forward: a checkpointed layer recomputed in "
-                "backward would append to the shared prompt's key/value cache again; set "
+                "model.gradient_checkpointing with learner.shared_prompt_forward: transformers runs checkpointed layers "
+                "without a key/value cache in training, so the completions would not see their prompt; set "
                 "learner.shared_prompt_forward=false to use gradient checkpointing"
             )
         if self.learner.ref_sync_every is not None and self.algorithm.beta == 0:

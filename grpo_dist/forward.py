@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from grpo_dist.losses import completion_logprobs, shared_prompt_logprobs as _shared_from_hidden
+from grpo_dist.losses import completion_logprobs, shared_prompt_logprobs_from_hidden
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -97,26 +97,54 @@ def shared_prompt_logprobs(
     from transformers import DynamicCache
 
     plen_B = t["prompt_len_B"][rows]
-    mask_BT = t["mask_BT"][rows]
     ids_BL = t["input_ids_BL"][rows]
     first_U, prompt_of_B = prompt_layout(t["group_B"][rows])
     P_U = plen_B[first_U]
+    if not torch.equal(P_U[prompt_of_B], plen_B):
+        raise ValueError("rows with the same group id have prompts of different lengths; a group shares one prompt")
     P = int(P_U.max())
     device = ids_BL.device
     prompt_mask_UP = (torch.arange(P, device=device) < P_U.unsqueeze(1)).long()
     cache = DynamicCache(config=unwrap(module).config)
     prompt_hidden_UPH = final_hidden(module, input_ids=ids_BL[first_U, :P], attention_mask=prompt_mask_UP,
                                      past_key_values=cache, use_cache=True)
-    C = max(int(mask_BT.sum(1).max()), 1)
+    # Attention covers every completion token (the loss mask may leave some out of the loss, not out of view).
+    completion_len_B = t["attention_mask_BL"][rows].sum(1) - plen_B
+    C = max(int(completion_len_B.max()), 1)
+    completion_mask_BC = (torch.arange(C, device=device) < completion_len_B.unsqueeze(1)).long()
     cache.batch_select_indices(prompt_of_B)
     completion_hidden_BCH = final_hidden(
         module,
         input_ids=t["completion_ids_BT"][rows, :C],
-        attention_mask=torch.cat([prompt_mask_UP[prompt_of_B], mask_BT[:, :C].long()], dim=1),
+        attention_mask=torch.cat([prompt_mask_UP[prompt_of_B], completion_mask_BC], dim=1),
         position_ids=plen_B.unsqueeze(1) + torch.arange(C, device=device),
         past_key_values=cache,
         use_cache=True,
     )
-    return _shared_from_hidden(prompt_hidden_UPH, completion_hidden_BCH, prompt_of_B, plen_B,
-                               t["completion_ids_BT"][rows], mask_BT, temperature, lm_head=lm_head,
-                               chunk_tokens=chunk_tokens, entropy=entropy)
+    return shared_prompt_logprobs_from_hidden(prompt_hidden_UPH, completion_hidden_BCH, prompt_of_B, plen_B,
+                                              t["completion_ids_BT"][rows], t["mask_BT"][rows], temperature,
+                                              lm_head=lm_head, chunk_tokens=chunk_tokens, entropy=entropy)
+
+
+def attention_window(hf_config) -> int | None:
+    """The sliding window (tokens) some attention layer of a model with ``hf_config`` uses, or None."""
+    kinds = set(getattr(hf_config, "layer_types", None) or ["full_attention"])
+    if getattr(hf_config, "use_sliding_window", True) is False and "sliding_attention" not in kinds:
+        return None
+    return getattr(hf_config, "sliding_window", None)
+
+
+def shared_prompt_problem(hf_config, max_len: int | None) -> str | None:
+    """Why the shared-prompt forward would not give the row layout's log-probs for a model with
+    ``hf_config`` on rows of up to ``max_len`` tokens (None: any length it could run), or None.
+    It needs every layer to attend to every earlier position: layers that are not attention (a
+    recurrent state would run through a shorter prompt's padding) and a sliding window shorter than
+    a row (its mask would be shifted by that padding, and the cache trimmed) are refused."""
+    kinds = set(getattr(hf_config, "layer_types", None) or ["full_attention"])
+    other = sorted(kinds - {"full_attention", "sliding_attention"})
+    if other:
+        return f"it has {', '.join(other)} layers"
+    window = attention_window(hf_config)
+    if max_len is not None and window is not None and window < max_len:
+        return f"it attends over a sliding window of {window} tokens, shorter than its rows of up to {max_len}"
+    return None

@@ -123,7 +123,7 @@ def completion_logprobs(
     )
 
 
-def shared_prompt_logprobs(
+def shared_prompt_logprobs_from_hidden(
     prompt_hidden_UPH: torch.Tensor,
     completion_hidden_BCH: torch.Tensor,
     prompt_of_B: torch.Tensor,

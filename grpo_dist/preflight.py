@@ -83,6 +83,8 @@ def _model_problems(cfg: Config, cuda: bool) -> tuple[list[str], list[str]]:
                 )
             if cfg.model.lora is not None and (why := _lora_problem(cfg)):
                 problems.append(why)
+            if cfg.learner.shared_prompt_forward and (why := _shared_prompt_problem(cfg)):
+                problems.append(why)
     elif is_hub_id(cfg.model.path):
         notes.append(f"model.path={cfg.model.path!r} is not a local directory; it is resolved as a hub id")
     else:
@@ -117,6 +119,19 @@ def _lora_problem(cfg: Config) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+def _shared_prompt_problem(cfg: Config) -> str | None:
+    from transformers import AutoConfig
+
+    from grpo_dist.forward import shared_prompt_problem
+
+    model_cfg = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    why = shared_prompt_problem(model_cfg, cfg.data.max_prompt_length + cfg.algorithm.max_completion_length)
+    if why is None:
+        return None
+    return (f"model.path={cfg.model.path!r}: learner.shared_prompt_forward (on by default) needs every layer to attend to "
+            f"every earlier token, but {why}; set learner.shared_prompt_forward=false")
 
 
 def _writable_dir_problem(field: str, value: str) -> str | None:

@@ -22,7 +22,14 @@ import torch.distributed as dist
 from grpo_dist import lora as lora_lib
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ClusterConfig, LearnerConfig, ModelConfig
-from grpo_dist.forward import final_hidden, row_logprobs, shared_prompt_logprobs, unwrap
+from grpo_dist.forward import (
+    attention_window,
+    final_hidden,
+    row_logprobs,
+    shared_prompt_logprobs,
+    shared_prompt_problem,
+    unwrap,
+)
 from grpo_dist.losses import grpo_loss, sampler_gap
 from grpo_dist.weight_sync import (
     ParamSpec,
@@ -134,6 +141,7 @@ class LearnerActor:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn),
         )
         self._check_logits_path()
+        self._window = self._shared_prompt_window(unwrap(self.engine).config)
         # With LoRA the reference is the policy with its adapter switched off: no second model.
         self.ref = self._build_reference() if self.acfg.beta > 0 and self.mcfg.lora is None else None
         self.manifest = self._manifest()
@@ -176,6 +184,17 @@ class LearnerActor:
                 f"model.path={self.mcfg.path!r}: {type(unwrap(self.engine)).__name__} computes its logits from more "
                 "than its LM head (soft-capping or scaling); grpo-dist's log-prob path does not support it"
             )
+
+    def _shared_prompt_window(self, hf_config) -> int | None:
+        """With the shared-prompt forward: refuse a model it cannot run at any length, and return the
+        sliding window its rows must fit in (checked per batch; preflight checks local models against
+        the config's longest row before launch)."""
+        if not self.lcfg.shared_prompt_forward:
+            return None
+        if why := shared_prompt_problem(hf_config, None):
+            raise ValueError(f"model.path={self.mcfg.path!r}: learner.shared_prompt_forward needs attention in every "
+                             f"layer but {why}; set learner.shared_prompt_forward=false")
+        return attention_window(hf_config)
 
     def _build_reference(self) -> torch.nn.Module:
         """Frozen copy of the initial policy: a ZeRO-3 inference engine (partitioned exactly like
@@ -367,6 +386,16 @@ class LearnerActor:
         self.step = int(client["grpo_step"])
         if self.ref is not None and self.lcfg.ref_sync_every is not None:
             saved = torch.load(Path(path) / f"ref_rank{self.rank}.pt", weights_only=True)
+            params = list(self.ref.parameters())
+            if len(saved) > len(params):
+                # An older checkpoint (ZeRO-3): each small persistent parameter's partition was followed
+                # by its full copy, which the partition already holds.
+                it, kept = iter(saved), []
+                for p in params:
+                    kept.append(next(it))
+                    if hasattr(p, "ds_tensor") and p.ds_persist:
+                        next(it)
+                saved = kept
             with torch.no_grad():
                 for dst, src in zip(self._local_tensors(self.ref), saved, strict=True):
                     dst.copy_(src)
@@ -476,8 +505,14 @@ class LearnerActor:
         if lc.max_tokens_per_micro_batch is None:  # whole row micro-batches; rank_rows checks ranks x mini-batches
             grad_accum_steps(len(batch), world, lc.micro_batch_size, lc.optimizer_steps_per_batch)
         lengths = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
-        groups = batch.group_ids if lc.shared_prompt_forward else None  # keep a prompt's rows together
-        mine = rank_rows(lengths, world, lc.optimizer_steps_per_batch, groups)[self.rank]
+        prompts = None
+        if lc.shared_prompt_forward:  # deal a prompt's rows together
+            prompts = [(g, len(p)) for g, p in zip(batch.group_ids, batch.prompt_ids)]
+            if self._window is not None and max(lengths) > self._window:
+                raise ValueError(f"model.path={self.mcfg.path!r}: a row of {max(lengths)} tokens is longer than the "
+                                 f"model's sliding window of {self._window}, which the shared-prompt forward cannot "
+                                 "apply; set learner.shared_prompt_forward=false")
+        mine = rank_rows(lengths, world, lc.optimizer_steps_per_batch, prompts)[self.rank]
         t = batch.select(mine).to_tensors(self.pad_id, self.device)
         timings = {}
 

@@ -14,54 +14,63 @@ METRIC_KEYS = ("kl", "ratio", "clip_low", "clip_high", "clip_region", "tis", "en
 
 
 def rank_rows(
-    lengths: list[int], world_size: int, num_minibatches: int, groups: list[int] | None = None
+    lengths: list[int], world_size: int, num_minibatches: int, prompts: list[tuple[int, int]] | None = None
 ) -> list[list[int]]:
     """Row indices each data-parallel rank trains on, in its training order.
 
     The batch is cut into ``num_minibatches`` contiguous mini-batches (one optimizer step each).
     Inside each, rows are dealt to ranks in equal counts (gradient accumulation needs the same
-    number of micro-batches on every rank) and near-equal token totals (every all-reduce waits
-    for the slowest rank): longest first, each to the rank with the fewest tokens that still
-    has room. A rank's share stays longest-first, so consecutive rows -- its micro-batches --
-    have similar lengths and padding each micro-batch to its own longest row wastes little.
+    number of micro-batches on every rank) and near-equal work (every all-reduce waits for the
+    slowest rank): the costliest first, each to the rank with the least work that still has room.
 
-    With ``groups`` (rows with equal values share a prompt: the shared-prompt forward) the unit
-    dealt is a group's rows in the mini-batch, most tokens first, so a group's rows stay
-    consecutive on one rank and its prompt is forwarded once per micro-batch it lands in. A group
-    larger than any rank's remaining room is split: its longest rows fill the rank with most room.
-    The loss is normalised by mini-batch totals, so any such split gives the same update.
+    Row layout (``prompts`` None): the unit dealt is a row, its cost its tokens, and a rank's share
+    stays longest-first, so consecutive rows -- its micro-batches -- have similar lengths and padding
+    each micro-batch to its own longest row wastes little.
+
+    Shared-prompt forward (``prompts[i]`` = row i's group id and prompt length): the unit is a group's
+    rows in the mini-batch (longest first), its cost the prompt once plus every completion, so a
+    group's rows stay consecutive on one rank and its prompt is forwarded once per micro-batch it
+    lands in. A group larger than any rank's remaining room is split: its longest rows fill the rank
+    with the most room. The loss is normalised by mini-batch totals, so any such split gives the
+    same update.
     """
     n = len(lengths)
     if world_size < 1 or num_minibatches < 1 or n % (world_size * num_minibatches):
         raise ValueError(f"{n} rows cannot be split into {num_minibatches} mini-batches over {world_size} ranks")
-    if groups is not None and len(groups) != n:
-        raise ValueError(f"{len(groups)} group ids for {n} rows")
+    if prompts is not None and len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompt entries for {n} rows")
     per_rank = n // (world_size * num_minibatches)
     out: list[list[int]] = [[] for _ in range(world_size)]
     mini = n // num_minibatches
+
+    def cost(unit: list[int]) -> int:
+        if prompts is None:
+            return sum(lengths[i] for i in unit)
+        return prompts[unit[0]][1] + sum(lengths[i] - prompts[i][1] for i in unit)
+
     for start in range(0, n, mini):
         by_length = sorted(range(start, start + mini), key=lambda i: (-lengths[i], i))
-        if groups is None:
+        if prompts is None:
             units = [[i] for i in by_length]
         else:
             members: dict[int, list[int]] = {}
             for i in by_length:
-                members.setdefault(groups[i], []).append(i)
-            units = sorted(members.values(), key=lambda u: (-sum(lengths[i] for i in u), u[0]))
+                members.setdefault(prompts[i][0], []).append(i)
+            units = sorted(members.values(), key=lambda u: (-cost(u), u[0]))
         share: list[list[int]] = [[] for _ in range(world_size)]
-        tokens = [0] * world_size
+        work = [0] * world_size
         while units:
             unit = units.pop(0)
             fits = [r for r in range(world_size) if per_rank - len(share[r]) >= len(unit)]
             if fits:
-                r = min(fits, key=lambda r: (tokens[r], r))
+                r = min(fits, key=lambda r: (work[r], r))
             else:
                 r = max(range(world_size), key=lambda r: (per_rank - len(share[r]), -r))
                 room = per_rank - len(share[r])
                 unit, rest = unit[:room], unit[room:]
                 units.insert(0, rest)
             share[r] += unit
-            tokens[r] += sum(lengths[i] for i in unit)
+            work[r] += cost(unit)
         for r in range(world_size):
             out[r] += share[r]
     return out
@@ -119,7 +128,8 @@ def pack_by_tokens(
     micro-batch, so little of it is padding. Contiguous micro-batches stay tensor slices.
 
     ``count`` (at least the greedy count, at most the rows): the costliest micro-batch (the first
-    on ties) of two rows or more is halved until there are exactly ``count``, because every rank
+    on ties) of two rows or more is halved (with ``prompts``, at the group boundary nearest its
+    middle, if it holds one) until there are exactly ``count``, because every rank
     must run the same number per optimizer step (DeepSpeed's gradient accumulation and ZeRO-3's
     parameter gathers are collective). Halving never breaks the budget and evens out the work.
     """
@@ -144,6 +154,9 @@ def pack_by_tokens(
         )
         s = out[j]
         mid = s.start + (s.stop - s.start) // 2
+        if prompts is not None:  # cut at the group boundary nearest the middle: no prompt forwarded twice
+            bounds = [i for i in range(s.start + 1, s.stop) if prompts[i][0] != prompts[i - 1][0]]
+            mid = min(bounds, key=lambda i: (abs(i - mid), i), default=mid)
         out[j : j + 1] = [slice(s.start, mid), slice(mid, s.stop)]
     return out
 

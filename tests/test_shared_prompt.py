@@ -14,7 +14,7 @@ from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, Config
 from grpo_dist.forward import prompt_layout, row_logprobs, shared_prompt_logprobs, unwrap
 from grpo_dist.losses import grpo_loss
-from learner.step import backward_scale, micro_cost, rank_rows, token_micro_batches, unique_tokens
+from learner.step import backward_scale, micro_cost, pack_by_tokens, rank_rows, token_micro_batches, unique_tokens
 
 
 def grouped_batch(groups: int, G: int, seed: int, vocab: int, prompt=(3, 14), completion=(1, 12)) -> RolloutBatch:
@@ -112,7 +112,8 @@ def test_groups_dealt_to_two_fake_ranks_under_a_token_budget_give_the_full_batch
     loss_of(full, slice(0, len(batch)), row_logprobs).backward()
     want = torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    shards = [batch.select(mine).to_tensors(0) for mine in rank_rows(lengths, world, 1, batch.group_ids)]
+    row_prompts = [(g, len(p)) for g, p in zip(batch.group_ids, batch.prompt_ids)]
+    shards = [batch.select(mine).to_tensors(0) for mine in rank_rows(lengths, world, 1, row_prompts)]
     prompts = [list(zip(t["group_B"].tolist(), t["prompt_len_B"].tolist())) for t in shards]
     shard_lengths = [t["attention_mask_BL"].sum(1).tolist() for t in shards]
     local = [len(token_micro_batches(n, 1, budget, prompts=p)[0]) for n, p in zip(shard_lengths, prompts)]
@@ -135,19 +136,48 @@ def test_prompt_layout_maps_rows_to_their_unique_prompts_in_order_of_appearance(
     assert first.tolist() == [0, 1] and of.tolist() == [0, 1, 0]
 
 
-def test_rank_rows_keeps_each_groups_rows_together_on_one_rank_and_balances_tokens():
-    # 4 groups of 4 rows over 2 ranks: whole groups, 2 per rank, most tokens first.
-    lengths = [10, 12, 11, 9] + [30, 31, 29, 30] + [20, 20, 21, 19] + [5, 6, 4, 5]
-    groups = [i // 4 for i in range(16)]
-    share = rank_rows(lengths, 2, 1, groups)
-    assert share == [[5, 4, 7, 6, 13, 12, 15, 14], [10, 8, 9, 11, 1, 2, 0, 3]]
-    assert [sum(lengths[i] for i in s) for s in share] == [140, 122]
+def test_rank_rows_keeps_each_groups_rows_together_on_one_rank_and_balances_the_shared_work():
+    # 4 groups of 4 rows over 2 ranks; each group's work is its prompt once plus its completions.
+    prompt_len = [8, 20, 4, 2]
+    completions = [[2, 4, 3, 1], [10, 11, 9, 10], [16, 16, 17, 15], [3, 4, 2, 3]]
+    lengths = [prompt_len[g] + c for g in range(4) for c in completions[g]]
+    prompts = [(g, prompt_len[g]) for g in range(4) for _ in range(4)]
+    share = rank_rows(lengths, 2, 1, prompts)
+    # Work: group 0 = 18, group 1 = 60, group 2 = 68, group 3 = 14. Dealt costliest first: 2 -> rank 0,
+    # 1 -> rank 1, 0 -> rank 1 (60 < 68), 3 -> rank 0 (68 < 78): 82 and 78. Rows longest first inside a group.
+    assert share == [[10, 8, 9, 11, 13, 12, 15, 14], [5, 4, 7, 6, 1, 2, 0, 3]]
+    work = [sum(prompt_len[g] for g in {prompts[i][0] for i in rows}) + sum(lengths[i] - prompts[i][1] for i in rows)
+            for rows in share]
+    assert work == [82, 78]
     # Group size 3 does not divide 4 rows per rank: a group is split, its longest rows first.
-    share = rank_rows([9, 8, 7, 6, 5, 4, 3, 2], 2, 1, [0, 0, 0, 1, 1, 1, 2, 2])
-    assert sorted(len(s) for s in share) == [4, 4] and sorted(i for s in share for i in s) == list(range(8))
-    assert share == [[0, 1, 2, 6], [3, 4, 5, 7]]
-    # Without groups: rows longest first, as before.
+    split = rank_rows([9, 8, 7, 6, 5, 4, 3, 2], 2, 1, [(0, 1)] * 3 + [(1, 1)] * 3 + [(2, 1)] * 2)
+    assert split == [[0, 1, 2, 6], [3, 4, 5, 7]]
+    # Without prompts: rows longest first, as before.
     assert rank_rows([1, 2, 3, 4, 8, 7, 6, 5], 2, 2) == [[3, 0, 4, 7], [2, 1, 5, 6]]
+
+
+def test_halving_to_the_agreed_count_cuts_at_a_group_boundary():
+    lengths = [10] * 6
+    prompts = [(0, 4)] * 2 + [(1, 4)] * 4  # boundaries: after row 2
+    assert pack_by_tokens(lengths, 100, count=2, prompts=prompts) == [slice(0, 2), slice(2, 6)]
+    assert pack_by_tokens(lengths, 100, count=2) == [slice(0, 3), slice(3, 6)]  # row layout: the middle
+
+
+def test_models_whose_attention_the_shared_prompt_forward_cannot_apply_are_named():
+    from types import SimpleNamespace as NS
+
+    from grpo_dist.forward import attention_window, shared_prompt_problem
+
+    assert shared_prompt_problem(NS(layer_types=["full_attention"] * 4), 512) is None
+    # Qwen2 ships sliding_window with use_sliding_window=false: full attention.
+    qwen = NS(layer_types=["full_attention"] * 2, sliding_window=4096, use_sliding_window=False)
+    assert attention_window(qwen) is None and shared_prompt_problem(qwen, 10**6) is None
+    mistral = NS(sliding_window=4096)
+    assert shared_prompt_problem(mistral, 4096) is None
+    assert "sliding window of 4096 tokens, shorter than its rows of up to 8192" in shared_prompt_problem(mistral, 8192)
+    gemma = NS(layer_types=["sliding_attention", "full_attention"], sliding_window=512)
+    assert attention_window(gemma) == 512 and shared_prompt_problem(gemma, None) is None
+    assert "linear_attention" in shared_prompt_problem(NS(layer_types=["full_attention", "linear_attention"]), None)
 
 
 def test_micro_cost_and_unique_tokens_count_each_prompt_once():
