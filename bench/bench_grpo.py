@@ -185,15 +185,26 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["on-policy", "async"], choices=["on-policy", "async"])
     ap.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
-                    help="one more async 1-worker run with these overrides on top (repeatable): a lever's other setting, "
-                         "measured in the same invocation")
+                    help="one more 1-worker run, async (k=1) unless its overrides say otherwise, with these overrides on "
+                         "top (repeatable): a lever's other setting, measured in the same invocation")
     ap.add_argument("--trl", action="store_true", help="also run TRL GRPOTrainer on the same settings")
     ap.add_argument("--out", default=None, help="write all figures as JSON")
     args = ap.parse_args()
 
-    from grpo_dist.config import load_config
+    from grpo_dist.config import ConfigError, load_config
 
     cfg = load_config(args.config, args.set)
+    variants = []
+    for variant in args.variant:  # every variant's config is validated before anything runs
+        label, _, sets = variant.partition(":")
+        extra = [x.strip() for x in sets.split(";") if x.strip()]
+        if not label or not extra:
+            ap.error(f"--variant {variant!r}: expected NAME:KEY=VALUE[;KEY=VALUE] (NAME without ':')")
+        try:
+            load_config(args.config, args.set + extra)
+        except ConfigError as e:
+            ap.error(f"--variant {variant!r}: {e}")
+        variants.append((label, extra))
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes:
@@ -204,12 +215,8 @@ def main() -> None:
                                 Path(tmp) / name.replace(", ", "_").replace(" ", "-"))
                 print(per_step_table(rows, args.warmup), flush=True)
                 results[name] = summarize(rows, args.warmup)
-        for variant in args.variant:
-            label, _, sets = variant.partition(":")
-            extra = [x for x in sets.split(";") if x]
-            if not label or not extra:
-                ap.error(f"--variant {variant!r}: expected NAME:KEY=VALUE[;KEY=VALUE]")
-            name = f"async, 1 worker, {label}"
+        for label, extra in variants:
+            name = label
             print(f"running grpo-dist: {name} ({'; '.join(extra)}) ...", flush=True)
             rows = run_grpo(args.config, args.steps, 1, 1, args.set + extra, Path(tmp) / f"variant-{len(results)}")
             print(per_step_table(rows, args.warmup), flush=True)
