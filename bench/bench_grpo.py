@@ -11,11 +11,16 @@ The real model, as the README's first performance table (SmolLM2-135M-Instruct o
     python -m bench.bench_grpo --config deploy/configs/smollm2_gsm8k_cpu.yaml \
         --set trainer.prompts_per_step=8 --set algorithm.num_generations=4 \
         --set algorithm.max_completion_length=128 --set learner.micro_batch_size=8 \
-        --steps 3 --warmup 1 --trl
+        --steps 6 --warmup 1 --trl \
+        --variant "before (row layout, 128-token KV blocks):learner.shared_prompt_forward=false;rollout.block_size=128" \
+        --variant "queue depth k=2:trainer.max_staleness=2"
 
 Each configuration is a real `grpo-dist run` (local Ray head, vLLM rollout workers, DeepSpeed
 learner) with evaluation and checkpoints off; figures are medians over the steps after warm-up,
-read from the run's metrics.jsonl. The model is whatever `model.path` names, so the same harness
+read from the run's metrics.jsonl. An async run with queue depth k generates nothing in its last k
+steps (the drain): those steps are left out of its medians and rates, but not of its wall time.
+``--variant NAME:KEY=VALUE[;KEY=VALUE]`` adds a 1-worker run (async k=1 unless its overrides say
+otherwise) with those overrides: a lever's other setting in the same invocation. The model is whatever `model.path` names, so the same harness
 runs the tiny model, the real one and, unchanged, a GPU cluster. TRL gets the same config
 (`bench/trl_baseline.py` reads it: model, prompts, rewards, G, batch, micro-batch, loss, beta, lr).
 
@@ -29,7 +34,8 @@ Definitions (per step):
 - vs TRL: completions/s, and the loop wall time (warm-up included, engine start and model
   loading excluded) to train on the same number of samples.
 - CPU only: the FLOP floor, the matmul FLOPs a step cannot avoid, 6NT to train on its T = prompt + completion
-  tokens, 2NT more for the reference (beta > 0, full fine-tune) and for old log-probs
+  tokens of every row (a second floor counts each prompt once per group, what the shared-prompt forward
+  computes), 2NT more for the reference (beta > 0, full fine-tune) and for old log-probs
   (num_iterations > 1), 2N per generated token and per unique prompt token (the engine prefills a
   prompt once for its G children), over this machine's fp32 matmul rate with every core busy
   (measured here on a model-shaped matmul). Attention and the optimizer are left out, so it is
@@ -123,8 +129,10 @@ def phases(r: dict) -> tuple[float, float, float]:
     return r["time/step"], r.get("rollout/engine_seconds") or 0.0, train
 
 
-def summarize(all_rows: list[dict], warmup: int) -> dict[str, float]:
-    rows = all_rows[warmup:]
+def summarize(all_rows: list[dict], warmup: int, drain: int = 0) -> dict[str, float]:
+    """Medians and rates over the steps after ``warmup`` and before the last ``drain`` (an async run's
+    last k steps generate nothing: the learner has the cores to itself, which is not the steady state)."""
+    rows = all_rows[warmup : len(all_rows) - drain]
     # Ratios per step, then their median: a difference of medians mixes different steps.
     per_step = [phases(r) for r in rows]
     steps, engine_by_step, train_by_step = (list(x) for x in zip(*per_step))
@@ -155,15 +163,16 @@ def summarize(all_rows: list[dict], warmup: int) -> dict[str, float]:
     }
 
 
-def per_step_table(rows: list[dict], warmup: int) -> str:
-    """One line per step (warm-up steps marked), the same phases as the summary."""
+def per_step_table(rows: list[dict], warmup: int, drain: int = 0) -> str:
+    """One line per step (warm-up and drain steps marked), the same phases as the summary."""
     lines = ["  step  step_s  compl/s  engine_s  train_s  ref_s  sync_s  overhead"]
     for i, r in enumerate(rows):
         st, engine, train = phases(r)
-        lines.append(f"  {r['step']:>4}{'*' if i < warmup else ' '} {st:6.3f}  {(r.get('rollout/completions') or 0) / st:7.1f}"
+        mark = "*" if i < warmup else "+" if i >= len(rows) - drain else " "
+        lines.append(f"  {r['step']:>4}{mark} {st:6.3f}  {(r.get('rollout/completions') or 0) / st:7.1f}"
                      f"  {engine:8.3f}  {train:7.3f}  {r.get('time/ref_logp') or 0.0:5.3f}  {r.get('time/weight_sync') or 0.0:6.3f}"
                      f"  {max(st - engine - train, 0.0) / st:8.1%}")
-    return "\n".join(lines + ["  (* warm-up, not in the medians)"])
+    return "\n".join(lines + ["  (* warm-up, + drain: nothing left to generate; neither is in the medians)"])
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
@@ -201,26 +210,28 @@ def main() -> None:
         if not label or not extra:
             ap.error(f"--variant {variant!r}: expected NAME:KEY=VALUE[;KEY=VALUE] (NAME without ':')")
         try:
-            load_config(args.config, args.set + extra)
+            k = load_config(args.config, [f"trainer.max_staleness=1", *args.set, *extra]).trainer.max_staleness
         except ConfigError as e:
             ap.error(f"--variant {variant!r}: {e}")
-        variants.append((label, extra))
+        variants.append((label, extra, k))
+    if args.steps <= args.warmup + max([1, *(k for _, _, k in variants)]):
+        ap.error(f"--steps {args.steps} leaves no measured step after --warmup {args.warmup} and an async run's drain")
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes:
             for w in args.workers:
                 name = f"{mode}, {w} worker{'s' if w > 1 else ''}"
                 print(f"running grpo-dist: {name} ...", flush=True)
-                rows = run_grpo(args.config, args.steps, w, 0 if mode == "on-policy" else 1, args.set,
-                                Path(tmp) / name.replace(", ", "_").replace(" ", "-"))
-                print(per_step_table(rows, args.warmup), flush=True)
-                results[name] = summarize(rows, args.warmup)
-        for label, extra in variants:
+                k = 0 if mode == "on-policy" else 1
+                rows = run_grpo(args.config, args.steps, w, k, args.set, Path(tmp) / name.replace(", ", "_").replace(" ", "-"))
+                print(per_step_table(rows, args.warmup, k), flush=True)
+                results[name] = summarize(rows, args.warmup, k)
+        for label, extra, k in variants:
             name = label
             print(f"running grpo-dist: {name} ({'; '.join(extra)}) ...", flush=True)
             rows = run_grpo(args.config, args.steps, 1, 1, args.set + extra, Path(tmp) / f"variant-{len(results)}")
-            print(per_step_table(rows, args.warmup), flush=True)
-            results[name] = summarize(rows, args.warmup)
+            print(per_step_table(rows, args.warmup, k), flush=True)
+            results[name] = summarize(rows, args.warmup, k)
     print("\ngrpo-dist, medians over steps after warm-up "
           f"({cfg.trainer.prompts_per_step} prompts x G={cfg.algorithm.num_generations}, "
           f"max_completion_length={cfg.algorithm.max_completion_length}, model={cfg.model.path}):")
@@ -237,17 +248,21 @@ def main() -> None:
         n_params = model_params(cfg.model.path)
         extra_passes = int(cfg.algorithm.beta > 0 and cfg.model.lora is None) + int(cfg.algorithm.num_iterations > 1)
 
-        def floor_s(prompt_tokens: float, generated: float) -> float:
-            return step_flops(n_params, prompt_tokens + generated, generated, prompt_tokens / G,
-                              extra_passes) / (gflops * 1e9)
+        def floor_s(prompt_tokens: float, generated: float, unique: bool = False) -> float:
+            # unique: the learner's tokens counted with each prompt once per group (what a forward that
+            # shares a group's prompt must compute), instead of once per row.
+            trained = (prompt_tokens / G if unique else prompt_tokens) + generated
+            return step_flops(n_params, trained, generated, prompt_tokens / G, extra_passes) / (gflops * 1e9)
 
         print(f"\nFLOP floor: N = {n_params / 1e6:.1f}M parameters, fp32 matmul {gflops:.1f} GFLOP/s on {cores} "
               f"cores, {extra_passes} no-grad forward(s) per step besides training")
         for name, r in results.items():
             r["flop_floor_s"] = floor_s(r["prompt_tokens_per_step"], r["generated_tokens_per_step"])
             r["flop_floor_share"] = r["flop_floor_s"] / r["step_s"]
+            r["flop_floor_unique_s"] = floor_s(r["prompt_tokens_per_step"], r["generated_tokens_per_step"], unique=True)
             print(f"  {name}: floor {r['flop_floor_s']:.2f} s per step, step {r['step_s']:.2f} s: "
-                  f"{r['flop_floor_share']:.0%} of the floor's rate")
+                  f"{r['flop_floor_share']:.0%} of the floor's rate ({r['flop_floor_unique_s'] / r['step_s']:.0%} of "
+                  f"the {r['flop_floor_unique_s']:.2f} s floor with each prompt trained once per group)")
         report["flop_floor"] = {"params": n_params, "matmul_gflops": gflops, "cores": cores,
                                 "extra_forwards": extra_passes}
 

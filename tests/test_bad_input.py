@@ -56,6 +56,17 @@ def no_tokenizer_model(tiny: Path, tmp_path: Path) -> Path:
     return d
 
 
+def sliding_window_model(tiny: Path, tmp_path: Path, window: int) -> Path:
+    """The tiny Qwen2 with a sliding window of ``window`` tokens in every layer."""
+    d = tmp_path / "sliding"
+    shutil.copytree(tiny, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(use_sliding_window=True, sliding_window=window, max_window_layers=0,
+               layer_types=["sliding_attention"] * cfg["num_hidden_layers"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
 def fake_checkpoint(tmp_path: Path, cfg_path: Path, **changed) -> None:
     """A checkpoint (state.json only) whose recorded config differs from cfg_path's by ``changed``."""
     saved = load_config(cfg_path).model_dump(mode="json")
@@ -96,6 +107,11 @@ def cases(tmp_path: Path, tiny: Path) -> dict:
         "LoRA rank above what the engines serve": (
             ["run", str(ok), "--set", "model.lora.rank=64"],
             "model.lora.rank=64 is above rollout.max_lora_rank=16"),
+        "shared-prompt forward on a sliding-window model": (
+            ["run", str(write_config(tmp_path, sliding_window_model(tiny, tmp_path, 32), "sliding.yaml"))],
+            "learner.shared_prompt_forward (on by default) needs every layer to attend to every earlier token, but it "
+            "attends over a sliding window of 32 tokens, shorter than its rows of up to 48; set "
+            "learner.shared_prompt_forward=false"),
         "resume with another model": ("resume", "--resume from"),
         "output directory held by a running job": ("locked", "is in use by pid"),
         "scale to a cluster that is not there": (["scale", "--workers", "3", "--address", f"127.0.0.1:{port}", "--connect-timeout", "3"],
@@ -110,7 +126,8 @@ CASES = ["yaml syntax error", "missing config file", "reward module that does no
          "cluster address nothing listens on", "model directory without tokenizer files",
          "model directory that does not exist", "prompt filter leaves less than one step",
          "output directory below a file", "LoRA target modules the model does not have",
-         "LoRA rank above what the engines serve", "resume with another model", "output directory held by a running job",
+         "LoRA rank above what the engines serve", "shared-prompt forward on a sliding-window model",
+         "resume with another model", "output directory held by a running job",
          "scale to a cluster that is not there", "submit to a dashboard that is not there"]
 
 
