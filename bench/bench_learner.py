@@ -137,7 +137,8 @@ def bench_stage(
         "ranks": args.ranks,
         "rows": args.rows,
         "variant": variant[0] or "base",
-        "micro_batches": f"{max_tokens} tokens" if max_tokens else f"{cfg.learner.micro_batch_size} rows",
+        "micro_batches": (f"{cfg.learner.max_tokens_per_micro_batch} tokens" if cfg.learner.max_tokens_per_micro_batch
+                          else f"{cfg.learner.micro_batch_size} rows"),
         "start_s": round(start_s, 2),
         "step_s": round(med(walls), 3),
         "ref_logp_s": round(med(m["time/ref_logp"] for m in metrics), 3),

@@ -105,6 +105,10 @@ def shared_prompt_logprobs(
     P = int(P_U.max())
     device = ids_BL.device
     prompt_mask_UP = (torch.arange(P, device=device) < P_U.unsqueeze(1)).long()
+    # Group ids are the batch's promise that rows share a prompt; a broken one would train rows on another prompt.
+    mine_BP = ids_BL[:, :P] == ids_BL[first_U, :P][prompt_of_B]
+    if not bool((mine_BP | (prompt_mask_UP[prompt_of_B] == 0)).all()):
+        raise ValueError("rows with the same group id have different prompts; a group shares one prompt")
     cache = DynamicCache(config=unwrap(module).config)
     prompt_hidden_UPH = final_hidden(module, input_ids=ids_BL[first_U, :P], attention_mask=prompt_mask_UP,
                                      past_key_values=cache, use_cache=True)
@@ -117,7 +121,10 @@ def shared_prompt_logprobs(
         module,
         input_ids=t["completion_ids_BT"][rows, :C],
         attention_mask=torch.cat([prompt_mask_UP[prompt_of_B], completion_mask_BC], dim=1),
-        position_ids=plen_B.unsqueeze(1) + torch.arange(C, device=device),
+        # A padded column repeats its row's last position: no position beyond the row layout's is made
+        # (learned position tables, RoPE variants that rescale with the longest position).
+        position_ids=plen_B.unsqueeze(1) + torch.minimum(torch.arange(C, device=device),
+                                                         (completion_len_B - 1).clamp(min=0).unsqueeze(1)),
         past_key_values=cache,
         use_cache=True,
     )
@@ -126,8 +133,14 @@ def shared_prompt_logprobs(
                                               lm_head=lm_head, chunk_tokens=chunk_tokens, entropy=entropy)
 
 
+def _text_config(hf_config):
+    # Composite models (vision-language, e.g. Gemma 3) keep their decoder's layout in a sub-config.
+    return hf_config.get_text_config(decoder=True) if hasattr(hf_config, "get_text_config") else hf_config
+
+
 def attention_window(hf_config) -> int | None:
     """The sliding window (tokens) some attention layer of a model with ``hf_config`` uses, or None."""
+    hf_config = _text_config(hf_config)
     kinds = set(getattr(hf_config, "layer_types", None) or ["full_attention"])
     if getattr(hf_config, "use_sliding_window", True) is False and "sliding_attention" not in kinds:
         return None
@@ -136,10 +149,14 @@ def attention_window(hf_config) -> int | None:
 
 def shared_prompt_problem(hf_config, max_len: int | None) -> str | None:
     """Why the shared-prompt forward would not give the row layout's log-probs for a model with
-    ``hf_config`` on rows of up to ``max_len`` tokens (None: any length it could run), or None.
+    ``hf_config`` on rows of up to ``max_len`` tokens, or None. With ``max_len=None`` only what fails
+    at any length is named (the caller checks each batch's length later).
     It needs every layer to attend to every earlier position: layers that are not attention (a
     recurrent state would run through a shorter prompt's padding) and a sliding window shorter than
-    a row (its mask would be shifted by that padding, and the cache trimmed) are refused."""
+    a row (its mask would be shifted by that padding, and the cache trimmed) are refused, and so is
+    a RoPE that rescales with the forward's longest position once rows pass its original length
+    (the prompt forward and the completion forward would rotate by different frequencies)."""
+    hf_config = _text_config(hf_config)
     kinds = set(getattr(hf_config, "layer_types", None) or ["full_attention"])
     other = sorted(kinds - {"full_attention", "sliding_attention"})
     if other:
@@ -147,4 +164,13 @@ def shared_prompt_problem(hf_config, max_len: int | None) -> str | None:
     window = attention_window(hf_config)
     if max_len is not None and window is not None and window < max_len:
         return f"it attends over a sliding window of {window} tokens, shorter than its rows of up to {max_len}"
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    for params in [v for v in rope.values() if isinstance(v, dict)] or [rope]:
+        kind = params.get("rope_type", params.get("type"))
+        original = (params.get("original_max_position_embeddings")
+                    or getattr(hf_config, "original_max_position_embeddings", None)
+                    or getattr(hf_config, "max_position_embeddings", None))
+        if kind in ("dynamic", "longrope") and max_len is not None and original and max_len > original:
+            return (f"its {kind} RoPE changes frequencies with the forward's length beyond {original} tokens, "
+                    f"and its rows reach {max_len}")
     return None

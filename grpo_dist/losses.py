@@ -56,13 +56,6 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of ``softmax(logits)`` over the last dim (at least float32), e.g. ``[B, T, V] -> [B, T]``."""
-    logits = _at_least_fp32(logits)
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
-
-
 def _token_logp(
     h_NH: torch.Tensor, ids_N: torch.Tensor, lm_head: Callable | None, temperature: float, entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

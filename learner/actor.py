@@ -23,7 +23,6 @@ from grpo_dist import lora as lora_lib
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ClusterConfig, LearnerConfig, ModelConfig
 from grpo_dist.forward import (
-    attention_window,
     final_hidden,
     row_logprobs,
     shared_prompt_logprobs,
@@ -141,7 +140,7 @@ class LearnerActor:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn),
         )
         self._check_logits_path()
-        self._window = self._shared_prompt_window(unwrap(self.engine).config)
+        self._check_shared_prompt_model(unwrap(self.engine).config)
         # With LoRA the reference is the policy with its adapter switched off: no second model.
         self.ref = self._build_reference() if self.acfg.beta > 0 and self.mcfg.lora is None else None
         self.manifest = self._manifest()
@@ -185,16 +184,13 @@ class LearnerActor:
                 "than its LM head (soft-capping or scaling); grpo-dist's log-prob path does not support it"
             )
 
-    def _shared_prompt_window(self, hf_config) -> int | None:
-        """With the shared-prompt forward: refuse a model it cannot run at any length, and return the
-        sliding window its rows must fit in (checked per batch; preflight checks local models against
-        the config's longest row before launch)."""
-        if not self.lcfg.shared_prompt_forward:
-            return None
-        if why := shared_prompt_problem(hf_config, None):
+    def _check_shared_prompt_model(self, hf_config) -> None:
+        """With the shared-prompt forward: refuse a model it cannot run at any length (what depends
+        on the length is checked per batch; preflight checks local models against the config's
+        longest row before launch)."""
+        if self.lcfg.shared_prompt_forward and (why := shared_prompt_problem(hf_config, None)):
             raise ValueError(f"model.path={self.mcfg.path!r}: learner.shared_prompt_forward needs attention in every "
                              f"layer but {why}; set learner.shared_prompt_forward=false")
-        return attention_window(hf_config)
 
     def _build_reference(self) -> torch.nn.Module:
         """Frozen copy of the initial policy: a ZeRO-3 inference engine (partitioned exactly like
@@ -508,10 +504,11 @@ class LearnerActor:
         prompts = None
         if lc.shared_prompt_forward:  # deal a prompt's rows together
             prompts = [(g, len(p)) for g, p in zip(batch.group_ids, batch.prompt_ids)]
-            if self._window is not None and max(lengths) > self._window:
-                raise ValueError(f"model.path={self.mcfg.path!r}: a row of {max(lengths)} tokens is longer than the "
-                                 f"model's sliding window of {self._window}, which the shared-prompt forward cannot "
-                                 "apply; set learner.shared_prompt_forward=false")
+            # A completion sits after its micro-batch's longest prompt in the cache: that is the row length to check.
+            span = max(map(len, batch.prompt_ids)) + max(map(len, batch.completion_ids))
+            if why := shared_prompt_problem(unwrap(self.engine).config, span):
+                raise ValueError(f"model.path={self.mcfg.path!r}: learner.shared_prompt_forward needs every layer to "
+                                 f"attend to every earlier token, but {why}; set learner.shared_prompt_forward=false")
         mine = rank_rows(lengths, world, lc.optimizer_steps_per_batch, prompts)[self.rank]
         t = batch.select(mine).to_tensors(self.pad_id, self.device)
         timings = {}

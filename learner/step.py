@@ -131,7 +131,7 @@ def pack_by_tokens(
     on ties) of two rows or more is halved (with ``prompts``, at the group boundary nearest its
     middle, if it holds one) until there are exactly ``count``, because every rank
     must run the same number per optimizer step (DeepSpeed's gradient accumulation and ZeRO-3's
-    parameter gathers are collective). Halving never breaks the budget and evens out the work.
+    parameter gathers are collective). Halving never breaks the budget.
     """
     out: list[slice] = []
     start = 0

@@ -224,9 +224,10 @@ def step_matches_reference(cfg, name, model_dir) -> dict:
         group.shutdown()
 
 
-# make_batch's rows have 3-13 tokens; 18 packs the first batch's 4 rows per rank into micro-batches of
-# 1 and 2 rows (2 ranks x [1, 1, 2] / [1, 2, 1] under ZeRO-2; under ZeRO-3 accumulation 1 then 2 in
-# each of the 2 x 2 optimizer steps, so it changes between steps).
+# make_batch's rows have 7-13 tokens; with the shared-prompt forward (groups dealt whole) 18 packs the
+# first batch unevenly: under ZeRO-2 rank 0's group greedily makes 4 one-row micro-batches and rank 1's
+# 3 + 1 rows are split to match; under ZeRO-3 each rank runs 1 then 2 micro-batches in its 2 optimizer
+# steps, so the accumulation changes between steps.
 @pytest.mark.parametrize("which", ["z2", "z3"])
 def test_token_budget_micro_batches_give_same_update(which, ray_cluster, tiny_model_dir):
     budget = {"max_tokens_per_micro_batch": 18, "data": {"max_prompt_length": 5}}

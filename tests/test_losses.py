@@ -9,7 +9,6 @@ from grpo_dist.losses import (
     AGGREGATIONS,
     aggregate,
     completion_logprobs,
-    entropy_from_logits,
     grpo_loss,
     kl_penalty,
     merge_metrics,
@@ -104,8 +103,11 @@ def test_completion_logprobs_rejects_bad_rows():
 
 
 def test_entropy_uniform_and_peaked():
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
-    torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([math.log(4), 0.0]), rtol=0, atol=1e-6)
+    # One row: a 1-token prompt, then 2 completion tokens scored by a uniform and a peaked position.
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    ids_BL, plen_B, mask_BT = torch.zeros(1, 3, dtype=torch.long), torch.tensor([1]), torch.ones(1, 2)
+    _, ent = completion_logprobs(logits, ids_BL, plen_B, mask_BT, 1.0, entropy=True)
+    torch.testing.assert_close(ent, torch.tensor([[math.log(4), 0.0]]), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- per-token terms, hand-worked

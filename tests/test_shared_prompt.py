@@ -178,6 +178,53 @@ def test_models_whose_attention_the_shared_prompt_forward_cannot_apply_are_named
     gemma = NS(layer_types=["sliding_attention", "full_attention"], sliding_window=512)
     assert attention_window(gemma) == 512 and shared_prompt_problem(gemma, None) is None
     assert "linear_attention" in shared_prompt_problem(NS(layer_types=["full_attention", "linear_attention"]), None)
+    # A composite (vision-language) config keeps its decoder's layout in its text config.
+    composite = NS(get_text_config=lambda decoder: gemma)
+    assert attention_window(composite) == 512 and "window of 512" in shared_prompt_problem(composite, 1024)
+    # RoPE that rescales with the forward's length: fine within its original length, refused past it.
+    phi = NS(rope_parameters={"rope_type": "longrope", "original_max_position_embeddings": 4096},
+             max_position_embeddings=131072)
+    assert shared_prompt_problem(phi, 4096) is None and shared_prompt_problem(phi, None) is None
+    assert "longrope RoPE changes frequencies with the forward's length beyond 4096" in shared_prompt_problem(phi, 5000)
+    assert shared_prompt_problem(NS(rope_parameters={"rope_type": "linear", "factor": 2.0}), 10**6) is None
+
+
+def test_padded_completion_columns_make_no_position_beyond_the_row_layouts():
+    """A dynamic RoPE rescales once the forward's longest position passes its original length. Rows
+    reach exactly that length; if the padded columns of the long-prompt group counted on past their
+    completion, the completion forward would rescale and differ from the row layout."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=12, tie_word_embeddings=True,
+                      rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    model = LlamaForCausalLM(cfg).double().eval()
+    # Group 0: a 10-token prompt with 2-token completions; group 1: a 2-token prompt with 10-token ones.
+    rows = [([5] * 10, [7, 8]), ([5] * 10, [9, 10]), ([6, 6], list(range(3, 13))), ([6, 6], list(range(13, 23)))]
+    batch = RolloutBatch(
+        prompt_ids=[p for p, _ in rows], completion_ids=[c for _, c in rows],
+        sampling_logp=[[0.0] * len(c) for _, c in rows], truncated=[False] * 4, rewards=[0.0] * 4,
+        reward_components={}, group_ids=[0, 0, 1, 1], weight_version=0, advantages=[0.0] * 4)
+    t = batch.to_tensors(pad_id=0)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        a, _ = row_logprobs(model, t, slice(0, 4), 1.0, lm_head=head, chunk_tokens=None)
+        b, _ = shared_prompt_logprobs(model, t, slice(0, 4), 1.0, lm_head=head, chunk_tokens=None)
+    m = t["mask_BT"] > 0
+    assert torch.allclose(a[m], b[m], rtol=0, atol=1e-12), float((a - b)[m].abs().max())
+
+
+def test_rows_of_one_group_with_different_prompts_are_refused(tiny_model_dir):
+    """The group id promises a shared prompt; a batch that breaks it must not train one row on another's prompt."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    batch = grouped_batch(groups=2, G=2, seed=3, vocab=model.config.vocab_size, prompt=(6, 7))
+    batch.prompt_ids[1] = list(reversed(batch.prompt_ids[1]))
+    t = batch.to_tensors(pad_id=0)
+    with torch.no_grad(), pytest.raises(ValueError, match="same group id have different prompts"):
+        shared_prompt_logprobs(model, t, slice(0, 4), 1.0, lm_head=model.get_output_embeddings(), chunk_tokens=None)
 
 
 def test_micro_cost_and_unique_tokens_count_each_prompt_once():
