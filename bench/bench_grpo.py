@@ -210,7 +210,7 @@ def main() -> None:
         if not label or not extra:
             ap.error(f"--variant {variant!r}: expected NAME:KEY=VALUE[;KEY=VALUE] (NAME without ':')")
         try:
-            k = load_config(args.config, [f"trainer.max_staleness=1", *args.set, *extra]).trainer.max_staleness
+            k = load_config(args.config, ["trainer.max_staleness=1", *args.set, *extra]).trainer.max_staleness
         except ConfigError as e:
             ap.error(f"--variant {variant!r}: {e}")
         variants.append((label, extra, k))

@@ -174,3 +174,13 @@ def shared_prompt_problem(hf_config, max_len: int | None) -> str | None:
             return (f"its {kind} RoPE changes frequencies with the forward's length beyond {original} tokens, "
                     f"and its rows reach {max_len}")
     return None
+
+
+def shared_prompt_refusal(hf_config, max_len: int | None, model_path: str) -> str | None:
+    """The one-line refusal of ``learner.shared_prompt_forward`` for this model, or None
+    (``shared_prompt_problem``): the same words before launch, at learner start and per batch."""
+    why = shared_prompt_problem(hf_config, max_len)
+    if why is None:
+        return None
+    return (f"model.path={model_path!r}: learner.shared_prompt_forward (on by default) needs every layer to attend to "
+            f"every earlier token, but {why}; set learner.shared_prompt_forward=false")

@@ -124,14 +124,11 @@ def _lora_problem(cfg: Config) -> str | None:
 def _shared_prompt_problem(cfg: Config) -> str | None:
     from transformers import AutoConfig
 
-    from grpo_dist.forward import shared_prompt_problem
+    from grpo_dist.forward import shared_prompt_refusal
 
     model_cfg = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    why = shared_prompt_problem(model_cfg, cfg.data.max_prompt_length + cfg.algorithm.max_completion_length)
-    if why is None:
-        return None
-    return (f"model.path={cfg.model.path!r}: learner.shared_prompt_forward (on by default) needs every layer to attend to "
-            f"every earlier token, but {why}; set learner.shared_prompt_forward=false")
+    return shared_prompt_refusal(model_cfg, cfg.data.max_prompt_length + cfg.algorithm.max_completion_length,
+                                 cfg.model.path)
 
 
 def _writable_dir_problem(field: str, value: str) -> str | None:

@@ -26,7 +26,7 @@ from grpo_dist.forward import (
     final_hidden,
     row_logprobs,
     shared_prompt_logprobs,
-    shared_prompt_problem,
+    shared_prompt_refusal,
     unwrap,
 )
 from grpo_dist.losses import grpo_loss, sampler_gap
@@ -188,9 +188,8 @@ class LearnerActor:
         """With the shared-prompt forward: refuse a model it cannot run at any length (what depends
         on the length is checked per batch; preflight checks local models against the config's
         longest row before launch)."""
-        if self.lcfg.shared_prompt_forward and (why := shared_prompt_problem(hf_config, None)):
-            raise ValueError(f"model.path={self.mcfg.path!r}: learner.shared_prompt_forward needs attention in every "
-                             f"layer but {why}; set learner.shared_prompt_forward=false")
+        if self.lcfg.shared_prompt_forward and (refusal := shared_prompt_refusal(hf_config, None, self.mcfg.path)):
+            raise ValueError(refusal)
 
     def _build_reference(self) -> torch.nn.Module:
         """Frozen copy of the initial policy: a ZeRO-3 inference engine (partitioned exactly like
@@ -506,9 +505,8 @@ class LearnerActor:
             prompts = [(g, len(p)) for g, p in zip(batch.group_ids, batch.prompt_ids)]
             # A completion sits after its micro-batch's longest prompt in the cache: that is the row length to check.
             span = max(map(len, batch.prompt_ids)) + max(map(len, batch.completion_ids))
-            if why := shared_prompt_problem(unwrap(self.engine).config, span):
-                raise ValueError(f"model.path={self.mcfg.path!r}: learner.shared_prompt_forward needs every layer to "
-                                 f"attend to every earlier token, but {why}; set learner.shared_prompt_forward=false")
+            if refusal := shared_prompt_refusal(unwrap(self.engine).config, span, self.mcfg.path):
+                raise ValueError(refusal)
         mine = rank_rows(lengths, world, lc.optimizer_steps_per_batch, prompts)[self.rank]
         t = batch.select(mine).to_tensors(self.pad_id, self.device)
         timings = {}
