@@ -131,8 +131,11 @@ def test_stop_saves_a_checkpoint_and_releases_ray(tmp_path, tiny_model_dir, how)
     releases its output directory and leaves nothing behind."""
     cfg = config(tmp_path, tiny_model_dir, trainer={"steps": 200}, checkpoint={"save_every": None})
     before = ray_daemon_pids()
+    # A terminal's foreground job has SIGINT at its default; a test session started in the background
+    # (`cmd &` in a script) ignores it, and the job would inherit that and never see the Ctrl-C.
     proc = subprocess.Popen([sys.executable, "-m", "grpo_dist.cli", "run", str(cfg)], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
