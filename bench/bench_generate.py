@@ -48,14 +48,30 @@ def run_vllm(args: argparse.Namespace) -> list[tuple[float, int]]:
     from vllm.inputs import TokensPrompt
 
     ids = [r["prompt_ids"] for r in train_rows(AutoTokenizer.from_pretrained(args.model), args.prompts, args.data)]
-    llm = LLM(model=args.model, dtype="float32", max_model_len=max(map(len, ids)) + args.max_tokens,
-              enforce_eager=True, distributed_executor_backend="uni", seed=0, enable_prefix_caching=True,
-              **({"block_size": args.block_size} if args.block_size else {}))
+    llm = LLM(
+        model=args.model,
+        dtype="float32",
+        max_model_len=max(map(len, ids)) + args.max_tokens,
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        seed=0,
+        enable_prefix_caching=True,
+        **({"block_size": args.block_size} if args.block_size else {}),
+    )
     out = []
     for rep in range(args.reps + 1):
-        params = [SamplingParams(n=args.G, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=args.max_tokens,
-                                 logprobs=None if args.no_logprobs else 0, seed=1000 * rep + i)
-                  for i in range(len(ids))]
+        params = [
+            SamplingParams(
+                n=args.G,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=-1,
+                max_tokens=args.max_tokens,
+                logprobs=None if args.no_logprobs else 0,
+                seed=1000 * rep + i,
+            )
+            for i in range(len(ids))
+        ]
         llm.reset_prefix_cache()  # every call prefills its prompts again, as after a weight update
         t0 = time.perf_counter()
         res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
@@ -70,17 +86,27 @@ def run_hf(args: argparse.Namespace) -> list[tuple[float, int]]:
     tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     eos, pad = tok.eos_token_id, tok.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    enc = tok([r["prompt"] for r in train_rows(tok, args.prompts, args.data) for _ in range(args.G)], return_tensors="pt",
-              padding=True)
+    enc = tok(
+        [r["prompt"] for r in train_rows(tok, args.prompts, args.data) for _ in range(args.G)],
+        return_tensors="pt",
+        padding=True,
+    )
     out = []
     for rep in range(args.reps + 1):
         torch.manual_seed(rep)
         t0 = time.perf_counter()
         with torch.no_grad():
-            seqs = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                  max_new_tokens=args.max_tokens, pad_token_id=pad if pad is not None else eos)
+            seqs = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=args.max_tokens,
+                pad_token_id=pad if pad is not None else eos,
+            )
         dt = time.perf_counter() - t0
-        comp = seqs[:, enc["input_ids"].shape[1]:]
+        comp = seqs[:, enc["input_ids"].shape[1] :]
         is_eos = comp == eos
         # Tokens up to and including the first EOS (what vLLM counts); rows without EOS are full.
         lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, comp.shape[1])
@@ -109,11 +135,25 @@ def main() -> None:
         print(json.dumps(runs))
         return
 
-    child_args = ["--model", args.model, "--prompts", str(args.prompts), "--G", str(args.G), "--data", args.data,
-                  "--max-tokens", str(args.max_tokens), "--reps", str(args.reps),
-                  *(["--no-logprobs"] if args.no_logprobs else [])]
-    print(f"{args.prompts} {args.data} prompts x G={args.G}, max {args.max_tokens} tokens, T=1, model {args.model}; "
-          f"medians of {args.reps} calls after a warm-up")
+    child_args = [
+        "--model",
+        args.model,
+        "--prompts",
+        str(args.prompts),
+        "--G",
+        str(args.G),
+        "--data",
+        args.data,
+        "--max-tokens",
+        str(args.max_tokens),
+        "--reps",
+        str(args.reps),
+        *(["--no-logprobs"] if args.no_logprobs else []),
+    ]
+    print(
+        f"{args.prompts} {args.data} prompts x G={args.G}, max {args.max_tokens} tokens, T=1, model {args.model}; "
+        f"medians of {args.reps} calls after a warm-up"
+    )
     print("| engine | threads | seconds per call | completions/s | tokens/s |")
     print("|---|---|---|---|---|")
     runs_of = [("vllm", b) for b in args.block_sizes] if "vllm" in args.engines else []
@@ -122,8 +162,13 @@ def main() -> None:
         for threads in args.threads:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
             extra = ["--block-size", str(block)] if block else []
-            res = subprocess.run([sys.executable, "-m", "bench.bench_generate", *child_args, *extra, "--one", engine],
-                                 cwd=ROOT, env=env, capture_output=True, text=True)
+            res = subprocess.run(
+                [sys.executable, "-m", "bench.bench_generate", *child_args, *extra, "--one", engine],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             if res.returncode:
                 sys.stderr.write(res.stderr[-3000:])
                 raise SystemExit(f"{engine} with {threads} threads failed")
@@ -134,8 +179,10 @@ def main() -> None:
                 name = f"vLLM, {block}-token KV blocks" + (" (no log-probs)" if args.no_logprobs else "")
             else:
                 name = "transformers generate"
-            print(f"| {name} | {threads} | {secs:.3f} | {args.prompts * args.G / secs:.3g} | {tokens / secs:.0f} |",
-                  flush=True)
+            print(
+                f"| {name} | {threads} | {secs:.3f} | {args.prompts * args.G / secs:.3g} | {tokens / secs:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -92,8 +92,9 @@ def model_params(path: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def step_flops(n_params: int, train_tokens: float, generated: float, unique_prompt_tokens: float,
-               forward_passes: int) -> float:
+def step_flops(
+    n_params: int, train_tokens: float, generated: float, unique_prompt_tokens: float, forward_passes: int
+) -> float:
     """Matmul FLOPs of one step (see the module docstring): 6NT train, 2NT per extra no-grad
     forward (reference, old log-probs), 2N per token the engine computes."""
     return n_params * (6 * train_tokens + 2 * forward_passes * train_tokens + 2 * (generated + unique_prompt_tokens))
@@ -101,10 +102,18 @@ def step_flops(n_params: int, train_tokens: float, generated: float, unique_prom
 
 def run_grpo(config: str, steps: int, workers: int, staleness: int, sets: list[str], out_dir: Path) -> list[dict]:
     overrides = [
-        f"trainer.steps={steps}", f"rollout.num_workers={workers}", f"trainer.max_staleness={staleness}",
-        "trainer.eval_every=null", "trainer.eval_num_prompts=1", "checkpoint.save_every=null",
-        "checkpoint.save_at_end=false", "logging.progress_bar=false", "logging.tensorboard=false",
-        "logging.log_completions=0", f"trainer.output_dir={out_dir}", *sets,
+        f"trainer.steps={steps}",
+        f"rollout.num_workers={workers}",
+        f"trainer.max_staleness={staleness}",
+        "trainer.eval_every=null",
+        "trainer.eval_num_prompts=1",
+        "checkpoint.save_every=null",
+        "checkpoint.save_at_end=false",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "logging.log_completions=0",
+        f"trainer.output_dir={out_dir}",
+        *sets,
     ]
     cmd = [sys.executable, "-m", "grpo_dist.cli", "run", config]
     for o in overrides:
@@ -169,16 +178,31 @@ def per_step_table(rows: list[dict], warmup: int, drain: int = 0) -> str:
     for i, r in enumerate(rows):
         st, engine, train = phases(r)
         mark = "*" if i < warmup else "+" if i >= len(rows) - drain else " "
-        lines.append(f"  {r['step']:>4}{mark} {st:6.3f}  {(r.get('rollout/completions') or 0) / st:7.1f}"
-                     f"  {engine:8.3f}  {train:7.3f}  {r.get('time/ref_logp') or 0.0:5.3f}  {r.get('time/weight_sync') or 0.0:6.3f}"
-                     f"  {max(st - engine - train, 0.0) / st:8.1%}")
+        lines.append(
+            f"  {r['step']:>4}{mark} {st:6.3f}  {(r.get('rollout/completions') or 0) / st:7.1f}"
+            f"  {engine:8.3f}  {train:7.3f}  {r.get('time/ref_logp') or 0.0:5.3f}  {r.get('time/weight_sync') or 0.0:6.3f}"
+            f"  {max(st - engine - train, 0.0) / st:8.1%}"
+        )
     return "\n".join(lines + ["  (* warm-up, + drain: nothing left to generate; neither is in the medians)"])
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
-    cols = ["step_s", "completions_per_s", "generated_tokens_per_s", "trained_tokens_per_s", "engine_s", "train_s",
-            "generate_wait_s", "score_s", "ref_logp_s", "weight_sync_s", "sync_MB_per_s", "idle_s", "overhead_frac",
-            "step_over_max"]
+    cols = [
+        "step_s",
+        "completions_per_s",
+        "generated_tokens_per_s",
+        "trained_tokens_per_s",
+        "engine_s",
+        "train_s",
+        "generate_wait_s",
+        "score_s",
+        "ref_logp_s",
+        "weight_sync_s",
+        "sync_MB_per_s",
+        "idle_s",
+        "overhead_frac",
+        "step_over_max",
+    ]
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3g}" for c in cols) + " |")
@@ -193,9 +217,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--modes", nargs="+", default=["on-policy", "async"], choices=["on-policy", "async"])
     ap.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
-                    help="one more 1-worker run, async (k=1) unless its overrides say otherwise, with these overrides on "
-                         "top (repeatable): a lever's other setting, measured in the same invocation")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[;KEY=VALUE]",
+        help="one more 1-worker run, async (k=1) unless its overrides say otherwise, with these overrides on "
+        "top (repeatable): a lever's other setting, measured in the same invocation",
+    )
     ap.add_argument("--trl", action="store_true", help="also run TRL GRPOTrainer on the same settings")
     ap.add_argument("--out", default=None, help="write all figures as JSON")
     args = ap.parse_args()
@@ -223,7 +252,9 @@ def main() -> None:
                 name = f"{mode}, {w} worker{'s' if w > 1 else ''}"
                 print(f"running grpo-dist: {name} ...", flush=True)
                 k = 0 if mode == "on-policy" else 1
-                rows = run_grpo(args.config, args.steps, w, k, args.set, Path(tmp) / name.replace(", ", "_").replace(" ", "-"))
+                rows = run_grpo(
+                    args.config, args.steps, w, k, args.set, Path(tmp) / name.replace(", ", "_").replace(" ", "-")
+                )
                 print(per_step_table(rows, args.warmup, k), flush=True)
                 results[name] = summarize(rows, args.warmup, k)
         for label, extra, k in variants:
@@ -232,9 +263,11 @@ def main() -> None:
             rows = run_grpo(args.config, args.steps, 1, 1, args.set + extra, Path(tmp) / f"variant-{len(results)}")
             print(per_step_table(rows, args.warmup, k), flush=True)
             results[name] = summarize(rows, args.warmup, k)
-    print("\ngrpo-dist, medians over steps after warm-up "
-          f"({cfg.trainer.prompts_per_step} prompts x G={cfg.algorithm.num_generations}, "
-          f"max_completion_length={cfg.algorithm.max_completion_length}, model={cfg.model.path}):")
+    print(
+        "\ngrpo-dist, medians over steps after warm-up "
+        f"({cfg.trainer.prompts_per_step} prompts x G={cfg.algorithm.num_generations}, "
+        f"max_completion_length={cfg.algorithm.max_completion_length}, model={cfg.model.path}):"
+    )
     print(table(results))
     report: dict = {"grpo_dist": results}
 
@@ -254,22 +287,41 @@ def main() -> None:
             trained = (prompt_tokens / G if unique else prompt_tokens) + generated
             return step_flops(n_params, trained, generated, prompt_tokens / G, extra_passes) / (gflops * 1e9)
 
-        print(f"\nFLOP floor: N = {n_params / 1e6:.1f}M parameters, fp32 matmul {gflops:.1f} GFLOP/s on {cores} "
-              f"cores, {extra_passes} no-grad forward(s) per step besides training")
+        print(
+            f"\nFLOP floor: N = {n_params / 1e6:.1f}M parameters, fp32 matmul {gflops:.1f} GFLOP/s on {cores} "
+            f"cores, {extra_passes} no-grad forward(s) per step besides training"
+        )
         for name, r in results.items():
             r["flop_floor_s"] = floor_s(r["prompt_tokens_per_step"], r["generated_tokens_per_step"])
             r["flop_floor_share"] = r["flop_floor_s"] / r["step_s"]
             r["flop_floor_unique_s"] = floor_s(r["prompt_tokens_per_step"], r["generated_tokens_per_step"], unique=True)
-            print(f"  {name}: floor {r['flop_floor_s']:.2f} s per step, step {r['step_s']:.2f} s: "
-                  f"{r['flop_floor_share']:.0%} of the floor's rate ({r['flop_floor_unique_s'] / r['step_s']:.0%} of "
-                  f"the {r['flop_floor_unique_s']:.2f} s floor with each prompt trained once per group)")
-        report["flop_floor"] = {"params": n_params, "matmul_gflops": gflops, "cores": cores,
-                                "extra_forwards": extra_passes}
+            print(
+                f"  {name}: floor {r['flop_floor_s']:.2f} s per step, step {r['step_s']:.2f} s: "
+                f"{r['flop_floor_share']:.0%} of the floor's rate ({r['flop_floor_unique_s'] / r['step_s']:.0%} of "
+                f"the {r['flop_floor_unique_s']:.2f} s floor with each prompt trained once per group)"
+            )
+        report["flop_floor"] = {
+            "params": n_params,
+            "matmul_gflops": gflops,
+            "cores": cores,
+            "extra_forwards": extra_passes,
+        }
 
     if args.trl:
         trl_out = Path(tempfile.mkdtemp()) / "trl.json"
-        cmd = [sys.executable, "-m", "bench.trl_baseline", "--config", args.config,
-               "--steps", str(args.steps), "--warmup-steps", str(args.warmup), "--out", str(trl_out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.trl_baseline",
+            "--config",
+            args.config,
+            "--steps",
+            str(args.steps),
+            "--warmup-steps",
+            str(args.warmup),
+            "--out",
+            str(trl_out),
+        ]
         for o in args.set:
             cmd += ["--set", o]
         print("\nrunning TRL GRPOTrainer on the same settings ...", flush=True)
@@ -280,12 +332,19 @@ def main() -> None:
         best_name, best = max(results.items(), key=lambda kv: kv[1]["completions_per_s"])
         if base["samples"] != trl["trained_samples"]:
             raise SystemExit(f"sample counts differ: grpo-dist {base['samples']}, TRL {trl['trained_samples']}")
-        ratios = {f"completions/s ({name}) / TRL": r["completions_per_s"] / trl["completions_per_s"]
-                  for name, r in results.items()}
-        ratios.update({
-            f"TRL wall / grpo-dist wall to train on {trl['trained_samples']} samples ({name})":
-                trl["time_to_target_samples_s"] / r["loop_s"] for name, r in results.items()
-        })
+        ratios = {
+            f"completions/s ({name}) / TRL": r["completions_per_s"] / trl["completions_per_s"]
+            for name, r in results.items()
+        }
+        ratios.update(
+            {
+                f"TRL wall / grpo-dist wall to train on {trl['trained_samples']} samples ({name})": trl[
+                    "time_to_target_samples_s"
+                ]
+                / r["loop_s"]
+                for name, r in results.items()
+            }
+        )
         if on_cpu:
             # TRL trains on the same prompts; its completions are its own lengths.
             per_completion_prompt = base["prompt_tokens_per_step"] / (cfg.trainer.prompts_per_step * G)
@@ -294,16 +353,21 @@ def main() -> None:
             trl["flop_floor_share"] = trl_floor / trl["step_s_median"]
             # Busy core-seconds of one on-policy step: the engine threads while generating, every
             # learner rank's threads while training.
-            core_s = (base["engine_s"] * cfg.rollout.cpu_threads_per_worker
-                      + base["train_s"] * cfg.learner.num_ranks * max(1, int(cfg.cluster.num_cpus_per_learner)))
+            core_s = base["engine_s"] * cfg.rollout.cpu_threads_per_worker + base[
+                "train_s"
+            ] * cfg.learner.num_ranks * max(1, int(cfg.cluster.num_cpus_per_learner))
             floor = core_s / cores
-            ratios[f"work floor: busy core-s of the on-policy step over the cores ({core_s:.2f} core-s over "
-                   f"{cores} cores = {floor:.3f} s); best step ({best_name}) / floor"] = best["step_s"] / floor
+            ratios[
+                f"work floor: busy core-s of the on-policy step over the cores ({core_s:.2f} core-s over "
+                f"{cores} cores = {floor:.3f} s); best step ({best_name}) / floor"
+            ] = best["step_s"] / floor
             ratios["estimated best on this machine: TRL step / work floor"] = trl["step_s_median"] / floor
         report["ratios"] = ratios
-        print(f"\nTRL GRPOTrainer: {trl['completions_per_s']:.3g} completions/s, {trl['tokens_per_s']:.3g} tokens/s, "
-              f"step {trl['step_s_median']:.3g} s" + (f", {trl['flop_floor_share']:.0%} of its FLOP floor's rate"
-                                                      if on_cpu else ""))
+        print(
+            f"\nTRL GRPOTrainer: {trl['completions_per_s']:.3g} completions/s, {trl['tokens_per_s']:.3g} tokens/s, "
+            f"step {trl['step_s_median']:.3g} s"
+            + (f", {trl['flop_floor_share']:.0%} of its FLOP floor's rate" if on_cpu else "")
+        )
         for k, v in ratios.items():
             print(f"  {k}: {v:.2f}x")
 
@@ -312,8 +376,10 @@ def main() -> None:
         print(f"\non-policy overhead (not engine, not train): {on['overhead_frac']:.1%} of step time")
     for name, r in results.items():
         if name.startswith("async"):
-            print(f"{name}: step / max(engine, train) = {r['step_over_max']:.2f} "
-                  f"(serial would be {r['sum_over_max']:.2f})")
+            print(
+                f"{name}: step / max(engine, train) = {r['step_over_max']:.2f} "
+                f"(serial would be {r['sum_over_max']:.2f})"
+            )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
 

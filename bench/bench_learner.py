@@ -46,14 +46,19 @@ from learner import LearnerGroup
 REPO = str(Path(__file__).resolve().parents[1])
 
 
-def _config(model_dir: str, stage: int, args: argparse.Namespace, max_tokens: int | None = None,
-            overrides: list[str] = ()) -> Config:
+def _config(
+    model_dir: str, stage: int, args: argparse.Namespace, max_tokens: int | None = None, overrides: list[str] = ()
+) -> Config:
     raw = {
         "model": {"path": model_dir, "dtype": "float32"},
         "algorithm": {"num_generations": args.group, "beta": 0.04, "max_completion_length": args.completion},
         "trainer": {"prompts_per_step": args.rows // args.group},
-        "learner": {"num_ranks": args.ranks, "zero_stage": stage, "micro_batch_size": args.micro,
-                    "max_tokens_per_micro_batch": max_tokens},
+        "learner": {
+            "num_ranks": args.ranks,
+            "zero_stage": stage,
+            "micro_batch_size": args.micro,
+            "max_tokens_per_micro_batch": max_tokens,
+        },
         "cluster": {"num_cpus_per_learner": 1, "rpc_timeout_s": 1800},
     }
     return Config.model_validate(apply_overrides(raw, [*args.set, *overrides]))
@@ -108,13 +113,23 @@ def _push(group: LearnerGroup, bucket_bytes: int, version: int) -> dict:
 
 
 def bench_stage(
-    model_dir: str, stage: int, vocab: int, args: argparse.Namespace, max_tokens: int | None = None,
-    prompts: list[list[int]] | None = None, variant: tuple[str, list[str]] = ("", []),
+    model_dir: str,
+    stage: int,
+    vocab: int,
+    args: argparse.Namespace,
+    max_tokens: int | None = None,
+    prompts: list[list[int]] | None = None,
+    variant: tuple[str, list[str]] = ("", []),
 ) -> dict:
     cfg = _config(model_dir, stage, args, max_tokens, variant[1])
     group = LearnerGroup(
-        cfg.learner, cfg.model, cfg.algorithm, cfg.cluster, total_steps=args.steps + 1,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, name_prefix=f"bench-z{stage}",
+        cfg.learner,
+        cfg.model,
+        cfg.algorithm,
+        cfg.cluster,
+        total_steps=args.steps + 1,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        name_prefix=f"bench-z{stage}",
     )
     t0 = time.perf_counter()
     group.start(timeout_s=600)
@@ -137,8 +152,11 @@ def bench_stage(
         "ranks": args.ranks,
         "rows": args.rows,
         "variant": variant[0] or "base",
-        "micro_batches": (f"{cfg.learner.max_tokens_per_micro_batch} tokens" if cfg.learner.max_tokens_per_micro_batch
-                          else f"{cfg.learner.micro_batch_size} rows"),
+        "micro_batches": (
+            f"{cfg.learner.max_tokens_per_micro_batch} tokens"
+            if cfg.learner.max_tokens_per_micro_batch
+            else f"{cfg.learner.micro_batch_size} rows"
+        ),
         "start_s": round(start_s, 2),
         "step_s": round(med(walls), 3),
         "ref_logp_s": round(med(m["time/ref_logp"] for m in metrics), 3),
@@ -155,8 +173,17 @@ def bench_stage(
 
 
 def _side_by_side(results: list[dict]) -> str:
-    keys = ["variant", "micro_batches", "step_s", "ref_logp_s", "train_s", "train_tokens_per_s", "padding_fraction",
-            "shared_prompt_saving", "peak_memory_mb"]
+    keys = [
+        "variant",
+        "micro_batches",
+        "step_s",
+        "ref_logp_s",
+        "train_s",
+        "train_tokens_per_s",
+        "padding_fraction",
+        "shared_prompt_saving",
+        "peak_memory_mb",
+    ]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in results]
     return "\n".join(lines)
@@ -180,16 +207,27 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=4, help="micro-batch rows per rank")
     ap.add_argument("--completion", type=int, default=64, help="max completion tokens")
     ap.add_argument("--min-completion", type=int, default=None, help="min completion tokens (default: half the max)")
-    ap.add_argument("--max-tokens", type=int, default=None,
-                    help="also run learner.max_tokens_per_micro_batch=N and print both side by side")
+    ap.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="also run learner.max_tokens_per_micro_batch=N and print both side by side",
+    )
     ap.add_argument("--model", default=None, help="HF model directory to train instead of a built --size model")
     ap.add_argument("--prompts", default="random", choices=["random", "gsm8k"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--pushes", type=int, default=3)
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
-    ap.add_argument("--set", action="append", default=[], help="config override for every run, e.g. learner.micro_batch_size=8")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
-                    help="one more run per stage with these overrides (repeatable), printed side by side")
+    ap.add_argument(
+        "--set", action="append", default=[], help="config override for every run, e.g. learner.micro_batch_size=8"
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[;KEY=VALUE]",
+        help="one more run per stage with these overrides (repeatable), printed side by side",
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

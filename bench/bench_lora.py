@@ -52,10 +52,15 @@ def main() -> None:
             results[name], rewards[name] = s, reward_blocks(rows, max(1, args.steps // 4))
             print(f"{name}: done ({s['loop_s']:.0f} s loop)", flush=True)
 
-    cols = [("sync MB/step", lambda r: r["sync_bytes"] / 1e6), ("sync s", lambda r: r["weight_sync_s"]),
-            ("learner peak MB/rank", lambda r: r["peak_memory_mb"]), ("step s", lambda r: r["step_s"]),
-            ("engine s", lambda r: r["engine_s"]), ("train s", lambda r: r["train_s"]),
-            ("sampler_gap max", lambda r: r["sampler_gap_max"])]
+    cols = [
+        ("sync MB/step", lambda r: r["sync_bytes"] / 1e6),
+        ("sync s", lambda r: r["weight_sync_s"]),
+        ("learner peak MB/rank", lambda r: r["peak_memory_mb"]),
+        ("step s", lambda r: r["step_s"]),
+        ("engine s", lambda r: r["engine_s"]),
+        ("train s", lambda r: r["train_s"]),
+        ("sampler_gap max", lambda r: r["sampler_gap_max"]),
+    ]
     print(f"\n{args.steps} steps each, medians over steps {args.warmup + 1}..{args.steps}:\n")
     print("| run | " + " | ".join(c for c, _ in cols) + " | reward by block of steps |")
     print("|---" * (len(cols) + 2) + "|")
@@ -63,9 +68,11 @@ def main() -> None:
         blocks = " → ".join(f"{x:.2f}" for x in rewards[name])
         print(f"| {name} | " + " | ".join(f"{f(r):.3g}" for _, f in cols) + f" | {blocks} |")
     full, ad = results["full fine-tune"], results[f"LoRA r={args.rank}, adapter sync"]
-    print(f"\nLoRA adapter sync / full: bytes {ad['sync_bytes'] / full['sync_bytes']:.3f}, "
-          f"sync s {ad['weight_sync_s'] / full['weight_sync_s']:.2f}, step s {ad['step_s'] / full['step_s']:.2f}, "
-          f"train s {ad['train_s'] / full['train_s']:.2f}, peak memory {ad['peak_memory_mb'] / full['peak_memory_mb']:.2f}")
+    print(
+        f"\nLoRA adapter sync / full: bytes {ad['sync_bytes'] / full['sync_bytes']:.3f}, "
+        f"sync s {ad['weight_sync_s'] / full['weight_sync_s']:.2f}, step s {ad['step_s'] / full['step_s']:.2f}, "
+        f"train s {ad['train_s'] / full['train_s']:.2f}, peak memory {ad['peak_memory_mb'] / full['peak_memory_mb']:.2f}"
+    )
 
 
 if __name__ == "__main__":

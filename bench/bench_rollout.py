@@ -46,7 +46,14 @@ def _rows(model_dir: str, n: int) -> list[dict]:
     for i in range(n):
         q = f"What is {3 * i + 1} + {7 * i + 2}?"
         p = chat_prompt(tok, q)
-        rows.append({"prompt": p, "prompt_ids": tok(p, add_special_tokens=False)["input_ids"], "answer": str(10 * i + 3), "question": q})
+        rows.append(
+            {
+                "prompt": p,
+                "prompt_ids": tok(p, add_special_tokens=False)["input_ids"],
+                "answer": str(10 * i + 3),
+                "question": q,
+            }
+        )
     return rows
 
 

@@ -221,8 +221,10 @@ def run(cfg: Config, args: argparse.Namespace, work_dir: str) -> dict[str, Any]:
 
     ac = cfg.algorithm
     if ac.advantage != "grpo" or ac.kl_estimator != "k3":
-        raise SystemExit("TRL's GRPOTrainer has only the grpo advantage and the k3 KL estimator; "
-                         f"the config asks for advantage={ac.advantage}, kl_estimator={ac.kl_estimator}")
+        raise SystemExit(
+            "TRL's GRPOTrainer has only the grpo advantage and the k3 KL estimator; "
+            f"the config asks for advantage={ac.advantage}, kl_estimator={ac.kl_estimator}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     dataset = prompt_dataset(cfg, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
@@ -244,7 +246,11 @@ def run(cfg: Config, args: argparse.Namespace, work_dir: str) -> dict[str, Any]:
         "impl": "trl.GRPOTrainer",
         "generation": "transformers.generate (use_vllm=False)",
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
         "settings": {
             "model": cfg.model.path,
             "params": sum(p.numel() for p in model.parameters()),
@@ -264,7 +270,8 @@ def run(cfg: Config, args: argparse.Namespace, work_dir: str) -> dict[str, Any]:
         **figures(clock, args, completions_per_step),
         # model.generate's seconds per step (the first --warmup-steps excluded); the rest of a step is
         # scoring, the reference and old log-prob passes and the update.
-        "generate_s_median": statistics.median(generate_s[args.warmup_steps:]) if len(generate_s) > args.warmup_steps
+        "generate_s_median": statistics.median(generate_s[args.warmup_steps :])
+        if len(generate_s) > args.warmup_steps
         else None,
     }
 
@@ -275,7 +282,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override, as `grpo-dist run --set` (repeatable)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup-steps", type=int, default=1)
-    ap.add_argument("--target-samples", type=int, help="N for the time-to-N-samples figure; default: all steps' samples")
+    ap.add_argument(
+        "--target-samples", type=int, help="N for the time-to-N-samples figure; default: all steps' samples"
+    )
     ap.add_argument("--out", help="also write the figures to this JSON file")
     args = ap.parse_args()
     if not 0 <= args.warmup_steps < args.steps:
@@ -294,7 +303,9 @@ def main() -> None:
         f"max {cfg.algorithm.max_completion_length} tokens, {args.steps} steps ({args.warmup_steps} warm-up)"
     )
     print(f"  completions/s           {result['completions_per_s']:.2f}")
-    print(f"  generated tokens/s      {result['tokens_per_s']:.1f}  (mean {result['mean_completion_tokens']:.1f} tokens/completion)")
+    print(
+        f"  generated tokens/s      {result['tokens_per_s']:.1f}  (mean {result['mean_completion_tokens']:.1f} tokens/completion)"
+    )
     print(f"  step time (median)      {result['step_s_median']:.2f} s   all steps: {result['step_s']}")
     if result["generate_s_median"] is not None:
         print(f"  model.generate (median) {result['generate_s_median']:.2f} s per step")

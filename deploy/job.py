@@ -78,15 +78,31 @@ class RayCluster:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.learner = LearnerGroup(cfg.learner, cfg.model, cfg.algorithm, cfg.cluster, total_steps=cfg.trainer.steps,
-                                    gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+        self.learner = LearnerGroup(
+            cfg.learner,
+            cfg.model,
+            cfg.algorithm,
+            cfg.cluster,
+            total_steps=cfg.trainer.steps,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        )
         self.rollout = RolloutManager(
-            cfg.rollout, cfg.model, cfg.algorithm, cfg.rewards, cfg.cluster, max_model_len=cfg.max_model_len,
+            cfg.rollout,
+            cfg.model,
+            cfg.algorithm,
+            cfg.rewards,
+            cfg.cluster,
+            max_model_len=cfg.max_model_len,
             ensure_weights=self._push_current_weights,
         )
         nodes = ray.nodes()
-        problems = selector_problems(nodes, {"cluster.learner_label_selector": cfg.cluster.learner_label_selector,
-                                             "cluster.rollout_label_selector": cfg.cluster.rollout_label_selector})
+        problems = selector_problems(
+            nodes,
+            {
+                "cluster.learner_label_selector": cfg.cluster.learner_label_selector,
+                "cluster.rollout_label_selector": cfg.cluster.rollout_label_selector,
+            },
+        )
         if problems:
             raise UserError("; ".join(problems))
         # The control and metrics actors live on the head: the cluster does not outlive it anyway,
@@ -95,15 +111,17 @@ class RayCluster:
         on_head = {"scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=False)} if head else {}
         self._metrics = None
         if cfg.logging.ray_metrics:
-            self._metrics = MetricsExporter.options(name="grpo-metrics", namespace=NAMESPACE, get_if_exists=True,
-                                                    **on_head).remote()
+            self._metrics = MetricsExporter.options(
+                name="grpo-metrics", namespace=NAMESPACE, get_if_exists=True, **on_head
+            ).remote()
         self._manifest = None
         self.synced_version = 0  # what every live rollout worker must serve
         # The learner's weights right now (the driver passes it to maintain/sync_weights); a re-push
         # sends these, so it is tagged with this version, which may be newer than synced_version.
         self.learner_version = 0
-        self.control = JobControl.options(name="grpo-control", namespace=NAMESPACE, get_if_exists=True,
-                                          **on_head).remote(cfg.rollout.num_workers)
+        self.control = JobControl.options(
+            name="grpo-control", namespace=NAMESPACE, get_if_exists=True, **on_head
+        ).remote(cfg.rollout.num_workers)
         self._actor_nodes: dict[str, str] = {}
         self.counters = {"worker_restarts_repushed": 0, "workers_added": 0, "workers_removed": 0, "sync_retries": 0}
 
@@ -112,8 +130,12 @@ class RayCluster:
         t0 = time.perf_counter()
         self.learner.start(timeout_s=timeout)
         self.rollout.start(timeout_s=timeout)
-        log.info("learner group (%d ranks) and %d rollout workers up in %.1fs", self.cfg.learner.num_ranks,
-                 self.cfg.rollout.num_workers, time.perf_counter() - t0)
+        log.info(
+            "learner group (%d ranks) and %d rollout workers up in %.1fs",
+            self.cfg.learner.num_ranks,
+            self.cfg.rollout.num_workers,
+            time.perf_counter() - t0,
+        )
         log.info("placement: %s", describe_placement(self.placement(), ray.nodes()))
 
     def placement(self) -> dict[str, str]:
@@ -142,8 +164,11 @@ class RayCluster:
             raise
         except (RayError, TimeoutError, RuntimeError) as first:
             self.counters["sync_retries"] += 1
-            log.warning("weight sync v%d failed (%s); retrying once on a fresh port with the workers that answer",
-                        version, first)
+            log.warning(
+                "weight sync v%d failed (%s); retrying once on a fresh port with the workers that answer",
+                version,
+                first,
+            )
             self.rollout.refresh()
             try:
                 sent = self._sync_once(version)
@@ -165,8 +190,14 @@ class RayCluster:
         self.synced_version = version
         names = self.rollout.worker_names
         t0 = time.perf_counter()
-        recv_refs = self.rollout.receive_weights(self._manifest, version, host, port, timeout_s=timeout,
-                                                 bucket_bytes=int(self.cfg.learner.weight_sync_bucket_mb * 2**20))
+        recv_refs = self.rollout.receive_weights(
+            self._manifest,
+            version,
+            host,
+            port,
+            timeout_s=timeout,
+            bucket_bytes=int(self.cfg.learner.weight_sync_bucket_mb * 2**20),
+        )
         try:
             sent = self.learner.broadcast_weights(host, port, self.rollout.world_size(), version, timeout_s=timeout)
         except Exception as e:
@@ -174,13 +205,16 @@ class RayCluster:
             # so no worker's engine thread is still busy with this attempt.
             ray.wait(recv_refs, num_returns=len(recv_refs), timeout=timeout + rpc)
             receivers = "; ".join(f"{n}: {_outcome(r)}" for n, r in zip(names, recv_refs))
-            raise RuntimeError(f"weight sync v{version} at {host}:{port} failed after {time.perf_counter() - t0:.0f}s: "
-                               f"learner: {first_line(e)}; {receivers}") from e
+            raise RuntimeError(
+                f"weight sync v{version} at {host}:{port} failed after {time.perf_counter() - t0:.0f}s: "
+                f"learner: {first_line(e)}; {receivers}"
+            ) from e
         ready, not_ready = ray.wait(recv_refs, num_returns=len(recv_refs), timeout=timeout)
         if not_ready:
             late = [n for n, r in zip(names, recv_refs) if r in not_ready]
-            raise TimeoutError(f"weight sync v{version}: rollout workers {late} did not finish loading within "
-                               f"{timeout:.0f}s")
+            raise TimeoutError(
+                f"weight sync v{version}: rollout workers {late} did not finish loading within {timeout:.0f}s"
+            )
         for name, ref in zip(names, recv_refs):
             try:
                 ray.get(ref, timeout=rpc)
@@ -221,8 +255,12 @@ class RayCluster:
         if behind:
             # The learner may have trained since the last sync (sync_every > 1): push what it holds now,
             # tagged with its own version, to everyone, so no two workers serve different weights.
-            log.warning("workers %s do not serve the job's weights (v%d); pushing v%d before they generate", behind,
-                        self.synced_version, version)
+            log.warning(
+                "workers %s do not serve the job's weights (v%d); pushing v%d before they generate",
+                behind,
+                self.synced_version,
+                version,
+            )
             self.counters["worker_restarts_repushed"] += len(behind)
             self.sync_weights(version)
             self._actor_nodes.update(self.rollout.placement())
@@ -291,10 +329,19 @@ def _ray_init(cfg: Config) -> bool:
             raise UserError(f"cluster.address={cfg.cluster.address!r}: {first_line(e)}; {AUTH_HINT}") from None
         return False
     # Logical CPUs: every actor asks for its share; on a small machine they time-share the cores.
-    need = (cfg.learner.num_ranks * cfg.cluster.num_cpus_per_learner
-            + cfg.rollout.num_workers * cfg.cluster.num_cpus_per_rollout + 1)
-    ctx = ray.init(namespace=NAMESPACE, num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=True,
-                   dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
+    need = (
+        cfg.learner.num_ranks * cfg.cluster.num_cpus_per_learner
+        + cfg.rollout.num_workers * cfg.cluster.num_cpus_per_rollout
+        + 1
+    )
+    ctx = ray.init(
+        namespace=NAMESPACE,
+        num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env=env,
+        log_to_driver=True,
+    )
     log.info("local Ray head started; dashboard: http://%s", ctx.dashboard_url or "unavailable")
     return True
 
@@ -328,8 +375,10 @@ def run_job(cfg: Config, train_rows: list[dict], test_rows: list[dict], resume: 
             nodes = cluster.lost_nodes()
             who = nodes or "actors died: " + "; ".join(f"{name}: {why}" for name, why in dead.items())
             where = " on a cluster with room for the learner again" if nodes else ""
-            raise RuntimeError(f"job failed at step {trainer.step + 1}: {who}. Resume from the last complete "
-                               f"checkpoint under {cfg.checkpoint_dir} with --resume{where}") from e
+            raise RuntimeError(
+                f"job failed at step {trainer.step + 1}: {who}. Resume from the last complete "
+                f"checkpoint under {cfg.checkpoint_dir} with --resume{where}"
+            ) from e
     finally:
         cluster.shutdown()
         signal.signal(signal.SIGTERM, previous)
@@ -340,8 +389,9 @@ def run_job(cfg: Config, train_rows: list[dict], test_rows: list[dict], resume: 
 def run_eval(cfg: Config, test_rows: list[dict]) -> dict[str, Any]:
     """Evaluate `cfg.model.path` on the held-out rows with rollout workers only."""
     started = _ray_init(cfg)
-    rollout = RolloutManager(cfg.rollout, cfg.model, cfg.algorithm, cfg.rewards, cfg.cluster,
-                             max_model_len=cfg.max_model_len)
+    rollout = RolloutManager(
+        cfg.rollout, cfg.model, cfg.algorithm, cfg.rewards, cfg.cluster, max_model_len=cfg.max_model_len
+    )
     try:
         rollout.start(timeout_s=cfg.cluster.rpc_timeout_s)
         return evaluate(rollout, test_rows[: cfg.trainer.eval_num_prompts], cfg)

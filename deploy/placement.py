@@ -41,10 +41,18 @@ def selector_problems(nodes: list[dict], selectors: dict[str, dict[str, str]]) -
     out = []
     for field, selector in selectors.items():
         if selector and not any(label_matches(n.get("Labels", {}), selector) for n in alive(nodes)):
-            seen = sorted({f"{k}={v}" for n in alive(nodes) for k, v in n.get("Labels", {}).items()
-                           if not k.startswith("ray.io/node-id")})
-            out.append(f"{field}={selector}: no alive node of the cluster matches; node labels there: "
-                       f"{', '.join(seen) or 'none'} (label nodes with `ray start --labels key=value`)")
+            seen = sorted(
+                {
+                    f"{k}={v}"
+                    for n in alive(nodes)
+                    for k, v in n.get("Labels", {}).items()
+                    if not k.startswith("ray.io/node-id")
+                }
+            )
+            out.append(
+                f"{field}={selector}: no alive node of the cluster matches; node labels there: "
+                f"{', '.join(seen) or 'none'} (label nodes with `ray start --labels key=value`)"
+            )
     return out
 
 

@@ -42,15 +42,22 @@ def check_submittable(cfg: Config) -> None:
     problems = []
     for field, value in (("trainer.output_dir", cfg.trainer.output_dir), ("checkpoint.dir", cfg.checkpoint.dir)):
         if value is not None and not Path(value).is_absolute():
-            problems.append(f"{field}={value!r} is relative: the job's outputs would be written into its temporary "
-                            "copy of the checkout and lost; use an absolute path on storage the cluster keeps")
-    inputs = (("model.path", cfg.model.path), ("model.tokenizer_path", cfg.model.tokenizer_path),
-              ("data.path", cfg.data.path))
+            problems.append(
+                f"{field}={value!r} is relative: the job's outputs would be written into its temporary "
+                "copy of the checkout and lost; use an absolute path on storage the cluster keeps"
+            )
+    inputs = (
+        ("model.path", cfg.model.path),
+        ("model.tokenizer_path", cfg.model.tokenizer_path),
+        ("data.path", cfg.data.path),
+    )
     for field, value in inputs:
         if value is not None and not Path(value).is_absolute() and Path(value).exists():
-            problems.append(f"{field}={value!r} is a relative local path: the job runs in a copy of the checkout "
-                            "without .venv, runs and .git, possibly on another node; use an absolute path on "
-                            "storage every node sees (or a hub id)")
+            problems.append(
+                f"{field}={value!r} is a relative local path: the job runs in a copy of the checkout "
+                "without .venv, runs and .git, possibly on another node; use an absolute path on "
+                "storage every node sees (or a hub id)"
+            )
     if problems:
         raise ConfigError("cannot submit this config: " + one_line(problems))
 
@@ -59,8 +66,14 @@ def entrypoint_command(resume: bool) -> str:
     return shlex.join(["python", "-m", "deploy.entrypoint", *(["--resume"] if resume else [])])
 
 
-def submit(cfg: Config, address: str, overrides: list[str], config_path: str, resume: bool = False,
-           preflight_timeout_s: float = 0.0) -> tuple[str, bool | None]:
+def submit(
+    cfg: Config,
+    address: str,
+    overrides: list[str],
+    config_path: str,
+    resume: bool = False,
+    preflight_timeout_s: float = 0.0,
+) -> tuple[str, bool | None]:
     """Submit the job; with ``preflight_timeout_s`` > 0 also wait for its preflight on the cluster.
     Returns the job id and whether the preflight passed (None: not waited for)."""
     from ray.job_submission import JobSubmissionClient
@@ -76,8 +89,10 @@ def submit(cfg: Config, address: str, overrides: list[str], config_path: str, re
             metadata={"config": str(config_path), "overrides": " ".join(overrides)[:1000]},
         )
     except Exception as e:  # unreachable dashboard, refused token, upload failure: say which
-        raise UserError(f"--address {address}: submitting the job failed ({first_line(e)}); check the dashboard "
-                        "address, and RAY_AUTH_MODE=token with its token where the cluster uses token auth") from e
+        raise UserError(
+            f"--address {address}: submitting the job failed ({first_line(e)}); check the dashboard "
+            "address, and RAY_AUTH_MODE=token with its token where the cluster uses token auth"
+        ) from e
     if preflight_timeout_s <= 0:
         return job_id, None
     return job_id, await_preflight(client, job_id, preflight_timeout_s)
@@ -95,7 +110,7 @@ def await_preflight(client, job_id: str, timeout_s: float, poll_s: float = 1.0) 
             return True
         if status in _ENDED:
             said = [ln for ln in logs.splitlines() if ln.startswith("grpo-dist: ")]
-            cause = said[-1][len("grpo-dist: "):] if said else f"it ended {status} (see `ray job logs {job_id}`)"
+            cause = said[-1][len("grpo-dist: ") :] if said else f"it ended {status} (see `ray job logs {job_id}`)"
             raise UserError(f"job {job_id} failed on the cluster before training: {cause}")
         if time.monotonic() >= deadline:
             return False

@@ -68,8 +68,11 @@ def save_checkpoint(
         previous = root / (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
         raise CheckpointWriteError(
             f"checkpoint step {step} could not be written under {root} ({first_line(cause)}); "
-            + (f"the previous checkpoint {previous} is intact and --resume continues from it" if previous
-               else "no earlier checkpoint exists")
+            + (
+                f"the previous checkpoint {previous} is intact and --resume continues from it"
+                if previous
+                else "no earlier checkpoint exists"
+            )
         ) from e
     if final.exists():
         # Re-saving a step (e.g. after resume): move the old one aside first so `final` is never partial.

@@ -43,8 +43,10 @@ def _load(args: argparse.Namespace, where: str = "local") -> Config:
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     print(dump_config(cfg), end="")
-    print(f"# ok: {cfg.rows_per_step} rows/step, gradient_accumulation_steps={cfg.gradient_accumulation_steps}",
-          file=sys.stderr)
+    print(
+        f"# ok: {cfg.rows_per_step} rows/step, gradient_accumulation_steps={cfg.gradient_accumulation_steps}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -97,8 +99,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = _load(args, where="submit")
     from deploy.submit import submit
 
-    job_id, passed = submit(cfg, address=args.address, overrides=args.set, config_path=args.config,
-                            resume=args.resume, preflight_timeout_s=args.preflight_timeout)
+    job_id, passed = submit(
+        cfg,
+        address=args.address,
+        overrides=args.set,
+        config_path=args.config,
+        resume=args.resume,
+        preflight_timeout_s=args.preflight_timeout,
+    )
     print(f"submitted job {job_id}")
     if passed:
         print("its preflight passed on the cluster: training starts")
@@ -153,8 +161,12 @@ def cmd_export_merged(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     from deploy.control import scale
 
-    print(json.dumps(scale(args.workers, address=args.address, namespace=args.namespace,
-                           connect_timeout_s=args.connect_timeout), indent=2))
+    print(
+        json.dumps(
+            scale(args.workers, address=args.address, namespace=args.namespace, connect_timeout_s=args.connect_timeout),
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -165,8 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(sp: argparse.ArgumentParser, positional: bool = True) -> None:
         if positional:
             sp.add_argument("config", help="YAML config (see deploy/configs/)")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted override, e.g. --set algorithm.beta=0.0 (repeatable)")
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="dotted override, e.g. --set algorithm.beta=0.0 (repeatable)",
+        )
 
     sp = sub.add_parser("validate", help="validate a config and print it resolved")
     with_config(sp)
@@ -181,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     sp.add_argument("--resume", action="store_true")
-    sp.add_argument("--preflight-timeout", type=float, default=300.0,
-                    help="seconds to follow the job until its checks on the cluster passed (0: do not wait)")
+    sp.add_argument(
+        "--preflight-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to follow the job until its checks on the cluster passed (0: do not wait)",
+    )
     sp.set_defaults(fn=cmd_submit)
 
     sp = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split")

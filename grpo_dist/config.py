@@ -80,10 +80,13 @@ class DataConfig(_Section):
         "`hf` any datasets-loadable local file/dir or hub dataset id.",
     )
     path: str | None = Field(
-        None, description="gsm8k: directory with train.jsonl/test.jsonl (None: the shipped copy); hf: data file, "
-        "dir, or hub id such as `openai/gsm8k`."
+        None,
+        description="gsm8k: directory with train.jsonl/test.jsonl (None: the shipped copy); hf: data file, "
+        "dir, or hub id such as `openai/gsm8k`.",
     )
-    hf_config: str | None = Field(None, description="hf: dataset config name on the hub (e.g. `main` for openai/gsm8k).")
+    hf_config: str | None = Field(
+        None, description="hf: dataset config name on the hub (e.g. `main` for openai/gsm8k)."
+    )
     train_split: str = "train"
     test_split: str = "test"
     prompt_column: str = "question"
@@ -106,8 +109,9 @@ class DataConfig(_Section):
         try:
             self.prompt_template.format(question="")
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"data.prompt_template={self.prompt_template!r} is not a template with only {{question}}: "
-                             f"{e!r}") from None
+            raise ValueError(
+                f"data.prompt_template={self.prompt_template!r} is not a template with only {{question}}: {e!r}"
+            ) from None
         if "{question}" not in self.prompt_template:
             raise ValueError(f"data.prompt_template={self.prompt_template!r} does not contain {{question}}")
         return self
@@ -171,10 +175,12 @@ class RolloutConfig(_Section):
     max_model_len: int | None = Field(None, description="Defaults to max_prompt_length + max_completion_length.")
     enforce_eager: bool = True
     block_size: int | None = Field(
-        None, ge=1, description="Tokens per KV-cache block. Prefix caching shares whole blocks only, so the G "
+        None,
+        ge=1,
+        description="Tokens per KV-cache block. Prefix caching shares whole blocks only, so the G "
         "completions of a prompt share its first floor(P / block_size) blocks. None: 32 on CPU (vLLM-CPU's own "
         "default, 128, shares nothing of a prompt shorter than 128 tokens; its attention needs multiples of 32), "
-        "vLLM's default on GPU."
+        "vLLM's default on GPU.",
     )
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
         16, description="vLLM's max_lora_rank (its allowed values); must hold model.lora.rank with lora.sync=adapter."
@@ -198,22 +204,29 @@ class LearnerConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.99)
     max_grad_norm: float = Field(1.0, gt=0)
-    ref_sync_every: int | None = Field(None, ge=1, description="TRL sync_ref_model: refresh the reference every K steps.")
+    ref_sync_every: int | None = Field(
+        None, ge=1, description="TRL sync_ref_model: refresh the reference every K steps."
+    )
     ref_sync_alpha: float = Field(1.0, gt=0, le=1, description="ref <- alpha*policy + (1-alpha)*ref at each refresh.")
     weight_sync_bucket_mb: float = Field(64.0, gt=0, description="Max bucket size of one weight broadcast.")
     logits_chunk_tokens: int | None = Field(
-        2048, ge=1, description="Completion tokens whose [tokens, vocab] logits exist at once (recomputed in "
-        "backward); None = one pass per micro-batch, keeping its logits for backward."
+        2048,
+        ge=1,
+        description="Completion tokens whose [tokens, vocab] logits exist at once (recomputed in "
+        "backward); None = one pass per micro-batch, keeping its logits for backward.",
     )
     max_tokens_per_micro_batch: int | None = Field(
-        None, ge=1, description="Token budget per rank per forward/backward: the positions a micro-batch's padded "
+        None,
+        ge=1,
+        description="Token budget per rank per forward/backward: the positions a micro-batch's padded "
         "forward computes (unique prompts x the longest prompt + rows x the longest completion with "
-        "shared_prompt_forward, else rows x the longest row); None = micro_batch_size rows each."
+        "shared_prompt_forward, else rows x the longest row); None = micro_batch_size rows each.",
     )
     shared_prompt_forward: bool = Field(
-        True, description="Forward each prompt once per micro-batch and its rows' completions on top of its key/value "
+        True,
+        description="Forward each prompt once per micro-batch and its rows' completions on top of its key/value "
         "cache (the G rows of a group share it), instead of every row's prompt + completion: the same log-probs "
-        "and gradients for (G-1) fewer prompt passes per group. A rank's rows are dealt group by group."
+        "and gradients for (G-1) fewer prompt passes per group. A rank's rows are dealt group by group.",
     )
 
 

@@ -217,11 +217,14 @@ def load_split(data_cfg: DataConfig, tokenizer: Any, split: str, min_rows: int =
             rows.append(row)
     where = f"{data_cfg.source} split {split!r}"
     if dropped:
-        log.warning("%s: dropped %d of %d rows (%s)", where, sum(dropped.values()), len(raw_rows),
-                    _dropped_detail(dropped))
+        log.warning(
+            "%s: dropped %d of %d rows (%s)", where, sum(dropped.values()), len(raw_rows), _dropped_detail(dropped)
+        )
     if len(rows) < min_rows:
-        raise DataError(f"data: {where} has {len(rows)} usable rows, fewer than the {min_rows} needed: "
-                        f"{_filter_summary(dropped, len(raw_rows), data_cfg)}")
+        raise DataError(
+            f"data: {where} has {len(rows)} usable rows, fewer than the {min_rows} needed: "
+            f"{_filter_summary(dropped, len(raw_rows), data_cfg)}"
+        )
     log.info("%s: %d prompts", where, len(rows))
     return PromptDataset(split=split, source=data_cfg.source, rows=rows, dropped=dropped)
 

@@ -296,8 +296,10 @@ class Trainer:
                     drops += 1
                     log.warning("dropped a batch %d versions old", self.version - batch.weight_version)
                     if drops > staleness + 2:  # the queue has been flushed and workers are still behind
-                        raise RuntimeError(f"rollout workers keep serving stale weights {self.cluster.rollout.weight_versions()}"
-                                           f" while the learner is at version {self.version}")
+                        raise RuntimeError(
+                            f"rollout workers keep serving stale weights {self.cluster.rollout.weight_versions()}"
+                            f" while the learner is at version {self.version}"
+                        )
                     timer.time("weight_sync", lambda: self.cluster.maintain(self.version))
             completions += len(batch)
             metrics = self._train_on(batch, timer)

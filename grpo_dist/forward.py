@@ -61,8 +61,16 @@ def row_logprobs(
     L = int(attn_BL.sum(1).max())
     ids_BL = t["input_ids_BL"][rows, :L]
     hidden_BLH = final_hidden(module, input_ids=ids_BL, attention_mask=attn_BL[:, :L])
-    return completion_logprobs(hidden_BLH, ids_BL, t["prompt_len_B"][rows], t["mask_BT"][rows], temperature,
-                               lm_head=lm_head, chunk_tokens=chunk_tokens, entropy=entropy)
+    return completion_logprobs(
+        hidden_BLH,
+        ids_BL,
+        t["prompt_len_B"][rows],
+        t["mask_BT"][rows],
+        temperature,
+        lm_head=lm_head,
+        chunk_tokens=chunk_tokens,
+        entropy=entropy,
+    )
 
 
 def prompt_layout(group_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +118,9 @@ def shared_prompt_logprobs(
     if not bool((mine_BP | (prompt_mask_UP[prompt_of_B] == 0)).all()):
         raise ValueError("rows with the same group id have different prompts; a group shares one prompt")
     cache = DynamicCache(config=unwrap(module).config)
-    prompt_hidden_UPH = final_hidden(module, input_ids=ids_BL[first_U, :P], attention_mask=prompt_mask_UP,
-                                     past_key_values=cache, use_cache=True)
+    prompt_hidden_UPH = final_hidden(
+        module, input_ids=ids_BL[first_U, :P], attention_mask=prompt_mask_UP, past_key_values=cache, use_cache=True
+    )
     # Attention covers every completion token (the loss mask may leave some out of the loss, not out of view).
     completion_len_B = t["attention_mask_BL"][rows].sum(1) - plen_B
     C = max(int(completion_len_B.max()), 1)
@@ -123,14 +132,23 @@ def shared_prompt_logprobs(
         attention_mask=torch.cat([prompt_mask_UP[prompt_of_B], completion_mask_BC], dim=1),
         # A padded column repeats its row's last position: no position beyond the row layout's is made
         # (learned position tables, RoPE variants that rescale with the longest position).
-        position_ids=plen_B.unsqueeze(1) + torch.minimum(torch.arange(C, device=device),
-                                                         (completion_len_B - 1).clamp(min=0).unsqueeze(1)),
+        position_ids=plen_B.unsqueeze(1)
+        + torch.minimum(torch.arange(C, device=device), (completion_len_B - 1).clamp(min=0).unsqueeze(1)),
         past_key_values=cache,
         use_cache=True,
     )
-    return shared_prompt_logprobs_from_hidden(prompt_hidden_UPH, completion_hidden_BCH, prompt_of_B, plen_B,
-                                              t["completion_ids_BT"][rows], t["mask_BT"][rows], temperature,
-                                              lm_head=lm_head, chunk_tokens=chunk_tokens, entropy=entropy)
+    return shared_prompt_logprobs_from_hidden(
+        prompt_hidden_UPH,
+        completion_hidden_BCH,
+        prompt_of_B,
+        plen_B,
+        t["completion_ids_BT"][rows],
+        t["mask_BT"][rows],
+        temperature,
+        lm_head=lm_head,
+        chunk_tokens=chunk_tokens,
+        entropy=entropy,
+    )
 
 
 def _text_config(hf_config):
@@ -167,12 +185,16 @@ def shared_prompt_problem(hf_config, max_len: int | None) -> str | None:
     rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
     for params in [v for v in rope.values() if isinstance(v, dict)] or [rope]:
         kind = params.get("rope_type", params.get("type"))
-        original = (params.get("original_max_position_embeddings")
-                    or getattr(hf_config, "original_max_position_embeddings", None)
-                    or getattr(hf_config, "max_position_embeddings", None))
+        original = (
+            params.get("original_max_position_embeddings")
+            or getattr(hf_config, "original_max_position_embeddings", None)
+            or getattr(hf_config, "max_position_embeddings", None)
+        )
         if kind in ("dynamic", "longrope") and max_len is not None and original and max_len > original:
-            return (f"its {kind} RoPE changes frequencies with the forward's length beyond {original} tokens, "
-                    f"and its rows reach {max_len}")
+            return (
+                f"its {kind} RoPE changes frequencies with the forward's length beyond {original} tokens, "
+                f"and its rows reach {max_len}"
+            )
     return None
 
 
@@ -182,5 +204,7 @@ def shared_prompt_refusal(hf_config, max_len: int | None, model_path: str) -> st
     why = shared_prompt_problem(hf_config, max_len)
     if why is None:
         return None
-    return (f"model.path={model_path!r}: learner.shared_prompt_forward (on by default) needs every layer to attend to "
-            f"every earlier token, but {why}; set learner.shared_prompt_forward=false")
+    return (
+        f"model.path={model_path!r}: learner.shared_prompt_forward (on by default) needs every layer to attend to "
+        f"every earlier token, but {why}; set learner.shared_prompt_forward=false"
+    )

@@ -36,8 +36,12 @@ class OutputLock:
 
     def __init__(self, output_dir: str | Path, job_id: str | None = None):
         self.path = Path(output_dir) / LOCK_NAME
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id,
-                      "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "job_id": job_id,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
 
     def _create(self) -> bool:
         try:
@@ -58,8 +62,13 @@ class OutputLock:
             held = {}
         host, pid = held.get("host"), held.get("pid")
         if host == self.owner["host"] and isinstance(pid, int) and not _alive(pid):
-            log.warning("taking over the stale lock %s of pid %d (no longer running; job %s, since %s)", self.path,
-                        pid, held.get("job_id"), held.get("since"))
+            log.warning(
+                "taking over the stale lock %s of pid %d (no longer running; job %s, since %s)",
+                self.path,
+                pid,
+                held.get("job_id"),
+                held.get("since"),
+            )
             self.path.unlink(missing_ok=True)
             if self._create():
                 return

@@ -81,7 +81,9 @@ def base_name(peft_name: str) -> str:
     return peft_name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
 
 
-def adapter_manifest(model_path: str, lora: LoraConfig, dtype: str, trust_remote_code: bool = False) -> dict[str, ParamSpec]:
+def adapter_manifest(
+    model_path: str, lora: LoraConfig, dtype: str, trust_remote_code: bool = False
+) -> dict[str, ParamSpec]:
     """Names (saved form), shapes and dtype of the adapter the learner will send, built on the meta
     device from the model's config: what a rollout worker checks an update against."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -91,7 +93,9 @@ def adapter_manifest(model_path: str, lora: LoraConfig, dtype: str, trust_remote
         model = wrap(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), lora, model_path)
     torch_dtype = getattr(torch, dtype)
     return {
-        sync_name(n): spec_of(sync_name(n), p.to(torch_dtype)) for n, p in model.named_parameters() if is_adapter_param(n)
+        sync_name(n): spec_of(sync_name(n), p.to(torch_dtype))
+        for n, p in model.named_parameters()
+        if is_adapter_param(n)
     }
 
 
@@ -118,8 +122,10 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
     src, out = Path(adapter_dir), Path(out_dir)
     cfg_file = src / "adapter_config.json"
     if not cfg_file.is_file():
-        raise UserError(f"{src} has no adapter_config.json: not a LoRA checkpoint (a full fine-tune's policy "
-                        "directory is already a plain model)")
+        raise UserError(
+            f"{src} has no adapter_config.json: not a LoRA checkpoint (a full fine-tune's policy "
+            "directory is already a plain model)"
+        )
     base = base_model or json.loads(cfg_file.read_text()).get("base_model_name_or_path")
     if not base:
         raise UserError(f"{cfg_file} names no base model; pass --base")

@@ -99,8 +99,10 @@ def completion_logprobs(
     B, L, _ = hidden_BLH.shape
     T = mask_BT.shape[1]
     if input_ids_BL.shape != (B, L) or prompt_len_B.shape != (B,) or mask_BT.shape[0] != B:
-        raise ValueError(f"shapes do not match: hidden {tuple(hidden_BLH.shape)}, input_ids "
-                         f"{tuple(input_ids_BL.shape)}, prompt_len {tuple(prompt_len_B.shape)}, mask {tuple(mask_BT.shape)}")
+        raise ValueError(
+            f"shapes do not match: hidden {tuple(hidden_BLH.shape)}, input_ids "
+            f"{tuple(input_ids_BL.shape)}, prompt_len {tuple(prompt_len_B.shape)}, mask {tuple(mask_BT.shape)}"
+        )
     for i, P in enumerate(prompt_len_B.tolist()):
         if not 1 <= P <= L:
             raise ValueError(f"row {i}: prompt length {P} outside [1, {L}] (a completion needs a prompt token)")
@@ -110,9 +112,18 @@ def completion_logprobs(
     if pos_N.numel() and int(pos_N.max()) + 1 >= L:
         raise ValueError(f"a masked completion token lies beyond the {L} positions of its row")
     return _scatter_BT(
-        *token_logprobs(hidden_BLH[b_N, pos_N], input_ids_BL[b_N, pos_N + 1], temperature, lm_head=lm_head,
-                        chunk_tokens=chunk_tokens, entropy=entropy),
-        b_N, t_N, B, T,
+        *token_logprobs(
+            hidden_BLH[b_N, pos_N],
+            input_ids_BL[b_N, pos_N + 1],
+            temperature,
+            lm_head=lm_head,
+            chunk_tokens=chunk_tokens,
+            entropy=entropy,
+        ),
+        b_N,
+        t_N,
+        B,
+        T,
     )
 
 
@@ -140,14 +151,18 @@ def shared_prompt_logprobs_from_hidden(
     B, T = mask_BT.shape
     C = completion_hidden_BCH.shape[1]
     if prompt_of_B.shape != (B,) or prompt_len_B.shape != (B,) or completion_ids_BT.shape[0] != B:
-        raise ValueError(f"shapes do not match: {B} rows in mask_BT, prompt_of {tuple(prompt_of_B.shape)}, "
-                         f"prompt_len {tuple(prompt_len_B.shape)}, completion_ids {tuple(completion_ids_BT.shape)}")
+        raise ValueError(
+            f"shapes do not match: {B} rows in mask_BT, prompt_of {tuple(prompt_of_B.shape)}, "
+            f"prompt_len {tuple(prompt_len_B.shape)}, completion_ids {tuple(completion_ids_BT.shape)}"
+        )
     b_N, t_N = (mask_BT > 0).nonzero(as_tuple=True)
     if t_N.numel() and int(t_N.max()) > C:
         raise ValueError(f"a masked completion token lies beyond the {C} completion positions of its row")
     P_N = prompt_len_B[b_N]
     if P_N.numel() and (int(P_N.min()) < 1 or int(P_N.max()) > prompt_hidden_UPH.shape[1]):
-        raise ValueError(f"prompt lengths outside [1, {prompt_hidden_UPH.shape[1]}] (a completion needs a prompt token)")
+        raise ValueError(
+            f"prompt lengths outside [1, {prompt_hidden_UPH.shape[1]}] (a completion needs a prompt token)"
+        )
     first_N = (t_N == 0).unsqueeze(1)
     h_NH = torch.where(
         first_N,
@@ -155,9 +170,13 @@ def shared_prompt_logprobs_from_hidden(
         completion_hidden_BCH[b_N, (t_N - 1).clamp(min=0)],
     )
     return _scatter_BT(
-        *token_logprobs(h_NH, completion_ids_BT[b_N, t_N], temperature, lm_head=lm_head, chunk_tokens=chunk_tokens,
-                        entropy=entropy),
-        b_N, t_N, B, T,
+        *token_logprobs(
+            h_NH, completion_ids_BT[b_N, t_N], temperature, lm_head=lm_head, chunk_tokens=chunk_tokens, entropy=entropy
+        ),
+        b_N,
+        t_N,
+        B,
+        T,
     )
 
 

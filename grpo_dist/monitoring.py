@@ -77,8 +77,12 @@ class RunLogger:
         if batch is not None and batch.completions:
             G = len(batch) // batch.num_groups
             for i in range(0, min(batch.num_groups, self.cfg.log_completions) * G, G):  # first row of each group
-                log.info("  sample %r -> %r (reward %.2f)", batch.prompts[i][-60:], batch.completions[i][:120],
-                         batch.rewards[i])
+                log.info(
+                    "  sample %r -> %r (reward %.2f)",
+                    batch.prompts[i][-60:],
+                    batch.completions[i][:120],
+                    batch.rewards[i],
+                )
 
     def log_eval(self, step: int, result: dict[str, float]) -> None:
         self.evals.append({"step": step, **result})

@@ -67,14 +67,17 @@ def _model_problems(cfg: Config, cuda: bool) -> tuple[list[str], list[str]]:
     path = Path(cfg.model.path)
     if path.is_dir():
         if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-            problems.append(f"model.path={cfg.model.path!r} is a LoRA adapter, not a model: merge it first "
-                            f"(`grpo-dist export-merged {cfg.model.path} --out DIR`) or set model.path to its base "
-                            "and model.lora")
+            problems.append(
+                f"model.path={cfg.model.path!r} is a LoRA adapter, not a model: merge it first "
+                f"(`grpo-dist export-merged {cfg.model.path} --out DIR`) or set model.path to its base "
+                "and model.lora"
+            )
         elif not (path / "config.json").is_file():
             problems.append(f"model.path={cfg.model.path!r} is a directory without config.json (not an HF model)")
         elif not any(next(path.glob(g), None) for g in WEIGHT_FILES):
-            problems.append(f"model.path={cfg.model.path!r} has config.json but no weights (*.safetensors or "
-                            "pytorch_model*.bin)")
+            problems.append(
+                f"model.path={cfg.model.path!r} has config.json but no weights (*.safetensors or pytorch_model*.bin)"
+            )
         else:
             hd = model_head_dim(path)
             if not cuda and hd is not None and hd not in VLLM_CPU_HEAD_SIZES and hd < 128:
@@ -88,17 +91,23 @@ def _model_problems(cfg: Config, cuda: bool) -> tuple[list[str], list[str]]:
     elif is_hub_id(cfg.model.path):
         notes.append(f"model.path={cfg.model.path!r} is not a local directory; it is resolved as a hub id")
     else:
-        problems.append(f"model.path={cfg.model.path!r} does not exist (run `grpo-dist get-model` or "
-                        "`grpo-dist make-tiny-model --out ...`?)")
+        problems.append(
+            f"model.path={cfg.model.path!r} does not exist (run `grpo-dist get-model` or "
+            "`grpo-dist make-tiny-model --out ...`?)"
+        )
     field = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
     tok = Path(cfg.model.tokenizer_path or cfg.model.path)
     if tok.is_dir():
         if not any((tok / f).is_file() for f in TOKENIZER_FILES):
-            problems.append(f"{field}={str(tok)!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
-                            "save the tokenizer there or set model.tokenizer_path")
+            problems.append(
+                f"{field}={str(tok)!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                "save the tokenizer there or set model.tokenizer_path"
+            )
         elif cfg.data.use_chat_template and not has_chat_template(tok):
-            problems.append(f"data.use_chat_template=true but the tokenizer at {field}={str(tok)!r} has no chat "
-                            "template; set data.use_chat_template=false to feed plain-text prompts")
+            problems.append(
+                f"data.use_chat_template=true but the tokenizer at {field}={str(tok)!r} has no chat "
+                "template; set data.use_chat_template=false to feed plain-text prompts"
+            )
     elif cfg.model.tokenizer_path and not is_hub_id(cfg.model.tokenizer_path):
         problems.append(f"model.tokenizer_path={cfg.model.tokenizer_path!r} does not exist")
     return problems, notes
@@ -127,8 +136,9 @@ def _shared_prompt_problem(cfg: Config) -> str | None:
     from grpo_dist.forward import shared_prompt_refusal
 
     model_cfg = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    return shared_prompt_refusal(model_cfg, cfg.data.max_prompt_length + cfg.algorithm.max_completion_length,
-                                 cfg.model.path)
+    return shared_prompt_refusal(
+        model_cfg, cfg.data.max_prompt_length + cfg.algorithm.max_completion_length, cfg.model.path
+    )
 
 
 def _writable_dir_problem(field: str, value: str) -> str | None:
@@ -190,8 +200,9 @@ def ray_gcs_address(address: str) -> str | None:
     return address if ":" in address else f"{address}:6379"
 
 
-def check_reachable(address: str, timeout_s: float, field: str = "cluster.address",
-                    bound: str = "cluster.connect_timeout_s") -> None:
+def check_reachable(
+    address: str, timeout_s: float, field: str = "cluster.address", bound: str = "cluster.connect_timeout_s"
+) -> None:
     """Raise UserError unless the Ray head at ``address`` accepts a TCP connection within
     ``timeout_s`` (retried: a head that is still starting is waited for)."""
     target = ray_gcs_address(address)
@@ -207,7 +218,9 @@ def check_reachable(address: str, timeout_s: float, field: str = "cluster.addres
             reason = e.strerror or type(e).__name__ if isinstance(e, OSError) else str(e)
             if time.monotonic() >= deadline:
                 shown = address if target == address else f"{address} -> {target}"
-                raise UserError(f"{field}={shown!r}: no Ray head answers there within {timeout_s:.0f}s "
-                                f"({reason}); start the cluster or fix the address "
-                                f"({bound} bounds the wait)") from None
+                raise UserError(
+                    f"{field}={shown!r}: no Ray head answers there within {timeout_s:.0f}s "
+                    f"({reason}); start the cluster or fix the address "
+                    f"({bound} bounds the wait)"
+                ) from None
             time.sleep(0.5)

@@ -26,8 +26,17 @@ REFUSED = {
     "model.lora.alpha": "it scales the saved adapter's update: the policy would change",
 }
 # Fields of the model's config.json that define the architecture.
-ARCH_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "vocab_size", "intermediate_size", "tie_word_embeddings")
+ARCH_KEYS = (
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "intermediate_size",
+    "tie_word_embeddings",
+)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -66,6 +75,9 @@ def check_resume(cfg: Config) -> list[str]:
         diff = {k: (arch_then.get(k), arch_now.get(k)) for k in ARCH_KEYS if arch_then.get(k) != arch_now.get(k)}
         refused.append(f"model.path={cfg.model.path!r} has another architecture than the checkpoint ({diff})")
     if refused:
-        raise UserError(f"--resume from {path} refused: " + one_line(refused)
-                        + "; start a new run (another trainer.output_dir) or restore these values")
+        raise UserError(
+            f"--resume from {path} refused: "
+            + one_line(refused)
+            + "; start a new run (another trainer.output_dir) or restore these values"
+        )
     return [f"--resume from {path}: {k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()]

@@ -127,7 +127,7 @@ def _format_score(text: str, tags: tuple[str, str, str, str]) -> float:
     if all(once):
         o1, c1, o2, c2 = (text.index(t) for t in tags)
         exact = (
-            text[: o1].strip() == ""
+            text[:o1].strip() == ""
             and o1 < c1 < o2 < c2
             and text[o1 + len(tags[0]) : c1].strip() != ""
             and text[c1 + len(tags[1]) : o2].strip() == ""

@@ -36,14 +36,18 @@ CHAT_TEMPLATE = (
 
 # head_dim = hidden_size / num_attention_heads must be 32 or 64 (vLLM-CPU attention kernels).
 SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512),
-    "small": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1024),
-    "base": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=2048),
+    "tiny": dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512
+    ),
+    "small": dict(
+        hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1024
+    ),
+    "base": dict(
+        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=2048
+    ),
 }
 MAX_POSITIONS = 2048
-_QWEN2_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+_QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -159,7 +163,11 @@ def generate_completions(
     for start in range(0, len(questions), batch_size):
         prompts = [chat_prompt(tokenizer, q) for q in questions[start : start + batch_size]]
         enc = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
-        sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+            if temperature > 0
+            else dict(do_sample=False)
+        )
         ids_BT = model.generate(
             **enc.to(model.device),
             max_new_tokens=max_new_tokens,
@@ -241,7 +249,9 @@ def warm_start(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if step % eval_every == 0:
-            completions = generate_completions(model, tokenizer, [p["question"] for p in val], max_new_tokens=eval_tokens)
+            completions = generate_completions(
+                model, tokenizer, [p["question"] for p in val], max_new_tokens=eval_tokens
+            )
             val_acc = answer_accuracy(completions, val)
     test = make_split("test", 1, num_test, data_seed, max_operand, ops)
     completions = generate_completions(model, tokenizer, [p["question"] for p in test], max_new_tokens=eval_tokens)

@@ -154,8 +154,10 @@ class NcclSyncGroup:
         finally:
             torch.cuda.set_stream(stream)
         if comm.disabled:  # it would then broadcast nothing, silently
-            raise RuntimeError("vLLM's NCCL communicator is disabled here (NCCL library not loadable, or "
-                               "VLLM_DISABLE_PYNCCL set): the CUDA weight sync needs it")
+            raise RuntimeError(
+                "vLLM's NCCL communicator is disabled here (NCCL library not loadable, or "
+                "VLLM_DISABLE_PYNCCL set): the CUDA weight sync needs it"
+            )
         self.comm = comm
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> "_NcclWork":
@@ -186,8 +188,10 @@ class _NcclWork:
         while not self.done.query():
             if time.monotonic() > deadline:
                 self.group.close()
-                raise TimeoutError(f"weight-sync broadcast did not complete within {self.group.timeout_s:.0f}s "
-                                   "(a peer left the group); the NCCL communicator was aborted")
+                raise TimeoutError(
+                    f"weight-sync broadcast did not complete within {self.group.timeout_s:.0f}s "
+                    "(a peer left the group); the NCCL communicator was aborted"
+                )
             time.sleep(0.001)
 
 

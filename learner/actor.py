@@ -210,7 +210,9 @@ class LearnerActor:
 
     # ---- weights ----------------------------------------------------------------------------
 
-    def _entries(self, module: torch.nn.Module | None = None, mode: str | None = None) -> list[tuple[str, list, float | None]]:
+    def _entries(
+        self, module: torch.nn.Module | None = None, mode: str | None = None
+    ) -> list[tuple[str, list, float | None]]:
         """What a weight transfer sends, in order: ``(name, params, lora scaling)`` per tensor.
 
         Full fine-tune: the HF parameters of the policy (or ``module``, the reference), one each; a
@@ -245,7 +247,10 @@ class LearnerActor:
     @staticmethod
     def _specs(entries: list[tuple[str, list, float | None]]) -> list[ParamSpec]:
         # ZeRO-3 leaves an empty placeholder in p.shape; ds_shape is the full shape.
-        return [ParamSpec(n, tuple(getattr(ps[0], "ds_shape", ps[0].shape)), dtype_name(ps[0].dtype)) for n, ps, _ in entries]
+        return [
+            ParamSpec(n, tuple(getattr(ps[0], "ds_shape", ps[0].shape)), dtype_name(ps[0].dtype))
+            for n, ps, _ in entries
+        ]
 
     def _manifest(self) -> list[ParamSpec]:
         return self._specs(self._entries())
@@ -278,8 +283,10 @@ class LearnerActor:
         if timeout_s >= self.ccfg.collective_timeout_s:
             # The other ranks wait for rank 0's join in a DeepSpeed-group collective: if the join could
             # outlast that group's timeout, a missing receiver would break the learner group for good.
-            raise ValueError(f"weight-sync timeout {timeout_s:.0f}s must be shorter than "
-                             f"cluster.collective_timeout_s={self.ccfg.collective_timeout_s:.0f}s")
+            raise ValueError(
+                f"weight-sync timeout {timeout_s:.0f}s must be shorter than "
+                f"cluster.collective_timeout_s={self.ccfg.collective_timeout_s:.0f}s"
+            )
         t0 = time.perf_counter()
         group, error = None, None
         if self.rank == 0:
@@ -287,14 +294,23 @@ class LearnerActor:
             if store is not None and store.port != port:
                 store = None
             try:
-                group = init_sync_group(host, port, 0, world_size, timeout_s, backend=pick_backend(self.device),
-                                        store=store, device=self.device)
+                group = init_sync_group(
+                    host,
+                    port,
+                    0,
+                    world_size,
+                    timeout_s,
+                    backend=pick_backend(self.device),
+                    store=store,
+                    device=self.device,
+                )
             except Exception as e:  # re-raised below, after the other ranks have been told
                 error = e
         # Everyone learns whether rank 0 got its group, so no rank waits in a gather that
         # rank 0 will never join.
-        self._raise_if_rank_failed(error, TimeoutError(f"weight-sync group {host}:{port} failed on learner rank 0 "
-                                                       f"(version {version})"))
+        self._raise_if_rank_failed(
+            error, TimeoutError(f"weight-sync group {host}:{port} failed on learner rank 0 (version {version})")
+        )
         bucket_bytes = int(self.lcfg.weight_sync_bucket_mb * 2**20)
         tensors = self._gathered(bucket_bytes)
         sent, failure = 0, None
@@ -307,8 +323,9 @@ class LearnerActor:
             del group
         for _ in tensors:  # ZeRO-3 gathers are collective: every rank walks every bucket
             pass
-        self._raise_if_rank_failed(failure, RuntimeError(f"weight broadcast v{version} to {host}:{port} failed on "
-                                                         "learner rank 0"))
+        self._raise_if_rank_failed(
+            failure, RuntimeError(f"weight broadcast v{version} to {host}:{port} failed on learner rank 0")
+        )
         return {"bytes": sent, "seconds": time.perf_counter() - t0, "version": version}
 
     def _raise_if_rank_failed(self, error: Exception | None, elsewhere: Exception) -> None:
@@ -343,8 +360,11 @@ class LearnerActor:
 
         lora = self.mcfg.lora
         entries = self._entries(mode="adapter") if lora is not None else self._entries()
-        state = {name: t.cpu() for (name, _, _), t in zip(entries, self._gathered(
-            int(self.lcfg.weight_sync_bucket_mb * 2**20), entries)) if t is not None}
+        state = {
+            name: t.cpu()
+            for (name, _, _), t in zip(entries, self._gathered(int(self.lcfg.weight_sync_bucket_mb * 2**20), entries))
+            if t is not None
+        }
         if self.rank != 0:
             return
         out = Path(path)
@@ -354,7 +374,9 @@ class LearnerActor:
             # PEFT's own layout: `PeftModel.from_pretrained(base, path)` and vLLM's LoRARequest load it;
             # `grpo-dist export-merged` turns it into a plain model directory.
             save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-            (out / "adapter_config.json").write_text(json.dumps(lora_lib.peft_config_dict(lora, self.mcfg.path), indent=2))
+            (out / "adapter_config.json").write_text(
+                json.dumps(lora_lib.peft_config_dict(lora, self.mcfg.path), indent=2)
+            )
             self.tokenizer.save_pretrained(out)
             return
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -427,8 +449,15 @@ class LearnerActor:
         row whole. Both stop at the final hidden state and project only completion tokens through
         the LM head, ``learner.logits_chunk_tokens`` at a time (``grpo_dist.forward``)."""
         fn = shared_prompt_logprobs if self.lcfg.shared_prompt_forward else row_logprobs
-        return fn(module, t, rows, self.acfg.temperature, lm_head=self._lm_head(module),
-                  chunk_tokens=self.lcfg.logits_chunk_tokens, entropy=entropy)
+        return fn(
+            module,
+            t,
+            rows,
+            self.acfg.temperature,
+            lm_head=self._lm_head(module),
+            chunk_tokens=self.lcfg.logits_chunk_tokens,
+            entropy=entropy,
+        )
 
     def _lm_head(self, module: torch.nn.Module):
         """The LM head to project hidden states with. A frozen head (LoRA) under ZeRO-3 becomes a
@@ -437,7 +466,11 @@ class LearnerActor:
         the released [0]-shaped weight and torch.utils.checkpoint refused it)."""
         head = unwrap(module).get_output_embeddings()
         params = [p for p in head.parameters()]
-        if not torch.is_grad_enabled() or any(p.requires_grad for p in params) or not any(hasattr(p, "ds_id") for p in params):
+        if (
+            not torch.is_grad_enabled()
+            or any(p.requires_grad for p in params)
+            or not any(hasattr(p, "ds_id") for p in params)
+        ):
             return head
         import deepspeed
 

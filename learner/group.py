@@ -30,7 +30,9 @@ def _signals_deferred() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        s: signal.signal(s, lambda signum, _frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -154,7 +156,12 @@ class LearnerGroup:
         """Send the weights into the weight-sync group at ``host:port`` of ``world_size`` ranks
         (learner rank 0 + receivers). Returns ``{"bytes", "seconds", "version"}``."""
         return self._call_all(
-            "broadcast_weights", host, port, world_size, version, timeout_s,
+            "broadcast_weights",
+            host,
+            port,
+            world_size,
+            version,
+            timeout_s,
             timeout_s=timeout_s + self.cluster_cfg.rpc_timeout_s,
         )[0]
 

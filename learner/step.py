@@ -178,8 +178,9 @@ def token_micro_batches(
     out = []
     for k in range(num_minibatches):
         part = slice(k * mini, (k + 1) * mini)
-        block = pack_by_tokens(lengths[part], max_tokens, None if counts is None else counts[k],
-                               None if prompts is None else prompts[part])
+        block = pack_by_tokens(
+            lengths[part], max_tokens, None if counts is None else counts[k], None if prompts is None else prompts[part]
+        )
         out.append([slice(k * mini + s.start, k * mini + s.stop) for s in block])
     return out
 

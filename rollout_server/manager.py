@@ -40,7 +40,13 @@ from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ClusterConfig, ModelConfig, RewardsConfig, RolloutConfig
 from grpo_dist.errors import first_line
 from grpo_dist.weight_sync import ParamSpec
-from rollout_server.placement import cpu_bind_ranges, cpu_worker_env, oversubscribed, split_contiguous, sync_rank_offsets
+from rollout_server.placement import (
+    cpu_bind_ranges,
+    cpu_worker_env,
+    oversubscribed,
+    split_contiguous,
+    sync_rank_offsets,
+)
 from rollout_server.worker import DEFAULT_BUCKET_BYTES, RolloutWorker, WorkerRestarted
 
 log = logging.getLogger(__name__)
@@ -113,14 +119,21 @@ class RolloutManager:
         self.rewards_cfg, self.cluster_cfg, self.max_model_len = rewards_cfg, cluster_cfg, max_model_len
         self.ensure_weights = ensure_weights
         # Cumulative over the run; each batch also carries its own counts in ``metrics``.
-        self.counters = {"worker_failures": 0, "prompts_reissued": 0, "workers_lost": 0, "worker_restarts": 0,
-                         "nodes_lost": 0}
+        self.counters = {
+            "worker_failures": 0,
+            "prompts_reissued": 0,
+            "workers_lost": 0,
+            "worker_restarts": 0,
+            "nodes_lost": 0,
+        }
         self._lost_nodes: set[str] = set()
         self.version = 0  # what the pool is meant to serve: the last version pushed
         self._workers: list[_Worker] = []
         self._next_id = 0
         # Core ids this driver may use; CPU workers are bound to disjoint slices of them.
-        self._cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        self._cores = (
+            sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -206,7 +219,13 @@ class RolloutManager:
         if not self.uses_gpu:
             threads = self.rollout_cfg.cpu_threads_per_worker
             if oversubscribed(slot + 1, threads, len(self._cores)):
-                log.warning("%s: %d workers x %d threads exceed the %d cores; cores are shared", name, slot + 1, threads, len(self._cores))
+                log.warning(
+                    "%s: %d workers x %d threads exceed the %d cores; cores are shared",
+                    name,
+                    slot + 1,
+                    threads,
+                    len(self._cores),
+                )
             idx = cpu_bind_ranges(slot + 1, threads, len(self._cores))[slot]
             env = cpu_worker_env([self._cores[i] for i in idx], self.rollout_cfg.cpu_kvcache_space_gib)
         handle = _RemoteWorker.options(
@@ -219,8 +238,13 @@ class RolloutManager:
             runtime_env={"env_vars": env},
             label_selector=dict(self.cluster_cfg.rollout_label_selector) or None,
         ).remote(name, self.rollout_cfg, self.model_cfg, self.algo_cfg, self.rewards_cfg, self.max_model_len)
-        w = _Worker(name=name, handle=handle, slot=slot, engine_world_size=self.rollout_cfg.tensor_parallel_size,
-                    since=time.monotonic())
+        w = _Worker(
+            name=name,
+            handle=handle,
+            slot=slot,
+            engine_world_size=self.rollout_cfg.tensor_parallel_size,
+            since=time.monotonic(),
+        )
         self._workers.append(w)
         return w
 
@@ -235,7 +259,11 @@ class RolloutManager:
             if r in ready:
                 try:
                     infos[w.name] = ray.get(r, timeout=timeout)
-                    w.node_id, w.node_ip, w.pid = infos[w.name]["node_id"], infos[w.name]["node_ip"], infos[w.name]["pid"]
+                    w.node_id, w.node_ip, w.pid = (
+                        infos[w.name]["node_id"],
+                        infos[w.name]["node_ip"],
+                        infos[w.name]["pid"],
+                    )
                 except Exception as e:  # the constructor (engine start) raised
                     failed[w.name] = str(e)
         if late or failed:
@@ -267,8 +295,15 @@ class RolloutManager:
             refs.append(w.handle.generate.remote(prompts[a:b], n, sampling))
             names.append(w.name)
             chunks.append((a, b))
-        return PendingRollout(refs=refs, names=names, chunks=chunks, submitted_at=time.monotonic(), prompts=prompts,
-                              n=n, sampling=sampling)
+        return PendingRollout(
+            refs=refs,
+            names=names,
+            chunks=chunks,
+            submitted_at=time.monotonic(),
+            prompts=prompts,
+            n=n,
+            sampling=sampling,
+        )
 
     def collect(self, handle: PendingRollout, timeout_s: float | None = None) -> RolloutBatch:
         """Wait (at most ``timeout_s``, default rollout.generate_timeout_s from submission) and
@@ -286,7 +321,9 @@ class RolloutManager:
             wait_s = max(0.0, min(c.deadline for c in pending) - time.monotonic())
             ready, _ = ray.wait([c.ref for c in pending], num_returns=1, timeout=wait_s)
             if not ready:
-                late = [f"{c.name} (prompts {c.start}..{c.stop - 1})" for c in pending if c.deadline <= time.monotonic()]
+                late = [
+                    f"{c.name} (prompts {c.start}..{c.stop - 1})" for c in pending if c.deadline <= time.monotonic()
+                ]
                 if late:
                     raise TimeoutError(f"rollout workers {late} did not finish generating within {timeout:.0f}s")
                 continue
@@ -298,8 +335,13 @@ class RolloutManager:
                     failures += 1
                     reissued += c.stop - c.start
                     self._mark_down(c.name, first_line(e))
-                    log.warning("%s failed while generating prompts %d..%d; generating them again (%s)", c.name,
-                                c.start, c.stop - 1, first_line(e))
+                    log.warning(
+                        "%s failed while generating prompts %d..%d; generating them again (%s)",
+                        c.name,
+                        c.start,
+                        c.stop - 1,
+                        first_line(e),
+                    )
                     fresh, whole = self._reissue(handle, c, done)
                     if whole:  # the batch starts over on one weight version
                         reissued += len(handle.prompts) - (c.stop - c.start)
@@ -314,7 +356,9 @@ class RolloutManager:
         batch.metrics.update(worker_failures=float(failures), prompts_reissued=float(reissued))
         return batch
 
-    def _reissue(self, handle: PendingRollout, lost: _Chunk, done: dict[int, RolloutBatch]) -> tuple[list[_Chunk], bool]:
+    def _reissue(
+        self, handle: PendingRollout, lost: _Chunk, done: dict[int, RolloutBatch]
+    ) -> tuple[list[_Chunk], bool]:
         """Chunks that generate ``lost``'s prompts again, and whether they replace the whole batch.
 
         The serving workers on the version of the chunks already back take them; when none serves
@@ -365,17 +409,22 @@ class RolloutManager:
         version = self._await_alive(w, self.cluster_cfg.rpc_timeout_s)
         if version is None:
             self._drop(w)
-            raise RuntimeError(f"{name} died while generating and has no restarts left "
-                               f"(cluster.max_worker_restarts={self.cluster_cfg.max_worker_restarts}); no other worker "
-                               "serves")
+            raise RuntimeError(
+                f"{name} died while generating and has no restarts left "
+                f"(cluster.max_worker_restarts={self.cluster_cfg.max_worker_restarts}); no other worker "
+                "serves"
+            )
         self.refresh()
         if self.ensure_weights is None:
             if w.state != SERVING:
-                raise RuntimeError(f"{name} restarted at weight version {version} and nobody pushes weights to it "
-                                   "(no ensure_weights hook); push weights before generating")
+                raise RuntimeError(
+                    f"{name} restarted at weight version {version} and nobody pushes weights to it "
+                    "(no ensure_weights hook); push weights before generating"
+                )
             return
-        log.warning("%s restarted at weight version %d; pushing the current weights before it regenerates", name,
-                    version)
+        log.warning(
+            "%s restarted at weight version %d; pushing the current weights before it regenerates", name, version
+        )
         self.ensure_weights()
 
     def _await_alive(self, w: _Worker, timeout_s: float) -> int | None:
@@ -386,8 +435,10 @@ class RolloutManager:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"{w.name} did not come back within {timeout_s:.0f}s after failing "
-                                   f"(cluster.max_worker_restarts={self.cluster_cfg.max_worker_restarts})")
+                raise TimeoutError(
+                    f"{w.name} did not come back within {timeout_s:.0f}s after failing "
+                    f"(cluster.max_worker_restarts={self.cluster_cfg.max_worker_restarts})"
+                )
             try:
                 version = ray.get(w.handle.get_version.remote(), timeout=min(_POLL_S, left))
                 if version >= 0:
@@ -427,8 +478,13 @@ class RolloutManager:
         w = next((w for w in self._workers if w.name == name), None)
         if w is not None and w.state != DOWN:
             where = f"node {w.node_id[:8]} ({w.node_ip})" if w.node_id else "its node"
-            log.warning("%s on %s is down (%s); the job goes on with %d serving worker(s) while Ray restarts it",
-                        name, where, why, len([x for x in self._serving() if x is not w]))
+            log.warning(
+                "%s on %s is down (%s); the job goes on with %d serving worker(s) while Ray restarts it",
+                name,
+                where,
+                why,
+                len([x for x in self._serving() if x is not w]),
+            )
             w.state, w.since = DOWN, time.monotonic()
 
     def _alive_nodes(self) -> set[str]:
@@ -448,8 +504,13 @@ class RolloutManager:
                     alive_nodes = self._alive_nodes() if alive_nodes is None else alive_nodes
                     self._note_restart(w, st, alive_nodes)
                 elif w.state in (DOWN, STARTING):
-                    log.info("%s is up on node %s (%s) after %.1fs", w.name, st["node_id"][:8], st["node_ip"],
-                             time.monotonic() - w.since)
+                    log.info(
+                        "%s is up on node %s (%s) after %.1fs",
+                        w.name,
+                        st["node_id"][:8],
+                        st["node_ip"],
+                        time.monotonic() - w.since,
+                    )
                 w.node_id, w.node_ip, w.pid = st["node_id"], st["node_ip"], st["pid"]
                 state = SERVING if st["version"] == self.version and not st["awaiting_weights"] else AWAITING
                 if state != w.state:
@@ -487,9 +548,19 @@ class RolloutManager:
             self._lost_nodes.add(w.node_id)
             self.counters["nodes_lost"] += 1
         moved = f"on node {st['node_id'][:8]} ({st['node_ip']})"
-        cause = f"its node {w.node_id[:8]} ({w.node_ip}) is dead" if old_dead else f"pid {w.pid} on node {w.node_id[:8]} died"
-        log.warning("%s was restarted by Ray %s after %.1fs down: %s; it waits for the job's current weights (v%d)",
-                    w.name, moved, time.monotonic() - w.since, cause, self.version)
+        cause = (
+            f"its node {w.node_id[:8]} ({w.node_ip}) is dead"
+            if old_dead
+            else f"pid {w.pid} on node {w.node_id[:8]} died"
+        )
+        log.warning(
+            "%s was restarted by Ray %s after %.1fs down: %s; it waits for the job's current weights (v%d)",
+            w.name,
+            moved,
+            time.monotonic() - w.since,
+            cause,
+            self.version,
+        )
 
     def wait_alive(self, timeout_s: float | None = None) -> dict[str, int]:
         """Every worker's version once each answers: down workers are waited for (at most

@@ -36,9 +36,7 @@ def cpu_bind_ranges(num_workers: int, threads_per_worker: int, total_cores: int)
         )
     if threads_per_worker > total_cores:
         raise ValueError(f"threads_per_worker={threads_per_worker} exceeds the {total_cores} cores of this machine")
-    return [
-        [(w * threads_per_worker + t) % total_cores for t in range(threads_per_worker)] for w in range(num_workers)
-    ]
+    return [[(w * threads_per_worker + t) % total_cores for t in range(threads_per_worker)] for w in range(num_workers)]
 
 
 def oversubscribed(num_workers: int, threads_per_worker: int, total_cores: int) -> bool:

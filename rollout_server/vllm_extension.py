@@ -121,8 +121,9 @@ class WeightSyncExtension:
         if manager is None:
             raise RuntimeError("this engine was built without LoRA (vLLM enable_lora=False); it cannot take an adapter")
         t0 = time.perf_counter()
-        group = init_sync_group(host, port, rank_offset + self.rank, world_size, timeout_s, pick_backend(self.device),
-                                device=self.device)
+        group = init_sync_group(
+            host, port, rank_offset + self.rank, world_size, timeout_s, pick_backend(self.device), device=self.device
+        )
         t_join = time.perf_counter()
         try:
             # recv_weights yields views of one flat buffer per bucket; each bucket is fresh, so the

@@ -170,7 +170,9 @@ def check_rows(rows: list[dict]) -> None:
     for i, row in enumerate(rows):
         ids = row.get("prompt_ids") if isinstance(row, dict) else None
         if not isinstance(ids, (list, tuple)) or not ids:
-            raise ValueError(f"prompt row {i} has no non-empty 'prompt_ids' list (keys: {sorted(row) if isinstance(row, dict) else type(row).__name__})")
+            raise ValueError(
+                f"prompt row {i} has no non-empty 'prompt_ids' list (keys: {sorted(row) if isinstance(row, dict) else type(row).__name__})"
+            )
 
 
 def reward_columns(rows: list[dict], n: int, completion_ids: list[list[int]]) -> dict[str, list]:
@@ -195,9 +197,7 @@ def extract_outputs(request_outputs: list[Any], n: int) -> list[dict[str, Any]]:
             if c.logprobs is None or len(c.logprobs) != len(ids):
                 raise RuntimeError(f"vLLM returned no per-token log-probs for prompt {p} (logprobs=0 requested)")
             logp = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
-            out.append(
-                {"group": p, "ids": ids, "logp": logp, "truncated": c.finish_reason == "length", "text": c.text}
-            )
+            out.append({"group": p, "ids": ids, "logp": logp, "truncated": c.finish_reason == "length", "text": c.text})
     return out
 
 
@@ -266,7 +266,12 @@ class RolloutWorker:
         max_model_len: int,
     ) -> None:
         self.name = name
-        self.rollout_cfg, self.model_cfg, self.algo_cfg, self.rewards_cfg = rollout_cfg, model_cfg, algo_cfg, rewards_cfg
+        self.rollout_cfg, self.model_cfg, self.algo_cfg, self.rewards_cfg = (
+            rollout_cfg,
+            model_cfg,
+            algo_cfg,
+            rewards_cfg,
+        )
         self._cuda = torch.cuda.is_available()
         self._engine_kwargs = engine_kwargs(rollout_cfg, model_cfg, max_model_len, self._cuda)
         self._rewards = build_reward_fns(rewards_cfg.functions)
@@ -291,7 +296,9 @@ class RolloutWorker:
             )
             self._peft_config = lora_lib.peft_config_dict(model_cfg.lora, model_cfg.path)
         else:
-            self._expected = expected_manifest(model_cfg.path, self._engine_kwargs["dtype"], model_cfg.trust_remote_code)
+            self._expected = expected_manifest(
+                model_cfg.path, self._engine_kwargs["dtype"], model_cfg.trust_remote_code
+            )
         self._thread_info = self._on_engine(_thread_info, 60.0)
         log.info("%s: engine ready in %.1f s (%s)", name, self.start_seconds, self._thread_info)
 
@@ -343,7 +350,9 @@ class RolloutWorker:
         try:
             check_manifest(manifest, self._expected)
         except ValueError as e:
-            raise ValueError(f"{self.name} (model {self.model_cfg.path}, dtype {self._engine_kwargs['dtype']}): {e}") from None
+            raise ValueError(
+                f"{self.name} (model {self.model_cfg.path}, dtype {self._engine_kwargs['dtype']}): {e}"
+            ) from None
 
     # ------------------------------------------------------------ generation
 
@@ -387,7 +396,9 @@ class RolloutWorker:
         params = [SamplingParams(seed=s, **engine_kw) for s in seeds]
         try:
             outs = self._llm.generate(
-                [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False,
+                [TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
+                params,
+                use_tqdm=False,
                 lora_request=self._lora_request,
             )
         except Exception as e:
@@ -479,8 +490,10 @@ class RolloutWorker:
                 args=(manifest, host, port, rank, world_size, timeout_s, bucket_bytes, lora_id, self._peft_config),
             )
         except Exception as e:
-            raise RuntimeError(f"{self.name}: adapter update to version {version} failed: {e} (still serving "
-                               f"version {self.weight_version})") from e
+            raise RuntimeError(
+                f"{self.name}: adapter update to version {version} failed: {e} (still serving "
+                f"version {self.weight_version})"
+            ) from e
         # vLLM never reads the path of an adapter it already holds; it names the source in its logs.
         self._lora_request = LoRARequest(f"grpo-v{version}", lora_id, lora_path=f"grpo-dist:in-memory/v{version}")
         return self._adopt(version, t0, stats)
@@ -514,11 +527,13 @@ class _WorkerGauges:
         keys = ("worker", "node")
         self._tags = {"worker": worker, "node": node_id}
         self._version = Gauge("grpo_worker_weight_version", "weight version a rollout worker serves", tag_keys=keys)
-        self._awaiting = Gauge("grpo_worker_awaiting_weights", "1 while a restarted worker waits for the job's weights",
-                               tag_keys=keys)
+        self._awaiting = Gauge(
+            "grpo_worker_awaiting_weights", "1 while a restarted worker waits for the job's weights", tag_keys=keys
+        )
         self._completions = Counter("grpo_worker_completions", "completions a rollout worker generated", tag_keys=keys)
-        self._seconds = Counter("grpo_worker_generate_seconds", "seconds a rollout worker spent generating",
-                                tag_keys=keys)
+        self._seconds = Counter(
+            "grpo_worker_generate_seconds", "seconds a rollout worker spent generating", tag_keys=keys
+        )
 
     def version(self, version: int, awaiting: bool) -> None:
         self._version.set(version, tags=self._tags)

@@ -33,8 +33,10 @@ def versions() -> str:
     import transformers
     import vllm
 
-    return (f"vllm {vllm.__version__}, torch {torch.__version__} (CUDA build {torch.version.cuda}), "
-            f"transformers {transformers.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}")
+    return (
+        f"vllm {vllm.__version__}, torch {torch.__version__} (CUDA build {torch.version.cuda}), "
+        f"transformers {transformers.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}"
+    )
 
 
 def import_all() -> str:
@@ -95,7 +97,9 @@ def deepspeed_bf16() -> str:
         ds = build_ds_config(cfg.learner, torch.bfloat16, 1, cfg.gradient_accumulation_steps)
         parsed = DeepSpeedConfig(ds)
         assert parsed.bfloat16_config.enabled and parsed.zero_optimization_stage == cfg.learner.zero_stage
-        assert DeepSpeedConfig(ref_ds_config(3, torch.bfloat16, cfg.learner.micro_batch_size, 1)).bfloat16_config.enabled
+        assert DeepSpeedConfig(
+            ref_ds_config(3, torch.bfloat16, cfg.learner.micro_batch_size, 1)
+        ).bfloat16_config.enabled
     return "policy and ZeRO-3 reference configs parse with bf16"
 
 
@@ -109,15 +113,19 @@ def worker_methods() -> str:
     # model runner, and reads self.model_runner, self.device and self.rank.
     assert "self.model_runner.reload_weights(" in inspect.getsource(Worker.reload_weights)
     params = inspect.signature(GPUModelRunner.reload_weights).parameters
-    assert "weights_iterator" in params, f"GPUModelRunner.reload_weights{inspect.signature(GPUModelRunner.reload_weights)}"
+    assert "weights_iterator" in params, (
+        f"GPUModelRunner.reload_weights{inspect.signature(GPUModelRunner.reload_weights)}"
+    )
     src = inspect.getsource(Worker)
     for attr in ("model_runner", "device", "rank"):
         assert re.search(rf"self\.{attr}\s*(:[^=\n]*)?=", src), f"Worker sets no self.{attr}"
     assert hasattr(GPUModelRunner, "get_model")
     clash = [m for m in vars(WeightSyncExtension) if not m.startswith("__") and hasattr(Worker, m)]
     assert not clash, f"extension methods shadow Worker's: {clash}"
-    return ("Worker.reload_weights -> GPUModelRunner.reload_weights(weights_iterator=...), get_model, "
-            "model_runner/device/rank set; no name clashes")
+    return (
+        "Worker.reload_weights -> GPUModelRunner.reload_weights(weights_iterator=...), get_model, "
+        "model_runner/device/rank set; no name clashes"
+    )
 
 
 def lora_api() -> str:
@@ -134,13 +142,25 @@ def lora_api() -> str:
 
     # What WeightSyncExtension.grpo_receive_adapter and RolloutWorker._load_adapter call.
     params = inspect.signature(LoRAModel.from_lora_tensors).parameters
-    for name in ("lora_model_id", "tensors", "peft_helper", "device", "dtype", "model_vocab_size", "weights_mapper",
-                 "skip_prefixes"):
-        assert name in params, f"LoRAModel.from_lora_tensors has no {name!r}: {inspect.signature(LoRAModel.from_lora_tensors)}"
+    for name in (
+        "lora_model_id",
+        "tensors",
+        "peft_helper",
+        "device",
+        "dtype",
+        "model_vocab_size",
+        "weights_mapper",
+        "skip_prefixes",
+    ):
+        assert name in params, (
+            f"LoRAModel.from_lora_tensors has no {name!r}: {inspect.signature(LoRAModel.from_lora_tensors)}"
+        )
     PEFTHelper.from_dict(peft_config_dict(LoraConfig(rank=16), "base"))
     for m in ("list_adapters", "remove_adapter", "_adapter_manager"):
         assert m in inspect.getsource(LRUCacheWorkerLoRAManager) or hasattr(LRUCacheWorkerLoRAManager, m), m
-    assert "self.lora_manager = LRUCacheWorkerLoRAManager(" in inspect.getsource(inspect.getmodule(GPUModelRunner.load_lora_model))
+    assert "self.lora_manager = LRUCacheWorkerLoRAManager(" in inspect.getsource(
+        inspect.getmodule(GPUModelRunner.load_lora_model)
+    )
     LoRARequest("grpo-v1", 2, lora_path="grpo-dist:in-memory/v1")
     for name, cfg in gpu_configs().items():
         model = cfg.model.model_copy(update={"lora": LoraConfig(rank=16)})
@@ -187,18 +207,23 @@ def nccl_sync_api() -> str:
     StatelessProcessGroup(rank=0, world_size=2, store=store).broadcast_obj(b"unique-id", src=0)
     t.join(30)
     assert got == [b"unique-id"], got
-    return ("PyNcclCommunicator(group, device).broadcast(tensor, src, stream)/.destroy(), StatelessProcessGroup on "
-            "our TCPStore (barrier + unique-id broadcast ran), unpinned_nccl_env")
+    return (
+        "PyNcclCommunicator(group, device).broadcast(tensor, src, stream)/.destroy(), StatelessProcessGroup on "
+        "our TCPStore (barrier + unique-id broadcast ran), unpinned_nccl_env"
+    )
 
 
 if __name__ == "__main__":
-    for what, fn in [("stack", versions), ("every module imports", import_all),
-                     ("grpo-dist validate accepts the GPU configs", validate_configs),
-                     ("GPU engine kwargs build vllm.EngineArgs (extension, TP)", engine_args),
-                     ("bf16 DeepSpeed configs", deepspeed_bf16),
-                     ("extension's Worker API", worker_methods),
-                     ("vLLM LoRA API the adapter sync calls", lora_api),
-                     ("NCCL weight-sync communicator API", nccl_sync_api)]:
+    for what, fn in [
+        ("stack", versions),
+        ("every module imports", import_all),
+        ("grpo-dist validate accepts the GPU configs", validate_configs),
+        ("GPU engine kwargs build vllm.EngineArgs (extension, TP)", engine_args),
+        ("bf16 DeepSpeed configs", deepspeed_bf16),
+        ("extension's Worker API", worker_methods),
+        ("vLLM LoRA API the adapter sync calls", lora_api),
+        ("NCCL weight-sync communicator API", nccl_sync_api),
+    ]:
         check(what, fn)
     print(f"{failures} failed")
     sys.exit(failures)

@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows = [json.loads(line) for line in (args.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     worst = max(r["learner/sampler_gap"] for r in rows)
-    print(f"PASS {args.what}: steps 1..{args.steps}, max learner/sampler_gap {worst:.2e} <= {args.gap_tol:g}, "
-          f"every worker at weight version {args.steps}")
+    print(
+        f"PASS {args.what}: steps 1..{args.steps}, max learner/sampler_gap {worst:.2e} <= {args.gap_tol:g}, "
+        f"every worker at weight version {args.steps}"
+    )
     return 0
 
 

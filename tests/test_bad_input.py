@@ -61,8 +61,12 @@ def sliding_window_model(tiny: Path, tmp_path: Path, window: int) -> Path:
     d = tmp_path / "sliding"
     shutil.copytree(tiny, d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg.update(use_sliding_window=True, sliding_window=window, max_window_layers=0,
-               layer_types=["sliding_attention"] * cfg["num_hidden_layers"])
+    cfg.update(
+        use_sliding_window=True,
+        sliding_window=window,
+        max_window_layers=0,
+        layer_types=["sliding_attention"] * cfg["num_hidden_layers"],
+    )
     (d / "config.json").write_text(json.dumps(cfg))
     return d
 
@@ -83,58 +87,97 @@ def cases(tmp_path: Path, tiny: Path) -> dict:
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model:\n  path: m\nalgorithm: {beta: 0.1\n")
     return {
-        "yaml syntax error": (["run", str(bad_yaml)], f"config file {bad_yaml}: line 4, column 1: expected ',' or '}}'"),
+        "yaml syntax error": (
+            ["run", str(bad_yaml)],
+            f"config file {bad_yaml}: line 4, column 1: expected ',' or '}}'",
+        ),
         "missing config file": (["run", str(tmp_path / "nope.yaml")], "config file not found"),
         "reward module that does not exist": (
             ["run", str(ok), "--set", "rewards.functions=[{name: 'nosuch.module:fn'}]"],
-            "rewards.functions: reward function 'nosuch.module:fn': cannot import module 'nosuch.module'"),
+            "rewards.functions: reward function 'nosuch.module:fn': cannot import module 'nosuch.module'",
+        ),
         "cluster address nothing listens on": (
             ["run", str(ok), "--set", f"cluster.address=127.0.0.1:{port}", "--set", "cluster.connect_timeout_s=3"],
-            f"cluster.address='127.0.0.1:{port}': no Ray head answers there within 3s"),
+            f"cluster.address='127.0.0.1:{port}': no Ray head answers there within 3s",
+        ),
         "model directory without tokenizer files": (
-            ["run", str(write_config(tmp_path, no_tokenizer_model(tiny, tmp_path), "no-tok.yaml"))], "has no tokenizer files"),
-        "model directory that does not exist": (["run", str(ok), "--set", "model.path=/nonexistent/m"],
-                                                "model.path='/nonexistent/m' does not exist"),
+            ["run", str(write_config(tmp_path, no_tokenizer_model(tiny, tmp_path), "no-tok.yaml"))],
+            "has no tokenizer files",
+        ),
+        "model directory that does not exist": (
+            ["run", str(ok), "--set", "model.path=/nonexistent/m"],
+            "model.path='/nonexistent/m' does not exist",
+        ),
         "prompt filter leaves less than one step": (
             ["run", str(ok), "--set", "data.max_prompt_length=3"],
             "data: synthetic split 'train' has 0 usable rows, fewer than the 4 needed: 50 of 50 rows dropped "
-            "(prompt_too_long=50); raise data.max_prompt_length=3"),
-        "output directory below a file": (["run", str(ok), "--set", f"trainer.output_dir={ok}/out"],
-                                          f"trainer.output_dir='{ok}/out' cannot be created: {ok} is a file"),
+            "(prompt_too_long=50); raise data.max_prompt_length=3",
+        ),
+        "output directory below a file": (
+            ["run", str(ok), "--set", f"trainer.output_dir={ok}/out"],
+            f"trainer.output_dir='{ok}/out' cannot be created: {ok} is a file",
+        ),
         "LoRA target modules the model does not have": (
             ["run", str(ok), "--set", "model.lora.target_modules=[q_proj, qkv_proj]"],
-            "model.lora.target_modules: ['qkv_proj'] not in model.path="),
+            "model.lora.target_modules: ['qkv_proj'] not in model.path=",
+        ),
         "LoRA rank above what the engines serve": (
             ["run", str(ok), "--set", "model.lora.rank=64"],
-            "model.lora.rank=64 is above rollout.max_lora_rank=16"),
+            "model.lora.rank=64 is above rollout.max_lora_rank=16",
+        ),
         "shared-prompt forward on a sliding-window model": (
             ["run", str(write_config(tmp_path, sliding_window_model(tiny, tmp_path, 32), "sliding.yaml"))],
             "learner.shared_prompt_forward (on by default) needs every layer to attend to every earlier token, but it "
             "attends over a sliding window of 32 tokens, shorter than its rows of up to 48; set "
-            "learner.shared_prompt_forward=false"),
+            "learner.shared_prompt_forward=false",
+        ),
         "resume with another model": ("resume", "--resume from"),
         "output directory held by a running job": ("locked", "is in use by pid"),
-        "scale to a cluster that is not there": (["scale", "--workers", "3", "--address", f"127.0.0.1:{port}", "--connect-timeout", "3"],
-                                                 f"--address='127.0.0.1:{port}': no Ray head answers there"),
+        "scale to a cluster that is not there": (
+            ["scale", "--workers", "3", "--address", f"127.0.0.1:{port}", "--connect-timeout", "3"],
+            f"--address='127.0.0.1:{port}': no Ray head answers there",
+        ),
         "submit to a dashboard that is not there": (
-            ["submit", str(ROOT / "deploy" / "configs" / "gsm8k_qwen0.5b_gpu.yaml"), "--address",
-             f"http://127.0.0.1:{port}"], f"--address http://127.0.0.1:{port}: submitting the job failed"),
+            [
+                "submit",
+                str(ROOT / "deploy" / "configs" / "gsm8k_qwen0.5b_gpu.yaml"),
+                "--address",
+                f"http://127.0.0.1:{port}",
+            ],
+            f"--address http://127.0.0.1:{port}: submitting the job failed",
+        ),
     }
 
 
-CASES = ["yaml syntax error", "missing config file", "reward module that does not exist",
-         "cluster address nothing listens on", "model directory without tokenizer files",
-         "model directory that does not exist", "prompt filter leaves less than one step",
-         "output directory below a file", "LoRA target modules the model does not have",
-         "LoRA rank above what the engines serve", "shared-prompt forward on a sliding-window model",
-         "resume with another model", "output directory held by a running job",
-         "scale to a cluster that is not there", "submit to a dashboard that is not there"]
+CASES = [
+    "yaml syntax error",
+    "missing config file",
+    "reward module that does not exist",
+    "cluster address nothing listens on",
+    "model directory without tokenizer files",
+    "model directory that does not exist",
+    "prompt filter leaves less than one step",
+    "output directory below a file",
+    "LoRA target modules the model does not have",
+    "LoRA rank above what the engines serve",
+    "shared-prompt forward on a sliding-window model",
+    "resume with another model",
+    "output directory held by a running job",
+    "scale to a cluster that is not there",
+    "submit to a dashboard that is not there",
+]
 
 
 def run_cli(argv: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "grpo_dist.cli", *argv], cwd=ROOT, env=cli_env(), capture_output=True,
-                         text=True, timeout=LIMIT_S + 60)
+    out = subprocess.run(
+        [sys.executable, "-m", "grpo_dist.cli", *argv],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S + 60,
+    )
     return out, time.monotonic() - t0
 
 
@@ -149,8 +192,9 @@ def test_bad_input_fails_in_one_line(name, tmp_path, tiny_model_dir):
         fragment = "model.path: '/models/another' -> "
     elif argv == "locked":
         out_dir.mkdir()
-        (out_dir / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                                     "job_id": None, "since": "now"}))
+        (out_dir / LOCK_NAME).write_text(
+            json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "job_id": None, "since": "now"})
+        )
         argv = ["run", str(write_config(tmp_path, tiny_model_dir))]
     before = sorted(p.relative_to(out_dir) for p in out_dir.rglob("*")) if out_dir.exists() else None
     ray_before = ray_daemon_pids()

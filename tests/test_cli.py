@@ -45,8 +45,10 @@ def test_submit_leaves_cluster_paths_and_devices_to_the_job(tmp_path, monkeypatc
     sent = []
     monkeypatch.setattr(deploy.submit, "submit", lambda cfg, **kw: sent.append(cfg) or ("job-1", None))
     cfg = tmp_path / "gpu.yaml"
-    cfg.write_text("model:\n  path: /cluster/models/m\ncluster:\n  num_gpus_per_rollout: 1\n  num_gpus_per_learner: 1\n"
-                   "trainer:\n  output_dir: /cluster/runs/x\n")
+    cfg.write_text(
+        "model:\n  path: /cluster/models/m\ncluster:\n  num_gpus_per_rollout: 1\n  num_gpus_per_learner: 1\n"
+        "trainer:\n  output_dir: /cluster/runs/x\n"
+    )
     assert cli.main(["submit", str(cfg), "--address", "http://127.0.0.1:1"]) == 0 and sent
     assert cli.main(["validate", str(cfg)]) == 2
 

@@ -50,7 +50,12 @@ def test_impossible_batch_arithmetic_names_the_fields():
     with pytest.raises(ConfigError) as e:
         load_config(overrides=["trainer.prompts_per_step=3", "algorithm.num_generations=2"])
     msg = str(e.value)
-    for field in ("trainer.prompts_per_step", "algorithm.num_generations", "learner.num_ranks", "learner.micro_batch_size"):
+    for field in (
+        "trainer.prompts_per_step",
+        "algorithm.num_generations",
+        "learner.num_ranks",
+        "learner.micro_batch_size",
+    ):
         assert field in msg
     assert "6 rows" in msg and "= 8" in msg
 
@@ -61,13 +66,22 @@ def test_token_budget_replaces_the_micro_batch_divisibility_and_must_hold_the_lo
     cfg = load_config(overrides=["trainer.prompts_per_step=3", "algorithm.num_generations=2", budget])
     assert cfg.learner.max_tokens_per_micro_batch == 320 and cfg.gradient_accumulation_steps == 1
     with pytest.raises(ConfigError) as e:  # ranks x mini-batches must still split the rows
-        load_config(overrides=["trainer.prompts_per_step=3", "algorithm.num_generations=2",
-                               "learner.optimizer_steps_per_batch=2", budget])
+        load_config(
+            overrides=[
+                "trainer.prompts_per_step=3",
+                "algorithm.num_generations=2",
+                "learner.optimizer_steps_per_batch=2",
+                budget,
+            ]
+        )
     msg = str(e.value)
     assert "6 rows" in msg and "learner.num_ranks * learner.optimizer_steps_per_batch = 4" in msg
     assert "micro_batch_size" not in msg
-    with pytest.raises(ConfigError, match=r"learner.max_tokens_per_micro_batch=319 is below the longest possible row, "
-                                          r"data.max_prompt_length \+ algorithm.max_completion_length = 320"):
+    with pytest.raises(
+        ConfigError,
+        match=r"learner.max_tokens_per_micro_batch=319 is below the longest possible row, "
+        r"data.max_prompt_length \+ algorithm.max_completion_length = 320",
+    ):
         load_config(overrides=["learner.max_tokens_per_micro_batch=319"])
 
 
@@ -78,17 +92,25 @@ def test_token_budget_replaces_the_micro_batch_divisibility_and_must_hold_the_lo
         (["data.prompt_template=What is it?"], "does not contain {question}"),
         (["data.prompt_template=Q {answer} {question}"], "only {question}"),
         (["rollout.max_model_len=100"], "rollout.max_model_len=100 is shorter"),
-        (["rollout.tensor_parallel_size=2", "cluster.num_gpus_per_rollout=1"],
-         "cluster.num_gpus_per_rollout must be 2, got 1"),
+        (
+            ["rollout.tensor_parallel_size=2", "cluster.num_gpus_per_rollout=1"],
+            "cluster.num_gpus_per_rollout must be 2, got 1",
+        ),
         (["rollout.tensor_parallel_size=2"], "cluster.num_gpus_per_rollout must be 2, got 0"),
-        (["cluster.num_gpus_per_rollout=0.5", "cluster.num_gpus_per_learner=1"],
-         r"rollout.tensor_parallel_size=1 .* cluster.num_gpus_per_rollout must be 1, got 0.5"),
-        (["cluster.num_gpus_per_rollout=1", "cluster.num_gpus_per_learner=0.5"],
-         "cluster.num_gpus_per_learner=0.5: a learner rank drives exactly one whole GPU"),
+        (
+            ["cluster.num_gpus_per_rollout=0.5", "cluster.num_gpus_per_learner=1"],
+            r"rollout.tensor_parallel_size=1 .* cluster.num_gpus_per_rollout must be 1, got 0.5",
+        ),
+        (
+            ["cluster.num_gpus_per_rollout=1", "cluster.num_gpus_per_learner=0.5"],
+            "cluster.num_gpus_per_learner=0.5: a learner rank drives exactly one whole GPU",
+        ),
         (["cluster.num_gpus_per_rollout=1", "cluster.num_gpus_per_learner=2"], "cluster.num_gpus_per_learner=2"),
-        (["cluster.num_gpus_per_rollout=1"],
-         "cluster.num_gpus_per_rollout=1 with cluster.num_gpus_per_learner=0: the learner and the rollout engines "
-         "must both be on GPU or both on CPU"),
+        (
+            ["cluster.num_gpus_per_rollout=1"],
+            "cluster.num_gpus_per_rollout=1 with cluster.num_gpus_per_learner=0: the learner and the rollout engines "
+            "must both be on GPU or both on CPU",
+        ),
         (["cluster.num_gpus_per_learner=1"], "cluster.num_gpus_per_rollout=0 with cluster.num_gpus_per_learner=1"),
         (["learner.ref_sync_every=5", "algorithm.beta=0"], "learner.ref_sync_every"),
         (["rewards.functions=[]"], "at least one reward function"),
@@ -142,7 +164,6 @@ def test_assignment_is_validated():
         algo.loss_type = "mean"
 
 
-
 def test_gpu_placement_checks_accept_one_whole_gpu_per_engine_process_and_learner_rank():
     gpu = ["cluster.num_gpus_per_rollout=2", "rollout.tensor_parallel_size=2", "cluster.num_gpus_per_learner=1"]
     cfg = load_config(overrides=gpu)
@@ -154,6 +175,8 @@ def test_gpu_placement_checks_accept_one_whole_gpu_per_engine_process_and_learne
 
 
 def test_a_cpu_block_size_vllm_cpu_cannot_run_is_refused_before_launch():
-    with pytest.raises(ValueError, match="rollout.block_size=16: vLLM-CPU's attention takes blocks of a multiple of 32"):
+    with pytest.raises(
+        ValueError, match="rollout.block_size=16: vLLM-CPU's attention takes blocks of a multiple of 32"
+    ):
         Config.model_validate({"rollout": {"block_size": 16}})
     Config.model_validate({"rollout": {"block_size": 64}})

@@ -51,7 +51,9 @@ def test_synthetic_splits_rows_and_chat_template(tok):
 
 
 def test_system_prompt_with_and_without_template(tok, plain_tok):
-    cfg = DataConfig(source="synthetic", system_prompt="Be brief.", synthetic=SyntheticTaskConfig(num_train=5, num_test=2))
+    cfg = DataConfig(
+        source="synthetic", system_prompt="Be brief.", synthetic=SyntheticTaskConfig(num_train=5, num_test=2)
+    )
     row = load_split(cfg, tok, "test")[0]
     assert row["prompt"] == f"<|system|>Be brief.<|end|><|user|>{row['question']}<|end|><|assistant|>"
     row = load_split(cfg, plain_tok, "test")[0]
@@ -64,8 +66,11 @@ def test_system_prompt_with_and_without_template(tok, plain_tok):
 
 
 def test_prompt_template_builds_the_user_turn(tok):
-    cfg = DataConfig(source="synthetic", prompt_template="What is {question}?",
-                     synthetic=SyntheticTaskConfig(num_train=5, num_test=2))
+    cfg = DataConfig(
+        source="synthetic",
+        prompt_template="What is {question}?",
+        synthetic=SyntheticTaskConfig(num_train=5, num_test=2),
+    )
     row = load_split(cfg, tok, "test")[0]
     assert row["prompt"] == f"<|user|>What is {row['question']}?<|end|><|assistant|>"
 
@@ -114,8 +119,11 @@ def test_gsm8k_malformed_rows_dropped_with_counts(tmp_path, tok, caplog):
 def test_empty_after_filtering_names_split_and_reasons(tmp_path, tok):
     _write_jsonl(tmp_path / "test.jsonl", [{"question": "x" * 100, "answer": "#### 1"}])
     cfg = DataConfig(source="gsm8k", path=str(tmp_path), max_prompt_length=8)
-    with pytest.raises(DataError, match=r"gsm8k split 'test' has 0 usable rows, fewer than the 1 needed: 1 of 1 "
-                       r"rows dropped \(prompt_too_long=1\); raise data.max_prompt_length=8"):
+    with pytest.raises(
+        DataError,
+        match=r"gsm8k split 'test' has 0 usable rows, fewer than the 1 needed: 1 of 1 "
+        r"rows dropped \(prompt_too_long=1\); raise data.max_prompt_length=8",
+    ):
         load_split(cfg, tok, "test")
     with pytest.raises(DataError, match="train.jsonl"):
         load_split(cfg, tok, "train")
@@ -124,8 +132,11 @@ def test_empty_after_filtering_names_split_and_reasons(tmp_path, tok):
 def test_too_few_rows_for_one_step_names_the_filter(tmp_path, tok):
     _write_jsonl(tmp_path / "test.jsonl", [{"question": "1+1", "answer": "#### 2"}, {"question": "x", "answer": "3"}])
     cfg = DataConfig(source="gsm8k", path=str(tmp_path))
-    with pytest.raises(DataError, match=r"has 1 usable rows, fewer than the 4 needed: 1 of 2 rows dropped "
-                       r"\(no_final_answer=1\); the answer column has no final answer"):
+    with pytest.raises(
+        DataError,
+        match=r"has 1 usable rows, fewer than the 4 needed: 1 of 2 rows dropped "
+        r"\(no_final_answer=1\); the answer column has no final answer",
+    ):
         load_split(cfg, tok, "test", min_rows=4)
 
 

@@ -23,8 +23,13 @@ def make_cfg(tmp_path: Path, **trainer) -> Config:
         {
             "algorithm": {"num_generations": 4, "max_completion_length": 8},
             "learner": {"num_ranks": 2, "micro_batch_size": 2},
-            "trainer": {"steps": 6, "prompts_per_step": 2, "eval_num_prompts": 4, "output_dir": str(tmp_path / "run"),
-                        **trainer},
+            "trainer": {
+                "steps": 6,
+                "prompts_per_step": 2,
+                "eval_num_prompts": 4,
+                "output_dir": str(tmp_path / "run"),
+                **trainer,
+            },
             "logging": {"tensorboard": False, "progress_bar": False, "ray_metrics": False},
         }
     )
@@ -51,10 +56,17 @@ class FakeRollout:
                 rows.append(p)
         B = len(rows)
         return RolloutBatch(
-            prompt_ids=[[1, 2]] * B, completion_ids=[[3, 4]] * B, sampling_logp=[[-1.0, -1.0]] * B,
-            truncated=[False] * B, rewards=rewards, reward_components={"accuracy": list(rewards)},
-            group_ids=[i // G for i in range(B)], weight_version=self.version,
-            prompts=[r["question"] for r in rows], completions=comps, answers=[r["answer"] for r in rows],
+            prompt_ids=[[1, 2]] * B,
+            completion_ids=[[3, 4]] * B,
+            sampling_logp=[[-1.0, -1.0]] * B,
+            truncated=[False] * B,
+            rewards=rewards,
+            reward_components={"accuracy": list(rewards)},
+            group_ids=[i // G for i in range(B)],
+            weight_version=self.version,
+            prompts=[r["question"] for r in rows],
+            completions=comps,
+            answers=[r["answer"] for r in rows],
         )
 
     def submit(self, prompts):
@@ -197,8 +209,10 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path):
 
     with pytest.raises(CheckpointWriteError) as e:
         save_checkpoint(root, 2, {"step": 2}, {"policy": disk_full})
-    assert str(e.value) == (f"checkpoint step 2 could not be written under {root} (OSError: [Errno 28] No space "
-                            f"left on device); the previous checkpoint {ok} is intact and --resume continues from it")
+    assert str(e.value) == (
+        f"checkpoint step 2 could not be written under {root} (OSError: [Errno 28] No space "
+        f"left on device); the previous checkpoint {ok} is intact and --resume continues from it"
+    )
     assert latest_checkpoint(root) == ok
     assert not (root / "step-000002").exists() and not list(root.glob(".tmp-*"))  # nothing half-written is left
 

@@ -47,8 +47,14 @@ def assert_no_ray_left(before: set[int]) -> None:
 
 def run_cli(args: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
     before = ray_daemon_pids()
-    out = subprocess.run([sys.executable, "-m", "grpo_dist.cli", *args], cwd=ROOT, env=cli_env(), capture_output=True,
-                         text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", "grpo_dist.cli", *args],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if out.returncode != 0:
         print(out.stdout[-5000:], out.stderr[-20000:])
     assert out.returncode == 0, f"grpo-dist {' '.join(args)} failed"
@@ -61,8 +67,7 @@ def config(tmp_path: Path, model: Path, **sections) -> Path:
 
     cfg = {
         "model": {"path": str(model)},
-        "data": {"source": "synthetic", "max_prompt_length": 32,
-                 "synthetic": {"num_train": 200, "num_test": 8}},
+        "data": {"source": "synthetic", "max_prompt_length": 32, "synthetic": {"num_train": 200, "num_test": 8}},
         "algorithm": {"num_generations": 4, "max_completion_length": 16, "beta": 0.04},
         "rollout": {"num_workers": 1},
         "learner": {"num_ranks": 2, "zero_stage": 2, "micro_batch_size": 4, "lr": 1e-3},
@@ -133,9 +138,16 @@ def test_stop_saves_a_checkpoint_and_releases_ray(tmp_path, tiny_model_dir, how)
     before = ray_daemon_pids()
     # A terminal's foreground job has SIGINT at its default; a test session started in the background
     # (`cmd &` in a script) ignores it, and the job would inherit that and never see the Ctrl-C.
-    proc = subprocess.Popen([sys.executable, "-m", "grpo_dist.cli", "run", str(cfg)], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grpo_dist.cli", "run", str(cfg)],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):

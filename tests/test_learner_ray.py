@@ -71,8 +71,13 @@ def make_batch(seed: int, rows: int = ROWS) -> RolloutBatch:
 
 def start_group(cfg: Config, name: str) -> LearnerGroup:
     group = LearnerGroup(
-        cfg.learner, cfg.model, cfg.algorithm, cfg.cluster, total_steps=TOTAL_STEPS,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, name_prefix=name,
+        cfg.learner,
+        cfg.model,
+        cfg.algorithm,
+        cfg.cluster,
+        total_steps=TOTAL_STEPS,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        name_prefix=name,
     )
     group.start(timeout_s=180)
     return group
@@ -85,7 +90,12 @@ Z2 = dict(zero_stage=2, micro_batch_size=2, **REF_SYNC, algorithm={"loss_type": 
 # ZeRO-3: grpo, mu = 2 (old log-probs), two optimizer steps per batch, one row per micro-batch;
 # its first batch's 4 updates run through a 2-step warmup into the cosine decay.
 Z3 = dict(
-    zero_stage=3, micro_batch_size=1, optimizer_steps_per_batch=2, warmup_steps=2, lr_schedule="cosine", **REF_SYNC,
+    zero_stage=3,
+    micro_batch_size=1,
+    optimizer_steps_per_batch=2,
+    warmup_steps=2,
+    lr_schedule="cosine",
+    **REF_SYNC,
     algorithm={"loss_type": "grpo", "num_iterations": 2},
 )
 
@@ -198,7 +208,16 @@ def test_first_step_matches_single_process_reference(which, request, tiny_model_
     assert metrics["tokens"] == sum(len(c) for c in batch.completion_ids)
     assert metrics["lr"] == pytest.approx(cfg.learner.lr * lr_schedule(cfg)(steps - 1), rel=1e-9)
     assert metrics["grad_norm"] > 0
-    expected = {"kl", "clip_low", "clip_high", "entropy", "tokens_per_s", "time/ref_logp", "time/old_logp", "time/train"}
+    expected = {
+        "kl",
+        "clip_low",
+        "clip_high",
+        "entropy",
+        "tokens_per_s",
+        "time/ref_logp",
+        "time/old_logp",
+        "time/train",
+    }
     assert expected <= set(metrics)
 
 

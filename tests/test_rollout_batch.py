@@ -129,9 +129,16 @@ def test_to_tensors_trains_the_eos_when_pad_is_eos():
     """pad = eos (SmolLM2, many Llamas): the EOS that ends a completion is trained on, the padding
     (the same id) is not: the mask comes from lengths, never from token ids."""
     eos = 2
-    batch = RolloutBatch(prompt_ids=[[5, 6], [7]], completion_ids=[[8, eos], [9, 10, 11, 12]],
-                         sampling_logp=[[-0.1, -0.2], [-0.3, -0.4, -0.5, -0.6]], truncated=[False, True],
-                         rewards=[1.0, 0.0], reward_components={}, group_ids=[0, 0], weight_version=0)
+    batch = RolloutBatch(
+        prompt_ids=[[5, 6], [7]],
+        completion_ids=[[8, eos], [9, 10, 11, 12]],
+        sampling_logp=[[-0.1, -0.2], [-0.3, -0.4, -0.5, -0.6]],
+        truncated=[False, True],
+        rewards=[1.0, 0.0],
+        reward_components={},
+        group_ids=[0, 0],
+        weight_version=0,
+    )
     t = batch.to_tensors(pad_id=eos)
     assert t["mask_BT"].tolist() == [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
     assert t["input_ids_BL"].tolist() == [[5, 6, 8, eos, eos], [7, 9, 10, 11, 12]]
@@ -139,7 +146,10 @@ def test_to_tensors_trains_the_eos_when_pad_is_eos():
 
 
 def test_reward_columns_repeat_row_fields_per_completion():
-    rows = [{"prompt": "a", "prompt_ids": [1], "answer": "1", "extra": 5}, {"prompt": "b", "prompt_ids": [2], "answer": "2"}]
+    rows = [
+        {"prompt": "a", "prompt_ids": [1], "answer": "1", "extra": 5},
+        {"prompt": "b", "prompt_ids": [2], "answer": "2"},
+    ]
     cols = reward_columns(rows, 2, [[1], [2, 3], [], [4]])
     assert cols == {
         "answer": ["1", "1", "2", "2"],
@@ -183,7 +193,9 @@ def test_engine_kwargs_cpu_and_gpu():
     gpu = engine_kwargs(RolloutConfig(tensor_parallel_size=2), model, 128, cuda=True)
     assert "enable_chunked_prefill" not in gpu  # CUDA generators rewind: vLLM's default stays
     assert "block_size" not in gpu
-    assert gpu["dtype"] == "bfloat16" and gpu["distributed_executor_backend"] == "mp" and gpu["tensor_parallel_size"] == 2
+    assert (
+        gpu["dtype"] == "bfloat16" and gpu["distributed_executor_backend"] == "mp" and gpu["tensor_parallel_size"] == 2
+    )
     with pytest.raises(ValueError, match="tensor_parallel_size=2 needs CUDA"):
         engine_kwargs(RolloutConfig(tensor_parallel_size=2), model, 128, cuda=False)
     assert resolve_dtype("float16", cuda=False) == "float16"

@@ -37,13 +37,15 @@ def model_dir(tiny_model_dir, tmp_path_factory):
 def manager(model_dir):
     assert not ray.is_initialized()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    cfg = Config.model_validate({
-        "model": {"path": str(model_dir), "dtype": "float32"},
-        "algorithm": {"num_generations": 8, "max_completion_length": 16, "temperature": 1.0},
-        "data": {"max_prompt_length": 48},
-        "rollout": {"num_workers": 1, "cpu_kvcache_space_gib": 1, "generate_timeout_s": 300},
-        "cluster": {"rpc_timeout_s": 300},
-    })
+    cfg = Config.model_validate(
+        {
+            "model": {"path": str(model_dir), "dtype": "float32"},
+            "algorithm": {"num_generations": 8, "max_completion_length": 16, "temperature": 1.0},
+            "data": {"max_prompt_length": 48},
+            "rollout": {"num_workers": 1, "cpu_kvcache_space_gib": 1, "generate_timeout_s": 300},
+            "cluster": {"rpc_timeout_s": 300},
+        }
+    )
     m = RolloutManager(cfg.rollout, cfg.model, cfg.algorithm, cfg.rewards, cfg.cluster, max_model_len=cfg.max_model_len)
     try:
         m.start()
@@ -55,8 +57,10 @@ def manager(model_dir):
 
 def _rows(n: int, length: int) -> list[dict]:
     # Distinct prompts of `length` tokens (no prefix shared across prompts).
-    return [{"prompt": f"p{i}", "prompt_ids": [(7 * i + 3 * j) % 200 + 10 for j in range(length)], "answer": "0"}
-            for i in range(n)]
+    return [
+        {"prompt": f"p{i}", "prompt_ids": [(7 * i + 3 * j) % 200 + 10 for j in range(length)], "answer": "0"}
+        for i in range(n)
+    ]
 
 
 def test_seeded_batch_above_the_step_budget_generates_reproducibly(manager):

@@ -45,9 +45,19 @@ def _config(model_dir) -> Config:
             "model": {"path": str(model_dir), "dtype": "float32"},
             "algorithm": {"num_generations": G, "max_completion_length": MAX_TOKENS, "temperature": 1.0},
             "rewards": {"functions": [s.model_dump() for s in BAD_REWARDS], "timeout_s": 1.0},
-            "rollout": {"num_workers": 2, "cpu_threads_per_worker": 1, "cpu_kvcache_space_gib": 1, "generate_timeout_s": 120},
+            "rollout": {
+                "num_workers": 2,
+                "cpu_threads_per_worker": 1,
+                "cpu_kvcache_space_gib": 1,
+                "generate_timeout_s": 120,
+            },
             "data": {"max_prompt_length": 64},
-            "cluster": {"num_cpus_per_rollout": 1, "max_worker_restarts": 1, "rpc_timeout_s": 120, "collective_timeout_s": 60},
+            "cluster": {
+                "num_cpus_per_rollout": 1,
+                "max_worker_restarts": 1,
+                "rpc_timeout_s": 120,
+                "collective_timeout_s": 60,
+            },
         }
     )
 
@@ -210,7 +220,9 @@ def test_weight_push_serves_the_new_weights(manager, rows, hf_models, serving):
 
 def _bad_manifests(model) -> dict[str, list[ParamSpec]]:
     good = [spec_of(n, p) for n, p in model.named_parameters()]
-    shape = [ParamSpec(s.name, (s.shape[0] + 1, *s.shape[1:]), s.dtype) if s.name == "model.norm.weight" else s for s in good]
+    shape = [
+        ParamSpec(s.name, (s.shape[0] + 1, *s.shape[1:]), s.dtype) if s.name == "model.norm.weight" else s for s in good
+    ]
     dtype = [ParamSpec(s.name, s.shape, "bfloat16") if "layers.0.mlp.up_proj" in s.name else s for s in good]
     missing = [s for s in good if s.name != "model.layers.1.self_attn.k_proj.bias"]
     unknown = good + [ParamSpec("lm_head.extra", (2,), "float32")]

@@ -32,8 +32,9 @@ def test_lock_names_its_owner_and_refuses_a_second_job(tmp_path):
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "job_id": None,
-                                                  "since": "earlier"}))
+    (tmp_path / LOCK_NAME).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": pid, "job_id": None, "since": "earlier"})
+    )
     with caplog.at_level(logging.WARNING), OutputLock(tmp_path):
         assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert f"taking over the stale lock {tmp_path / LOCK_NAME} of pid {pid}" in caplog.text
@@ -62,8 +63,10 @@ def test_resume_lists_what_changed_and_allows_it(tmp_path):
     assert notes[0].startswith(f"--resume from {cfg.checkpoint_dir}/step-000003")
 
 
-@pytest.mark.parametrize("field, old", [("learner.zero_stage", 3), ("learner.num_ranks", 4), ("model.path", "/m"),
-                                        ("model.dtype", "bfloat16")])
+@pytest.mark.parametrize(
+    "field, old",
+    [("learner.zero_stage", 3), ("learner.num_ranks", 4), ("model.path", "/m"), ("model.dtype", "bfloat16")],
+)
 def test_resume_refuses_what_the_checkpoint_cannot_serve(tmp_path, field, old):
     cfg = _resumable(tmp_path, **{field: old, "trainer.steps": 10})
     with pytest.raises(UserError, match=rf"refused: {field}: {old!r} -> .*; start a new run"):

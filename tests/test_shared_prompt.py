@@ -54,7 +54,9 @@ def _logp_and_grads(model, t, micro, layout, temperature=0.9):
     parts = []
     for rows in micro:
         logp_BT, ent_BT = fn(model, t, rows, temperature, lm_head=head, chunk_tokens=7, entropy=True)
-        (logp_BT * t["mask_BT"][rows] * torch.linspace(0.5, 1.5, logp_BT.shape[1], dtype=logp_BT.dtype)).sum().backward()
+        (
+            logp_BT * t["mask_BT"][rows] * torch.linspace(0.5, 1.5, logp_BT.shape[1], dtype=logp_BT.dtype)
+        ).sum().backward()
         parts.append((logp_BT.detach(), ent_BT))
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     return parts, grads
@@ -81,7 +83,9 @@ def test_shared_prompt_matches_rows_in_float32_and_without_gradients(tiny_model_
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    t = grouped_batch(groups=4, G=2, seed=3, vocab=m.config.vocab_size, prompt=(10, 40), completion=(5, 30)).to_tensors(0)
+    t = grouped_batch(groups=4, G=2, seed=3, vocab=m.config.vocab_size, prompt=(10, 40), completion=(5, 30)).to_tensors(
+        0
+    )
     head = unwrap(m).get_output_embeddings()
     with torch.no_grad():
         a, _ = row_logprobs(m, t, slice(0, 8), 1.0, lm_head=head, chunk_tokens=None)
@@ -124,7 +128,9 @@ def test_groups_dealt_to_two_fake_ranks_under_a_token_budget_give_the_full_batch
     for t, plan in zip(shards, plans):
         model.zero_grad()
         for rows in plan:
-            (loss_of(t, rows, shared_prompt_logprobs, **totals) * backward_scale(len(plan), world) / len(plan)).backward()
+            (
+                loss_of(t, rows, shared_prompt_logprobs, **totals) * backward_scale(len(plan), world) / len(plan)
+            ).backward()
         got += torch.cat([p.grad.flatten() for p in model.parameters()]) / world
     assert float((got - want).norm() / want.norm()) < 1e-6
 
@@ -146,8 +152,10 @@ def test_rank_rows_keeps_each_groups_rows_together_on_one_rank_and_balances_the_
     # Work: group 0 = 18, group 1 = 60, group 2 = 68, group 3 = 14. Dealt costliest first: 2 -> rank 0,
     # 1 -> rank 1, 0 -> rank 1 (60 < 68), 3 -> rank 0 (68 < 78): 82 and 78. Rows longest first inside a group.
     assert share == [[10, 8, 9, 11, 13, 12, 15, 14], [5, 4, 7, 6, 1, 2, 0, 3]]
-    work = [sum(prompt_len[g] for g in {prompts[i][0] for i in rows}) + sum(lengths[i] - prompts[i][1] for i in rows)
-            for rows in share]
+    work = [
+        sum(prompt_len[g] for g in {prompts[i][0] for i in rows}) + sum(lengths[i] - prompts[i][1] for i in rows)
+        for rows in share
+    ]
     assert work == [82, 78]
     # Group size 3 does not divide 4 rows per rank: a group is split, its longest rows first.
     split = rank_rows([9, 8, 7, 6, 5, 4, 3, 2], 2, 1, [(0, 1)] * 3 + [(1, 1)] * 3 + [(2, 1)] * 2)
@@ -182,8 +190,10 @@ def test_models_whose_attention_the_shared_prompt_forward_cannot_apply_are_named
     composite = NS(get_text_config=lambda decoder: gemma)
     assert attention_window(composite) == 512 and "window of 512" in shared_prompt_problem(composite, 1024)
     # RoPE that rescales with the forward's length: fine within its original length, refused past it.
-    phi = NS(rope_parameters={"rope_type": "longrope", "original_max_position_embeddings": 4096},
-             max_position_embeddings=131072)
+    phi = NS(
+        rope_parameters={"rope_type": "longrope", "original_max_position_embeddings": 4096},
+        max_position_embeddings=131072,
+    )
     assert shared_prompt_problem(phi, 4096) is None and shared_prompt_problem(phi, None) is None
     assert "longrope RoPE changes frequencies with the forward's length beyond 4096" in shared_prompt_problem(phi, 5000)
     assert shared_prompt_problem(NS(rope_parameters={"rope_type": "linear", "factor": 2.0}), 10**6) is None
@@ -196,16 +206,31 @@ def test_padded_completion_columns_make_no_position_beyond_the_row_layouts():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=12, tie_word_embeddings=True,
-                      rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=12,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+    )
     model = LlamaForCausalLM(cfg).double().eval()
     # Group 0: a 10-token prompt with 2-token completions; group 1: a 2-token prompt with 10-token ones.
     rows = [([5] * 10, [7, 8]), ([5] * 10, [9, 10]), ([6, 6], list(range(3, 13))), ([6, 6], list(range(13, 23)))]
     batch = RolloutBatch(
-        prompt_ids=[p for p, _ in rows], completion_ids=[c for _, c in rows],
-        sampling_logp=[[0.0] * len(c) for _, c in rows], truncated=[False] * 4, rewards=[0.0] * 4,
-        reward_components={}, group_ids=[0, 0, 1, 1], weight_version=0, advantages=[0.0] * 4)
+        prompt_ids=[p for p, _ in rows],
+        completion_ids=[c for _, c in rows],
+        sampling_logp=[[0.0] * len(c) for _, c in rows],
+        truncated=[False] * 4,
+        rewards=[0.0] * 4,
+        reward_components={},
+        group_ids=[0, 0, 1, 1],
+        weight_version=0,
+        advantages=[0.0] * 4,
+    )
     t = batch.to_tensors(pad_id=0)
     head = model.get_output_embeddings()
     with torch.no_grad():
@@ -241,4 +266,3 @@ def test_gradient_checkpointing_with_the_shared_prompt_forward_is_refused_naming
     with pytest.raises(ValueError, match="learner.shared_prompt_forward=false"):
         Config.model_validate({"model": {"gradient_checkpointing": True}})
     Config.model_validate({"model": {"gradient_checkpointing": True}, "learner": {"shared_prompt_forward": False}})
-

@@ -33,9 +33,14 @@ def actor_processes() -> dict[int, psutil.Process]:
 
 
 def test_live_scale_and_resource_bounds_over_a_long_run(tmp_path, tiny_model_dir):
-    cfg = config(tmp_path, tiny_model_dir, trainer={"steps": STEPS, "prompts_per_step": 2},
-                 learner={"micro_batch_size": 2}, checkpoint={"save_every": None, "save_at_end": False},
-                 algorithm={"num_generations": 4, "max_completion_length": 8})
+    cfg = config(
+        tmp_path,
+        tiny_model_dir,
+        trainer={"steps": STEPS, "prompts_per_step": 2},
+        learner={"micro_batch_size": 2},
+        checkpoint={"save_every": None, "save_at_end": False},
+        algorithm={"num_generations": 4, "max_completion_length": 8},
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     before = ray_daemon_pids()
     samples: dict[int, list[tuple[int, float, int]]] = {}  # pid -> (step, rss MB, threads)
@@ -54,8 +59,14 @@ def test_live_scale_and_resource_bounds_over_a_long_run(tmp_path, tiny_model_dir
                     pass
             stop.wait(1.0)
 
-    proc = subprocess.Popen([sys.executable, "-m", "grpo_dist.cli", "run", str(cfg)], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grpo_dist.cli", "run", str(cfg)],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
@@ -63,8 +74,14 @@ def test_live_scale_and_resource_bounds_over_a_long_run(tmp_path, tiny_model_dir
         while steps_done() < SCALE_AT:
             assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach the scaling step"
             time.sleep(0.5)
-        scaled = subprocess.run([sys.executable, "-m", "grpo_dist.cli", "scale", "--workers", "2"], cwd=ROOT,
-                                env=cli_env(), capture_output=True, text=True, timeout=120)
+        scaled = subprocess.run(
+            [sys.executable, "-m", "grpo_dist.cli", "scale", "--workers", "2"],
+            cwd=ROOT,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert scaled.returncode == 0, scaled.stderr[-3000:]
         out, _ = proc.communicate(timeout=1200)
     finally:

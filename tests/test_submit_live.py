@@ -55,34 +55,77 @@ def test_submit_runs_a_job_on_a_live_head(tmp_path, tiny_model_dir):
     env.pop("RAY_AUTH_TOKEN", None)
     dash, gcs = free_port(), free_port()
     address = f"http://127.0.0.1:{dash}"
-    subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", "--num-cpus=4", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=4",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     try:
-        refused = subprocess.run([sys.executable, "-m", "grpo_dist.cli", "submit", str(cfg_path), "--address", address],
-                                 cwd=ROOT, env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
-                                 timeout=300)
-        assert refused.returncode == 2 and f"--address {address}: submitting the job failed" in refused.stderr, \
+        refused = subprocess.run(
+            [sys.executable, "-m", "grpo_dist.cli", "submit", str(cfg_path), "--address", address],
+            cwd=ROOT,
+            env={**env, "RAY_AUTH_MODE": "disabled"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert refused.returncode == 2 and f"--address {address}: submitting the job failed" in refused.stderr, (
             refused.stderr[-3000:]
+        )
         assert "Traceback" not in refused.stderr
         # A path that exists only where the job runs is checked there, by the job's own preflight;
         # submit follows the job until then and shows its one-line cause.
-        missing = subprocess.run([sys.executable, "-m", "grpo_dist.cli", "submit", str(cfg_path), "--address", address,
-                                  "--set", "model.path=/nonexistent/model"],
-                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        missing = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "grpo_dist.cli",
+                "submit",
+                str(cfg_path),
+                "--address",
+                address,
+                "--set",
+                "model.path=/nonexistent/model",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         said = [ln for ln in missing.stderr.splitlines() if ln.startswith("grpo-dist:")]
         assert missing.returncode == 2 and len(said) == 1, missing.stderr[-3000:]
-        assert "failed on the cluster before training: config rejected before launch: " \
-               "model.path='/nonexistent/model' does not exist" in said[0], said
-        sub = subprocess.run([sys.executable, "-m", "grpo_dist.cli", "submit", str(cfg_path), "--address", address],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert (
+            "failed on the cluster before training: config rejected before launch: "
+            "model.path='/nonexistent/model' does not exist" in said[0]
+        ), said
+        sub = subprocess.run(
+            [sys.executable, "-m", "grpo_dist.cli", "submit", str(cfg_path), "--address", address],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert sub.returncode == 0, sub.stderr[-5000:]
         assert "its preflight passed on the cluster" in sub.stdout
         job_id = re.search(r"submitted job (\S+)", sub.stdout).group(1)
         # The job client runs in a subprocess: Ray caches its auth mode per process, and later tests in
         # this one start their own local clusters.
-        watch = subprocess.run([sys.executable, "-c", WATCH, address, job_id], env=env, capture_output=True,
-                               text=True, timeout=1300)
+        watch = subprocess.run(
+            [sys.executable, "-c", WATCH, address, job_id], env=env, capture_output=True, text=True, timeout=1300
+        )
         assert watch.returncode == 0, watch.stderr[-5000:]
         seen = json.loads(watch.stdout.strip().splitlines()[-1])
         assert seen["status"] == "SUCCEEDED", seen["logs"][-10000:]
@@ -90,13 +133,22 @@ def test_submit_runs_a_job_on_a_live_head(tmp_path, tiny_model_dir):
         summary = json.loads((out_dir / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["final_weight_version"] == 2
         assert (out_dir / "metrics.jsonl").read_text().count("\n") == 2
-        assert {"learner-0", "learner-1", "rollout-0", "grpo-metrics", "grpo-control"} <= set(seen["actors"]), seen["actors"]
+        assert {"learner-0", "learner-1", "rollout-0", "grpo-metrics", "grpo-control"} <= set(seen["actors"]), seen[
+            "actors"
+        ]
         # `grpo-dist scale` connects with the token (and finds the job gone); without it, one line says why.
-        for mode, code, cause in (("token", 2, "the Ray cluster runs no grpo-dist job"),
-                                  ("disabled", 2, "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")):
-            out = subprocess.run([sys.executable, "-m", "grpo_dist.cli", "scale", "--workers", "2", "--address",
-                                  f"127.0.0.1:{gcs}"], cwd=ROOT, env={**env, "RAY_AUTH_MODE": mode},
-                                 capture_output=True, text=True, timeout=180)
+        for mode, code, cause in (
+            ("token", 2, "the Ray cluster runs no grpo-dist job"),
+            ("disabled", 2, "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"),
+        ):
+            out = subprocess.run(
+                [sys.executable, "-m", "grpo_dist.cli", "scale", "--workers", "2", "--address", f"127.0.0.1:{gcs}"],
+                cwd=ROOT,
+                env={**env, "RAY_AUTH_MODE": mode},
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
             said = [ln for ln in out.stderr.splitlines() if ln.startswith("grpo-dist:")]
             assert out.returncode == code and len(said) == 1 and cause in said[0], out.stderr[-3000:]
             assert "Traceback" not in out.stderr

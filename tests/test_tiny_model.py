@@ -185,7 +185,13 @@ def test_make_tiny_model_rejects_stray_options(tmp_path):
 
 def test_warm_start_writes_report(tmp_path):
     out = make_tiny_model(
-        tmp_path, warm_start=True, max_steps=4, batch_size=4, num_sft_problems=16, num_val=4, eval_every=2,
+        tmp_path,
+        warm_start=True,
+        max_steps=4,
+        batch_size=4,
+        num_sft_problems=16,
+        num_val=4,
+        eval_every=2,
         num_test=4,
     )
     report = json.loads((out / "warm_start.json").read_text())

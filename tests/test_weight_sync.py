@@ -24,8 +24,13 @@ from grpo_dist.weight_sync import (
 
 
 def test_plan_buckets_bounds_bytes_splits_dtypes_and_keeps_order():
-    m = [ParamSpec("a", (4,), "float32"), ParamSpec("b", (2,), "float32"), ParamSpec("c", (8,), "float32"),
-         ParamSpec("d", (2,), "bfloat16"), ParamSpec("e", (1,), "bfloat16")]
+    m = [
+        ParamSpec("a", (4,), "float32"),
+        ParamSpec("b", (2,), "float32"),
+        ParamSpec("c", (8,), "float32"),
+        ParamSpec("d", (2,), "bfloat16"),
+        ParamSpec("e", (1,), "bfloat16"),
+    ]
     # 24 bytes: a+b (24) fit, c (32) is alone (over the bound), dtype change starts d+e.
     assert plan_buckets(m, 24) == [[0, 1], [2], [3, 4]]
     with pytest.raises(ValueError, match="positive"):
@@ -36,13 +41,19 @@ def test_check_manifest_names_every_problem():
     want = {"w": ParamSpec("w", (2, 3), "float32"), "b": ParamSpec("b", (3,), "float32")}
     check_manifest(list(want.values()), want)
     bad = [ParamSpec("w", (3, 2), "float32"), ParamSpec("x", (1,), "float32")]
-    with pytest.raises(ValueError, match=r"w: shape \[3, 2\] != expected \[2, 3\].*unknown parameter 'x'.*missing parameters \['b'\]"):
+    with pytest.raises(
+        ValueError, match=r"w: shape \[3, 2\] != expected \[2, 3\].*unknown parameter 'x'.*missing parameters \['b'\]"
+    ):
         check_manifest(bad, want)
 
 
 def test_receivers_that_connect_first_join_a_pre_opened_store_and_get_exact_weights():
     gen = torch.Generator().manual_seed(0)
-    params = {"emb": torch.randn(50, 8, generator=gen), "w": torch.randn(8, 8, generator=gen), "b": torch.randn(8, generator=gen)}
+    params = {
+        "emb": torch.randn(50, 8, generator=gen),
+        "w": torch.randn(8, 8, generator=gen),
+        "b": torch.randn(8, generator=gen),
+    }
     manifest = [spec_of(n, t) for n, t in params.items()]
     bucket = 600  # bytes: emb (1600) alone, then w + b
     store = open_sync_store(timeout_s=30)
@@ -83,8 +94,9 @@ def test_join_times_out_with_the_group_named_when_a_receiver_never_comes():
 def test_store_barrier_waits_for_every_rank_and_times_out():
     # The bound the NCCL group puts in front of NCCL's own (unbounded) init; pure TCPStore, so CPU.
     store = open_sync_store(timeout_s=60)
-    peer = torch.distributed.TCPStore("127.0.0.1", store.port, None, is_master=False,
-                                      timeout=datetime.timedelta(seconds=30))
+    peer = torch.distributed.TCPStore(
+        "127.0.0.1", store.port, None, is_master=False, timeout=datetime.timedelta(seconds=30)
+    )
     done = []
     t = threading.Thread(target=lambda: (store_barrier(peer, 1, 2, 30), done.append(1)))
     t.start()

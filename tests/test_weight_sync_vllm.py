@@ -27,16 +27,23 @@ def test_broadcast_from_zero3_learner_into_vllm_matches_learner_logprobs(tiny_mo
         {
             "model": {"path": str(tiny_model_dir)},
             "algorithm": {"num_generations": 4, "max_completion_length": 12, "beta": 0.0},
-            "learner": {"num_ranks": 2, "zero_stage": 3, "micro_batch_size": 4, "lr": 5e-2,
-                        "weight_sync_bucket_mb": 0.25},  # several buckets for the 4 MB model
+            "learner": {
+                "num_ranks": 2,
+                "zero_stage": 3,
+                "micro_batch_size": 4,
+                "lr": 5e-2,
+                "weight_sync_bucket_mb": 0.25,
+            },  # several buckets for the 4 MB model
             "trainer": {"prompts_per_step": 2},
             "logging": {"ray_metrics": False},
             "cluster": {"collective_timeout_s": 120, "rpc_timeout_s": 300},
         }
     )
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = [{"prompt": q, "prompt_ids": tok(q, add_special_tokens=False)["input_ids"], "answer": a, "question": q}
-            for q, a in [("12+30", "42"), ("7+8", "15")]]
+    rows = [
+        {"prompt": q, "prompt_ids": tok(q, add_special_tokens=False)["input_ids"], "answer": a, "question": q}
+        for q, a in [("12+30", "42"), ("7+8", "15")]
+    ]
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
@@ -74,4 +81,3 @@ def test_broadcast_from_zero3_learner_into_vllm_matches_learner_logprobs(tiny_mo
         cluster.shutdown()
         if started:
             ray.shutdown()
-
