@@ -48,8 +48,9 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -215,9 +216,9 @@ def reward_functions(cfg: Config, tally: dict[str, int]) -> list[Callable[..., l
 
 
 def run(cfg: Config, args: argparse.Namespace, work_dir: str) -> dict[str, Any]:
+    import transformers
     import trl
     from trl import GRPOTrainer
-    import transformers
 
     ac = cfg.algorithm
     if ac.advantage != "grpo" or ac.kl_estimator != "k3":

@@ -16,7 +16,6 @@ from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
-
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from deploy.control import AUTH_HINT
@@ -209,7 +208,7 @@ class RayCluster:
                 f"weight sync v{version} at {host}:{port} failed after {time.perf_counter() - t0:.0f}s: "
                 f"learner: {first_line(e)}; {receivers}"
             ) from e
-        ready, not_ready = ray.wait(recv_refs, num_returns=len(recv_refs), timeout=timeout)
+        _, not_ready = ray.wait(recv_refs, num_returns=len(recv_refs), timeout=timeout)
         if not_ready:
             late = [n for n, r in zip(names, recv_refs) if r in not_ready]
             raise TimeoutError(

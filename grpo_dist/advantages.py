@@ -24,7 +24,7 @@ zeroes the invalid rows):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

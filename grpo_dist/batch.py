@@ -50,7 +50,7 @@ class RolloutBatch:
     def num_groups(self) -> int:
         return len(set(self.group_ids))
 
-    def select(self, rows: list[int]) -> "RolloutBatch":
+    def select(self, rows: list[int]) -> RolloutBatch:
         """A new batch holding ``rows`` (in that order)."""
         out: dict[str, Any] = {}
         for f in fields(self):
@@ -66,7 +66,7 @@ class RolloutBatch:
         return replace(self, **out)
 
     @staticmethod
-    def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":
+    def concat(batches: list[RolloutBatch]) -> RolloutBatch:
         """Concatenate batches; group ids are renumbered so they stay unique and consecutive."""
         if not batches:
             raise ValueError("cannot concatenate zero batches")

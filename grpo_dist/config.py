@@ -103,7 +103,7 @@ class DataConfig(_Section):
     synthetic: SyntheticTaskConfig = Field(default_factory=SyntheticTaskConfig)
 
     @model_validator(mode="after")
-    def _path_needed(self) -> "DataConfig":
+    def _path_needed(self) -> DataConfig:
         if self.source == "hf" and not self.path:
             raise ValueError("data.path is required for data.source='hf'")
         try:
@@ -130,7 +130,7 @@ class RewardsConfig(_Section):
     timeout_s: float = Field(10.0, gt=0, description="Per-call timeout of one reward function on one batch.")
 
     @model_validator(mode="after")
-    def _non_empty(self) -> "RewardsConfig":
+    def _non_empty(self) -> RewardsConfig:
         if not self.functions:
             raise ValueError("rewards.functions must list at least one reward function")
         return self
@@ -308,7 +308,7 @@ class Config(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Config":
+    def _cross_checks(self) -> Config:
         rows = self.trainer.prompts_per_step * self.algorithm.num_generations
         ln = self.learner
         # A token budget packs each rank's rows of a mini-batch itself: no whole row micro-batches are needed.

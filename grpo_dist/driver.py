@@ -17,9 +17,11 @@ import math
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -285,7 +287,7 @@ class Trainer:
                     if not pending:
                         pending.append(self._submit())
                     handle, position = pending.popleft()
-                    batch = timer.time("generate", lambda: self.cluster.rollout.collect(handle))
+                    batch = timer.time("generate", partial(self.cluster.rollout.collect, handle))
                     self.trained_position = position
                     # Keep the engines busy while the learner trains on this batch.
                     while len(pending) < staleness and self.step + len(pending) + 1 < cfg.trainer.steps:

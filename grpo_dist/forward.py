@@ -15,7 +15,7 @@ LM head (``grpo_dist.losses``): no ``[B, L, V]`` logits exist.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -87,7 +87,7 @@ class OutputLock:
         except (OSError, ValueError):
             pass
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         self.acquire()
         return self
 

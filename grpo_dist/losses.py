@@ -40,13 +40,12 @@ normalized by its own counts (single-process use).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint
 
 from grpo_dist.config import AlgoConfig
-
 
 # ---------------------------------------------------------------- log-probs of completion tokens
 

@@ -23,8 +23,9 @@ import logging
 import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from grpo_dist.config import RewardSpec
 
@@ -268,7 +269,7 @@ def _call_with_timeout(fn: RewardFn, kwargs: dict, timeout_s: float) -> tuple[st
     def run() -> None:
         try:
             box["ok"] = fn(**kwargs)
-        except BaseException as e:  # noqa: BLE001 - containment is the point
+        except BaseException as e:
             box["exception"] = e
 
     t = threading.Thread(target=run, name=f"reward-{getattr(fn, '__name__', 'fn')}", daemon=True)

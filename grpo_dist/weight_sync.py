@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -160,7 +160,7 @@ class NcclSyncGroup:
             )
         self.comm = comm
 
-    def broadcast(self, tensor: torch.Tensor, root: int) -> "_NcclWork":
+    def broadcast(self, tensor: torch.Tensor, root: int) -> _NcclWork:
         stream = torch.cuda.current_stream(tensor.device)
         self.comm.broadcast(tensor, src=root, stream=stream)
         done = torch.cuda.Event()

@@ -12,9 +12,10 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -465,7 +466,7 @@ class LearnerActor:
         backward, and ZeRO-3 re-gathers only trainable parameters then (measured: the recompute saw
         the released [0]-shaped weight and torch.utils.checkpoint refused it)."""
         head = unwrap(module).get_output_embeddings()
-        params = [p for p in head.parameters()]
+        params = list(head.parameters())
         if (
             not torch.is_grad_enabled()
             or any(p.requires_grad for p in params)

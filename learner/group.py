@@ -6,8 +6,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group

@@ -92,7 +92,7 @@ def micro_cost(lengths: list[int], rows: slice, prompts: list[tuple[int, int]] |
     if prompts is None:
         return (rows.stop - rows.start) * max(lengths[rows])
     part = prompts[rows]
-    unique = {g: p for g, p in part}
+    unique = dict(part)
     completions = [n - p for n, (_, p) in zip(lengths[rows], part)]
     return len(unique) * max(unique.values()) + len(part) * max(completions)
 

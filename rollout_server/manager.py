@@ -29,9 +29,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError

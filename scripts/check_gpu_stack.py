@@ -93,7 +93,7 @@ def deepspeed_bf16() -> str:
 
     # Without torch.distributed DeepSpeed parses for a world of 1 (the batch arithmetic per world
     # size is unit-tested in tests/test_learner_unit.py).
-    for name, cfg in gpu_configs().items():
+    for cfg in gpu_configs().values():
         ds = build_ds_config(cfg.learner, torch.bfloat16, 1, cfg.gradient_accumulation_steps)
         parsed = DeepSpeedConfig(ds)
         assert parsed.bfloat16_config.enabled and parsed.zero_optimization_stage == cfg.learner.zero_stage
@@ -162,7 +162,7 @@ def lora_api() -> str:
         inspect.getmodule(GPUModelRunner.load_lora_model)
     )
     LoRARequest("grpo-v1", 2, lora_path="grpo-dist:in-memory/v1")
-    for name, cfg in gpu_configs().items():
+    for cfg in gpu_configs().values():
         model = cfg.model.model_copy(update={"lora": LoraConfig(rank=16)})
         kw = engine_kwargs(cfg.rollout, model, cfg.max_model_len, cuda=True)
         args = vllm.EngineArgs(**kw)

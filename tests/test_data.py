@@ -125,7 +125,7 @@ def test_empty_after_filtering_names_split_and_reasons(tmp_path, tok):
         r"rows dropped \(prompt_too_long=1\); raise data.max_prompt_length=8",
     ):
         load_split(cfg, tok, "test")
-    with pytest.raises(DataError, match="train.jsonl"):
+    with pytest.raises(DataError, match=r"train\.jsonl"):
         load_split(cfg, tok, "train")
 
 

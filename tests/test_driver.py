@@ -9,13 +9,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.checkpoint import CheckpointWriteError, latest_checkpoint, save_checkpoint
 from grpo_dist.config import Config
 from grpo_dist.driver import Trainer, zero_variance_groups
-
-import torch
 
 
 def make_cfg(tmp_path: Path, **trainer) -> Config:
@@ -48,7 +47,7 @@ class FakeRollout:
         G = n or 4
         rows, comps, rewards = [], [], []
         self.seen.append([p["question"] for p in prompts])
-        for gi, p in enumerate(prompts):
+        for p in prompts:
             for j in range(G):
                 ok = self.all_solved or (j % 2 == 0)
                 comps.append(f"<think>x</think><answer>{p['answer'] if ok else -1}</answer>")

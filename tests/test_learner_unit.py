@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 
 import pytest
 import torch
@@ -168,7 +169,7 @@ def test_pack_by_tokens_hand_worked():
 
 
 def test_pack_by_tokens_refuses_rows_over_the_budget_and_impossible_counts():
-    with pytest.raises(ValueError, match="a row of 21 tokens does not fit learner.max_tokens_per_micro_batch=20"):
+    with pytest.raises(ValueError, match=r"a row of 21 tokens does not fit learner\.max_tokens_per_micro_batch=20"):
         pack_by_tokens([21, 3], 20)
     with pytest.raises(ValueError, match="3 rows packed into 2 micro-batches cannot make exactly 1"):
         pack_by_tokens([10, 10, 10], 20, count=1)
@@ -217,7 +218,7 @@ def test_token_micro_batches_respect_the_budget_and_agree_on_counts_across_ranks
         for k, micro in enumerate(plan):
             # Consecutive slices that cover the mini-batch's rows once each: no row is split or lost.
             assert micro[0].start == k * mini and micro[-1].stop == (k + 1) * mini
-            assert all(a.stop == b.start and a.start < a.stop for a, b in zip(micro, micro[1:]))
+            assert all(a.stop == b.start and a.start < a.stop for a, b in pairwise(micro))
             assert all(forward_positions(shard, [s]) <= budget for s in micro)
     # Non-vacuous: micro-batches differ in size, and some rank had to split more than its own greedy count.
     assert len({s.stop - s.start for plan in plans for micro in plan for s in micro}) > 1
@@ -361,10 +362,9 @@ def test_a_signal_during_the_hand_out_to_all_ranks_waits_until_every_rank_has_th
             os.kill(os.getpid(), signal.SIGTERM)
             seen.append("all ranks called")
         assert seen == ["all ranks called", signal.SIGTERM]
-        with pytest.raises(KeyboardInterrupt):
-            with _signals_deferred():
-                os.kill(os.getpid(), signal.SIGINT)
-                seen.append("still inside")
+        with pytest.raises(KeyboardInterrupt), _signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            seen.append("still inside")
         assert seen[-1] == "still inside"
     finally:
         signal.signal(signal.SIGTERM, previous)

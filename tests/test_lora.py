@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from grpo_dist.config import Config, ConfigError, LoraConfig, load_config
 from grpo_dist import lora as lora_lib
+from grpo_dist.config import Config, ConfigError, LoraConfig, load_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -43,12 +43,12 @@ def test_lora_rank_above_engine_max_is_refused_naming_both_fields():
 
 
 def test_lora_engine_rank_must_be_one_vllm_accepts():
-    with pytest.raises(ConfigError, match="rollout.max_lora_rank"):
+    with pytest.raises(ConfigError, match=r"rollout\.max_lora_rank"):
         load_config(None, ["model.lora.rank=8", "rollout.max_lora_rank=24"])
 
 
 def test_lora_with_reference_refresh_is_refused_with_the_reason():
-    with pytest.raises(ConfigError, match="ref_sync_every with model.lora"):
+    with pytest.raises(ConfigError, match=r"ref_sync_every with model\.lora"):
         load_config(None, ["model.lora.rank=8", "learner.ref_sync_every=4"])
 
 
@@ -106,11 +106,11 @@ def test_names_between_peft_and_hf():
 def test_export_merged_writes_a_plain_model_with_the_adapters_logits(tiny_model_dir, tmp_path):
     import json
 
+    from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     from grpo_dist.errors import UserError
-    from peft.utils import get_peft_model_state_dict
 
     peft_model = tiny_peft(tiny_model_dir)
     adapter = tmp_path / "policy"
@@ -172,10 +172,10 @@ def _cluster_config(model_dir, tmp_path, sync: str) -> Config:
 def test_lora_cluster_syncs_and_serves_the_learners_adapter(tiny_model_dir, tmp_path, sync):
     ray = pytest.importorskip("ray")
     from peft import set_peft_model_state_dict
+    from test_rollout_service import hf_logps, max_abs_diff
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deploy.job import RayCluster
-    from test_rollout_service import hf_logps, max_abs_diff
 
     cfg = _cluster_config(tiny_model_dir, tmp_path, sync)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -253,13 +253,11 @@ def test_lora_run_under_zero3_checkpoints_the_adapter_resumes_and_exports(tiny_m
     plain model whose logits are the adapter's."""
     import json
 
+    import yaml
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
     from test_e2e import config, read_metrics, run_cli
-
-    import yaml
+    from transformers import AutoModelForCausalLM
 
     cfg = config(tmp_path, tiny_model_dir, rollout={"max_lora_rank": 8}, learner={"zero_stage": 3, "lr": 1e-2})
     raw = yaml.safe_load(cfg.read_text())

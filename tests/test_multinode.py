@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_e2e import ROOT, assert_no_ray_left, cli_env, ray_daemon_pids
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.e2e, pytest.mark.multinode, pytest.mark.timeout(1200)]
@@ -47,7 +46,7 @@ def cluster_of(*nodes: tuple[int, dict]):
 
     before = ray_daemon_pids()
     # Export metrics every second (Ray's default is 10 s) so a short job shows in Prometheus.
-    os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112 (Ray's own spelling)
     cluster = Cluster(
         initialize_head=True,
         connect=False,
@@ -106,7 +105,7 @@ def finish(job: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         os.killpg(job.pid, signal.SIGKILL)
         _, err = job.communicate()
-        raise AssertionError(f"job still running after {timeout:.0f}s: {err[-5000:]}")
+        raise AssertionError(f"job still running after {timeout:.0f}s: {err[-5000:]}") from None
     return job.returncode, err
 
 
@@ -139,7 +138,7 @@ def placement(run: Path) -> dict[str, str]:
     out = {}
     for part in line.split("; "):
         actors, node = re.fullmatch(r"(.*) on node (\w+) .*", part).groups()
-        out.update({a: node for a in actors.split(", ")})
+        out.update(dict.fromkeys(actors.split(", "), node))
     return out
 
 
@@ -177,16 +176,18 @@ def prometheus(tmp_path: Path):
             }
         )
     )
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={conf}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "prometheus.log", "w"),
-    )
+    log = tmp_path / "prometheus.log"
+    with log.open("w") as log_file:
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={conf}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -196,7 +197,7 @@ def prometheus(tmp_path: Path):
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError((tmp_path / "prometheus.log").read_text()[-3000:])
+                    raise AssertionError(log.read_text()[-3000:]) from None
                 time.sleep(0.5)
         yield url
     finally:

@@ -25,8 +25,8 @@ from rollout_server.worker import (
     engine_kwargs,
     expected_manifest,
     extract_outputs,
-    resolve_dtype,
     repeat_records,
+    resolve_dtype,
     reward_columns,
     sampling_kwargs,
 )

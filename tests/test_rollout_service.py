@@ -17,11 +17,11 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from test_rollout_batch import BAD_REWARDS  # noqa: E402
+
 from grpo_dist.config import Config  # noqa: E402
 from grpo_dist.weight_sync import ParamSpec, init_sync_group, open_sync_store, send_weights, spec_of  # noqa: E402
 from rollout_server import RolloutManager  # noqa: E402
-
-from test_rollout_batch import BAD_REWARDS  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 

@@ -263,6 +263,6 @@ def test_micro_cost_and_unique_tokens_count_each_prompt_once():
 
 
 def test_gradient_checkpointing_with_the_shared_prompt_forward_is_refused_naming_the_fix():
-    with pytest.raises(ValueError, match="learner.shared_prompt_forward=false"):
+    with pytest.raises(ValueError, match=r"learner\.shared_prompt_forward=false"):
         Config.model_validate({"model": {"gradient_checkpointing": True}})
     Config.model_validate({"model": {"gradient_checkpointing": True}, "learner": {"shared_prompt_forward": False}})

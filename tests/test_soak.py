@@ -12,7 +12,6 @@ import time
 
 import psutil
 import pytest
-
 from test_e2e import ROOT, assert_no_ray_left, cli_env, config, ray_daemon_pids, read_metrics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(1500)]

@@ -10,9 +10,9 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from grpo_dist.config import Config  # noqa: E402
-
 from test_rollout_service import hf_logps, max_abs_diff  # noqa: E402
+
+from grpo_dist.config import Config  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(900)]
 LOGP_TOL = 1e-3
