@@ -203,6 +203,7 @@ class LearnerConfig(_Section):
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW's epsilon, added to the root of the second moment.")
     max_grad_norm: float = Field(1.0, gt=0)
     ref_sync_every: int | None = Field(
         None, ge=1, description="TRL sync_ref_model: refresh the reference every K steps."

@@ -80,7 +80,7 @@ def build_ds_config(
             "params": {
                 "lr": learner_cfg.lr,
                 "betas": list(learner_cfg.adam_betas),
-                "eps": 1e-8,
+                "eps": learner_cfg.adam_eps,
                 "weight_decay": learner_cfg.weight_decay,
                 # torch.optim.AdamW: no op compilation, identical math on CPU and CUDA.
                 "torch_adam": True,

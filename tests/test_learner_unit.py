@@ -64,7 +64,13 @@ def test_grad_accum_steps():
 
 def test_build_ds_config_zero3_fp32():
     lc = LearnerConfig(
-        zero_stage=3, micro_batch_size=4, lr=2e-5, adam_betas=(0.9, 0.95), weight_decay=0.1, max_grad_norm=0.5
+        zero_stage=3,
+        micro_batch_size=4,
+        lr=2e-5,
+        adam_betas=(0.9, 0.95),
+        adam_eps=1e-6,
+        weight_decay=0.1,
+        max_grad_norm=0.5,
     )
     cfg = build_ds_config(lc, torch.float32, world_size=2, gradient_accumulation_steps=3)
     assert cfg["train_batch_size"] == 24
@@ -73,7 +79,7 @@ def test_build_ds_config_zero3_fp32():
     assert cfg["gradient_clipping"] == 0.5
     assert cfg["optimizer"] == {
         "type": "AdamW",
-        "params": {"lr": 2e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "torch_adam": True},
+        "params": {"lr": 2e-5, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1, "torch_adam": True},
     }
     assert cfg["bf16"] == {"enabled": False} and cfg["fp16"] == {"enabled": False}
     assert cfg["zero_optimization"]["stage"] == 3

@@ -172,7 +172,7 @@ def _cluster_config(model_dir, tmp_path, sync: str) -> Config:
 def test_lora_cluster_syncs_and_serves_the_learners_adapter(tiny_model_dir, tmp_path, sync):
     ray = pytest.importorskip("ray")
     from peft import set_peft_model_state_dict
-    from test_rollout_service import hf_logps, max_abs_diff
+    from test_rollout_service import LOGP_TOL, hf_logps, max_abs_diff
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deploy.job import RayCluster
@@ -193,7 +193,9 @@ def test_lora_cluster_syncs_and_serves_the_learners_adapter(tiny_model_dir, tmp_
         first = cluster.learner.train_step(batch)
         # B starts at 0: the adapter-on policy is the base model, so reference KL is 0 and the
         # engine (base weights) already matches the learner.
-        assert first["kl"] == pytest.approx(0.0, abs=1e-9) and first["sampler_gap"] < 1e-5
+        # The sampler gap is held to the bound it has after an update (below) and in every other
+        # engine-vs-learner check; the KL's k3(d) ~ d**2 / 2 of the two passes' rounding d (~1e-7).
+        assert first["kl"] == pytest.approx(0.0, abs=1e-9) and first["sampler_gap"] < 1e-4
         stats = cluster.sync_weights(version=1)
         adapter_bytes = sum(s.nbytes for s in cluster.learner.weight_manifest())
         full_bytes = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
@@ -213,8 +215,8 @@ def test_lora_cluster_syncs_and_serves_the_learners_adapter(tiny_model_dir, tmp_
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
         after = cluster.rollout.generate(rows)
         assert after.weight_version == 1
-        assert max_abs_diff(after.sampling_logp, hf_logps(policy, after)) < 1e-4
-        assert max_abs_diff(after.sampling_logp, hf_logps(base, after)) > 1e-2  # the update arrived
+        assert max_abs_diff(after.sampling_logp, hf_logps(policy, after)) < LOGP_TOL
+        assert max_abs_diff(after.sampling_logp, hf_logps(base, after)) > 10 * LOGP_TOL  # the update arrived
         after.advantages = [0.0] * len(after)
         step = cluster.learner.train_step(after)
         assert step["sampler_gap"] < 1e-4 and step["kl"] > 0  # adapter on vs off now differ
@@ -237,7 +239,7 @@ def test_lora_cluster_syncs_and_serves_the_learners_adapter(tiny_model_dir, tmp_
             assert again.weight_version == 2
             # What the learner holds now (the last train step moved it: the KL term has a gradient).
             set_peft_model_state_dict(policy, cluster.learner.gathered_state_dict())
-            assert max_abs_diff(again.sampling_logp, hf_logps(policy, again)) < 1e-4
+            assert max_abs_diff(again.sampling_logp, hf_logps(policy, again)) < LOGP_TOL
     finally:
         cluster.shutdown()
         ray.shutdown()

@@ -160,7 +160,9 @@ def test_lora_on_the_real_model_syncs_the_adapter_and_exports_a_merged_model(tmp
     assert [r["step"] for r in rows] == [1, 2]
     assert max(_gaps(rows)) <= GAP_TOL, _gaps(rows)
     assert [r["sync/bytes"] for r in rows] == [19_537_920.0, 19_537_920.0]  # 30 layers x 7 projections, r=16
-    assert rows[0]["learner/kl"] == 0 < rows[1]["learner/kl"]  # B = 0 at first; then adapter on != off
+    # B = 0 at first (adapter on == off, up to the two passes' rounding: k3(d) ~ d**2 / 2 <= GAP_TOL**2),
+    # then adapter on != off.
+    assert rows[0]["learner/kl"] == pytest.approx(0.0, abs=GAP_TOL**2) and rows[1]["learner/kl"] > GAP_TOL**2
 
     policy = run / "checkpoints" / "step-000002" / "policy"
     merged = tmp_path / "merged"

@@ -28,6 +28,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 G = 4
 MAX_TOKENS = 8
 BUCKET_BYTES = 256 * 1024  # several buckets for the tiny model
+# |vLLM-CPU log-prob - transformers log-prob| per token, both float32 on one weight set: each is
+# the end of ~3,000 float32 sums (the tiny model's vocabulary, 4 layers x (128 + 512) widths, the
+# positions), exact to that many units of 2**-24 (1.8e-4) of |log-prob| <= ~6 (the untrained tiny
+# model's is ~5.6): 1e-3. Perturbations the tests detect move log-probs by > 1e-2.
 LOGP_TOL = 1e-3
 QUESTIONS = ["What is 2 + 3?", "Add 10 and 32.", "hi", "7 + 8 =", "A slightly longer prompt about 40 + 2?"]
 ANSWERS = ["5", "42", "0", "15", "42"]
