@@ -61,8 +61,10 @@ def _push(manager: RolloutManager, model: torch.nn.Module, version: int, bucket_
     t0 = time.perf_counter()
     manifest = [spec_of(n, p) for n, p in model.named_parameters()]
     store = open_sync_store(120)  # listening before the workers are told the port, as the learner does
-    refs = manager.receive_weights(manifest, version, "127.0.0.1", store.port, timeout_s=120, bucket_bytes=bucket_bytes)
-    group = init_sync_group("127.0.0.1", store.port, 0, manager.world_size(), 120, "gloo", store=store)
+    refs = manager.start_receive_weights(
+        manifest, version, "127.0.0.1", store.port, timeout_s=120, bucket_bytes=bucket_bytes
+    )
+    group = init_sync_group("127.0.0.1", store.port, 0, manager.sync_group_size(), 120, "gloo", store=store)
     send_weights(group, manifest, (p.detach() for _, p in model.named_parameters()), bucket_bytes)
     ray.get(refs, timeout=300)
     return time.perf_counter() - t0

@@ -18,11 +18,12 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from deploy.cluster_nodes import describe_placement, head_node_id, lost_nodes, selector_problems
 from deploy.control import AUTH_HINT
-from deploy.placement import describe_placement, head_node_id, lost_nodes, selector_problems
 from grpo_dist.config import Config
 from grpo_dist.driver import Trainer, evaluate
 from grpo_dist.errors import UserError, first_line
+from grpo_dist.metrics import COUNT, ROLLOUT_COUNT, counter_names, prometheus_name
 from learner import LearnerGroup
 from rollout_server import RolloutManager
 from rollout_server.manager import death_reason
@@ -45,7 +46,7 @@ class MetricsExporter:
         from ray.util.metrics import Gauge
 
         for key, value in metrics.items():
-            name = "grpo_" + "".join(c if c.isalnum() else "_" for c in key)
+            name = prometheus_name(key)  # keys and their series: grpo_dist/metrics.py
             g = self._gauges.get(name)
             if g is None:
                 g = self._gauges[name] = Gauge(name, description=f"grpo-dist {key}")
@@ -114,15 +115,15 @@ class RayCluster:
                 name="grpo-metrics", namespace=NAMESPACE, get_if_exists=True, **on_head
             ).remote()
         self._manifest = None
-        self.synced_version = 0  # what every live rollout worker must serve
+        self.synced_weight_version = 0  # what every live rollout worker must serve
         # The learner's weights right now (the driver passes it to maintain/sync_weights); a re-push
-        # sends these, so it is tagged with this version, which may be newer than synced_version.
-        self.learner_version = 0
+        # sends these, so it is tagged with this version, which may be newer than synced_weight_version.
+        self.learner_weight_version = 0
         self.control = JobControl.options(
             name="grpo-control", namespace=NAMESPACE, get_if_exists=True, **on_head
         ).remote(cfg.rollout.num_workers)
         self._actor_nodes: dict[str, str] = {}
-        self.counters = {"worker_restarts_repushed": 0, "workers_added": 0, "workers_removed": 0, "sync_retries": 0}
+        self.counters = dict.fromkeys(counter_names("cluster"), 0)  # count/<name> in grpo_dist.metrics
 
     def start(self) -> None:
         timeout = self.cfg.cluster.rpc_timeout_s
@@ -154,7 +155,7 @@ class RayCluster:
         Restarting workers are waited for first. A failed attempt (a worker died mid-transfer, or a
         join timed out) is retried once on a fresh port after the restarted workers are back; a
         manifest mismatch (ValueError) is not retried."""
-        self.learner_version = version
+        self.learner_weight_version = version
         t0 = time.perf_counter()
         self.rollout.refresh()
         try:
@@ -186,10 +187,10 @@ class RayCluster:
         if self._manifest is None:
             self._manifest = self.learner.weight_manifest()
         host, port = self.learner.sync_address()
-        self.synced_version = version
+        self.synced_weight_version = version
         names = self.rollout.worker_names
         t0 = time.perf_counter()
-        recv_refs = self.rollout.receive_weights(
+        recv_refs = self.rollout.start_receive_weights(
             self._manifest,
             version,
             host,
@@ -198,7 +199,9 @@ class RayCluster:
             bucket_bytes=int(self.cfg.learner.weight_sync_bucket_mb * 2**20),
         )
         try:
-            sent = self.learner.broadcast_weights(host, port, self.rollout.world_size(), version, timeout_s=timeout)
+            sent = self.learner.broadcast_weights(
+                host, port, self.rollout.sync_group_size(), version, timeout_s=timeout
+            )
         except Exception as e:
             # Let the receivers finish failing (their join/transfer times out) before anyone retries,
             # so no worker's engine thread is still busy with this attempt.
@@ -229,19 +232,19 @@ class RayCluster:
     def _push_current_weights(self) -> None:
         """The rollout manager's hook for a restarted worker: serve the learner's weights again."""
         self.counters["worker_restarts_repushed"] += 1
-        self.sync_weights(self.learner_version)
+        self.sync_weights(self.learner_weight_version)
 
     def maintain(self, version: int) -> dict[str, float]:
         """Between steps: apply a requested worker count (`grpo-dist scale`), and push the learner's
         weights to every worker that does not serve the last sync's version (a restarted or new actor)
         before anything generates. Down workers are not waited for while others serve (the rollout
         manager's docstring); new workers start without blocking the step and join once up."""
-        self.learner_version = version
+        self.learner_weight_version = version
         want = ray.get(self.control.desired_workers.remote(), timeout=self.cfg.cluster.rpc_timeout_s)
         versions = self.rollout.refresh()
         have = self.rollout.num_registered
         while have < want:
-            self.rollout.start_worker()
+            self.rollout.start_add_worker()
             self.counters["workers_added"] += 1
             have += 1
         while have > max(want, 1):
@@ -250,22 +253,24 @@ class RayCluster:
             have -= 1
         versions = {k: v for k, v in versions.items() if k in self.rollout.worker_names}
         states = self.rollout.states()
-        behind = {k: v for k, v in versions.items() if v != self.synced_version or states.get(k) != "serving"}
+        behind = {k: v for k, v in versions.items() if v != self.synced_weight_version or states.get(k) != "serving"}
         if behind:
             # The learner may have trained since the last sync (sync_every > 1): push what it holds now,
             # tagged with its own version, to everyone, so no two workers serve different weights.
             log.warning(
                 "workers %s do not serve the job's weights (v%d); pushing v%d before they generate",
                 behind,
-                self.synced_version,
+                self.synced_weight_version,
                 version,
             )
             self.counters["worker_restarts_repushed"] += len(behind)
             self.sync_weights(version)
             self._actor_nodes.update(self.rollout.placement())
         states = self.rollout.states()
-        counters = self.counters | {f"rollout_{k}": v for k, v in self.rollout.counters.items()}
-        return {f"count/{k}": float(v) for k, v in counters.items()} | {
+        counters = {COUNT + k: v for k, v in self.counters.items()} | {
+            ROLLOUT_COUNT + k: v for k, v in self.rollout.counters.items()
+        }
+        return {k: float(v) for k, v in counters.items()} | {
             "rollout/num_workers": float(sum(s == "serving" for s in states.values())),
             "rollout/workers_down": float(sum(s == "down" for s in states.values())),
             "rollout/workers_starting": float(sum(s == "starting" for s in states.values())),

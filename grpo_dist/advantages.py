@@ -3,11 +3,12 @@
 Rows of one prompt are consecutive runs of ``group_size`` (``RolloutBatch`` guarantees it).
 Missing rewards (NaN or inf: every reward function failed on that row) are left out of the
 group statistics and get advantage 0; a group with fewer than 2 usable rewards has no baseline,
-so all of its advantages are 0 and none of its rewards enter the ``batch`` std.
+so all of its advantages are 0 and none of its rewards enter the ``batch`` std. Shape suffixes:
+the legend in ``grpo_dist/losses.py``.
 
 Estimators (``AlgoConfig.advantage``), all with the signature
-``fn(rewards_NG, valid_NG, cfg) -> adv_NG`` (N groups of G; missing entries of ``rewards_NG``
-are 0 and ``valid_NG`` is False there; every group has 0 or >= 2 valid rows; the caller
+``fn(rewards_UG, valid_UG, cfg) -> adv_UG`` (U groups of G; missing entries of ``rewards_UG``
+are 0 and ``valid_UG`` is False there; every group has 0 or >= 2 valid rows; the caller
 zeroes the invalid rows):
 
 - ``grpo``: ``(r - mean_g) / (std + adv_eps)`` with the unbiased std (TRL). ``scale_rewards``:
@@ -31,9 +32,9 @@ import torch
 from grpo_dist.config import AlgoConfig
 
 
-def _group_mean(rewards_NG: torch.Tensor, valid_NG: torch.Tensor) -> torch.Tensor:
-    n_N1 = valid_NG.sum(dim=1, keepdim=True).clamp(min=1)
-    return (rewards_NG * valid_NG).sum(dim=1, keepdim=True) / n_N1
+def _group_mean(rewards_UG: torch.Tensor, valid_UG: torch.Tensor) -> torch.Tensor:
+    n_U1 = valid_UG.sum(dim=1, keepdim=True).clamp(min=1)
+    return (rewards_UG * valid_UG).sum(dim=1, keepdim=True) / n_U1
 
 
 def _unbiased_std(values: torch.Tensor, valid: torch.Tensor, dim: int | None) -> torch.Tensor:
@@ -47,28 +48,28 @@ def _unbiased_std(values: torch.Tensor, valid: torch.Tensor, dim: int | None) ->
     return (sq / (n - 1).clamp(min=1)).sqrt()
 
 
-def grpo_advantages(rewards_NG: torch.Tensor, valid_NG: torch.Tensor, cfg: AlgoConfig) -> torch.Tensor:
-    centered_NG = rewards_NG - _group_mean(rewards_NG, valid_NG)
+def grpo_advantages(rewards_UG: torch.Tensor, valid_UG: torch.Tensor, cfg: AlgoConfig) -> torch.Tensor:
+    centered_UG = rewards_UG - _group_mean(rewards_UG, valid_UG)
     if cfg.scale_rewards == "none":
-        return centered_NG
+        return centered_UG
     if cfg.scale_rewards == "group":
-        std = _unbiased_std(rewards_NG, valid_NG, dim=1)
+        std = _unbiased_std(rewards_UG, valid_UG, dim=1)
     else:  # batch
-        std = _unbiased_std(rewards_NG, valid_NG, dim=None)
-    return centered_NG / (std + cfg.adv_eps)
+        std = _unbiased_std(rewards_UG, valid_UG, dim=None)
+    return centered_UG / (std + cfg.adv_eps)
 
 
-def rloo_advantages(rewards_NG: torch.Tensor, valid_NG: torch.Tensor, cfg: AlgoConfig) -> torch.Tensor:
-    n_N1 = valid_NG.sum(dim=1, keepdim=True)
-    sum_N1 = (rewards_NG * valid_NG).sum(dim=1, keepdim=True)
-    baseline_NG = (sum_N1 - rewards_NG) / (n_N1 - 1).clamp(min=1)
-    return rewards_NG - baseline_NG
+def rloo_advantages(rewards_UG: torch.Tensor, valid_UG: torch.Tensor, cfg: AlgoConfig) -> torch.Tensor:
+    n_U1 = valid_UG.sum(dim=1, keepdim=True)
+    sum_U1 = (rewards_UG * valid_UG).sum(dim=1, keepdim=True)
+    baseline_UG = (sum_U1 - rewards_UG) / (n_U1 - 1).clamp(min=1)
+    return rewards_UG - baseline_UG
 
 
-def softmax_advantages(rewards_NG: torch.Tensor, valid_NG: torch.Tensor, cfg: AlgoConfig) -> torch.Tensor:
-    logits_NG = (rewards_NG / cfg.softmax_temperature).masked_fill(~valid_NG, float("-inf"))
+def softmax_advantages(rewards_UG: torch.Tensor, valid_UG: torch.Tensor, cfg: AlgoConfig) -> torch.Tensor:
+    logits_UG = (rewards_UG / cfg.softmax_temperature).masked_fill(~valid_UG, float("-inf"))
     # A group with no valid row would give NaN here; such groups are zeroed by the caller.
-    return torch.softmax(logits_NG, dim=1).nan_to_num(0.0)
+    return torch.softmax(logits_UG, dim=1).nan_to_num(0.0)
 
 
 ADVANTAGES: dict[str, Callable[[torch.Tensor, torch.Tensor, AlgoConfig], torch.Tensor]] = {
@@ -88,11 +89,11 @@ def compute_advantages(rewards_B: torch.Tensor, group_size: int, cfg: AlgoConfig
     if cfg.advantage not in ADVANTAGES:
         raise ValueError(f"unknown advantage estimator {cfg.advantage!r}; known: {sorted(ADVANTAGES)}")
     # float64 so hand-worked values hold to tight tolerances whatever the input dtype.
-    r_NG = rewards_B.to(torch.float64).view(-1, group_size)
-    finite_NG = torch.isfinite(r_NG)
+    r_UG = rewards_B.to(torch.float64).view(-1, group_size)
+    finite_UG = torch.isfinite(r_UG)
     # Rows of a group with < 2 usable rewards are treated as missing too (no baseline exists).
-    valid_NG = finite_NG & (finite_NG.sum(dim=1, keepdim=True) >= 2)
-    r_NG = r_NG.masked_fill(~valid_NG, 0.0)
-    adv_NG = ADVANTAGES[cfg.advantage](r_NG, valid_NG, cfg)
-    adv_NG = torch.where(valid_NG, adv_NG, torch.zeros_like(adv_NG))
-    return adv_NG.reshape(-1).to(torch.float32)
+    valid_UG = finite_UG & (finite_UG.sum(dim=1, keepdim=True) >= 2)
+    r_UG = r_UG.masked_fill(~valid_UG, 0.0)
+    adv_UG = ADVANTAGES[cfg.advantage](r_UG, valid_UG, cfg)
+    adv_UG = torch.where(valid_UG, adv_UG, torch.zeros_like(adv_UG))
+    return adv_UG.reshape(-1).to(torch.float32)

@@ -110,7 +110,8 @@ class RolloutBatch:
 
         Returns input_ids_BL, attention_mask_BL, prompt_len_B, completion_ids_BT, completion
         mask_BT (1 on generated tokens, EOS included), sampling_logp_BT, group_B (rows with equal
-        values share their prompt) and adv_B (if set), where T = longest completion in the batch.
+        values share their prompt) and adv_B (if set), where T = longest completion in the batch
+        (shape suffixes: the legend in ``grpo_dist/losses.py``).
         """
         B = len(self)
         L = max(len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids))

@@ -30,6 +30,7 @@ from grpo_dist.batch import RolloutBatch
 from grpo_dist.checkpoint import latest_checkpoint, save_checkpoint
 from grpo_dist.config import Config, dump_config
 from grpo_dist.data import PromptSampler
+from grpo_dist.metrics import COUNT, counter_names
 from grpo_dist.monitoring import RunLogger
 from grpo_dist.rewards import REWARDS
 
@@ -38,7 +39,7 @@ log = logging.getLogger("grpo_dist.driver")
 
 class RolloutHandle(Protocol):
     def generate(self, prompts: list[dict], n: int | None = None, sampling: dict | None = None) -> RolloutBatch: ...
-    def submit(self, prompts: list[dict]) -> Any: ...
+    def start_generate(self, prompts: list[dict]) -> Any: ...
     def collect(self, handle: Any) -> RolloutBatch: ...
     def weight_versions(self) -> dict[str, int]: ...
 
@@ -101,11 +102,11 @@ def evaluate(rollout: RolloutHandle, rows: list[dict], cfg: Config) -> dict[str,
 
 def zero_variance_groups(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
     """Bool per group: all usable rewards equal (such a group carries no GRPO signal)."""
-    r_GK = rewards_B.view(-1, group_size)
-    finite = torch.isfinite(r_GK)
-    hi = torch.where(finite, r_GK, torch.full_like(r_GK, -math.inf)).amax(dim=1)
-    lo = torch.where(finite, r_GK, torch.full_like(r_GK, math.inf)).amin(dim=1)
-    return ~(hi > lo)
+    r_UG = rewards_B.view(-1, group_size)  # shape letters: grpo_dist/losses.py
+    finite_UG = torch.isfinite(r_UG)
+    hi_U = torch.where(finite_UG, r_UG, torch.full_like(r_UG, -math.inf)).amax(dim=1)
+    lo_U = torch.where(finite_UG, r_UG, torch.full_like(r_UG, math.inf)).amin(dim=1)
+    return ~(hi_U > lo_U)
 
 
 def batch_metrics(batch: RolloutBatch, group_size: int) -> dict[str, float]:
@@ -143,8 +144,8 @@ class Trainer:
         self.trained_position = self.sampler.state_dict()
         self.num_workers = cfg.rollout.num_workers  # kept current by cluster.maintain()
         self.step = 0
-        self.version = 0  # learner updates applied; rollout workers serve <= this
-        self.counters = {"batches_dropped_stale": 0, "groups_dropped_zero_variance": 0, "extra_generate_calls": 0}
+        self.learner_weight_version = 0  # learner updates applied; rollout workers serve <= this
+        self.counters = dict.fromkeys(counter_names("driver"), 0)  # count/<name> in grpo_dist.metrics
         self.totals = PhaseTimer()
         self.logger = RunLogger(self.run_dir, cfg.logging, record=cluster.record_metrics)
 
@@ -187,9 +188,9 @@ class Trainer:
             kept = RolloutBatch.concat([kept, filler])
         return kept.select(list(range(want * G)))
 
-    def _submit(self) -> tuple[Any, dict]:
+    def _start_generate(self) -> tuple[Any, dict]:
         rows, position = self._draw()
-        return self.cluster.rollout.submit(rows), position
+        return self.cluster.rollout.start_generate(rows), position
 
     # ---- one step ----------------------------------------------------------------------
     def _train_on(self, batch: RolloutBatch, timer: PhaseTimer) -> dict[str, float]:
@@ -198,7 +199,7 @@ class Trainer:
             batch = self._dynamic_top_up(batch, timer)
         batch.advantages = compute_advantages(batch.rewards_tensor(), G, self.cfg.algorithm).tolist()
         metrics = batch_metrics(batch, G)
-        metrics["staleness"] = float(self.version - batch.weight_version)
+        metrics["staleness"] = float(self.learner_weight_version - batch.weight_version)
         metrics["rollout/weight_version"] = float(batch.weight_version)
         t0 = time.perf_counter()
         learner_metrics = self.cluster.learner.train_step(batch)
@@ -216,7 +217,7 @@ class Trainer:
         return metrics
 
     def _sync(self, timer: PhaseTimer) -> dict[str, float]:
-        out = timer.time("weight_sync", lambda: self.cluster.sync_weights(self.version))
+        out = timer.time("weight_sync", lambda: self.cluster.sync_weights(self.learner_weight_version))
         return {f"sync/{k}": float(v) for k, v in out.items()}
 
     # ---- the loop ----------------------------------------------------------------------
@@ -230,19 +231,19 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.trained_position = state["sampler"]
         self.step = state["step"]
-        self.version = state["weight_version"]
+        self.learner_weight_version = state["weight_version"]
         self.counters.update(state.get("counters", {}))
         random.setstate(_tuple_state(state["rng"]["python"]))
         torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
         # A restarted job's rollout workers serve the initial checkpoint: push the resumed weights first.
-        self.cluster.sync_weights(self.version)
-        log.info("resumed from %s at step %d (weight version %d)", path, self.step, self.version)
+        self.cluster.sync_weights(self.learner_weight_version)
+        log.info("resumed from %s at step %d (weight version %d)", path, self.step, self.learner_weight_version)
         return True
 
     def save(self) -> Path:
         state = {
             "step": self.step,
-            "weight_version": self.version,
+            "weight_version": self.learner_weight_version,
             "sampler": self.trained_position,
             "counters": self.counters,
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state().tolist()},
@@ -277,7 +278,7 @@ class Trainer:
             timer = PhaseTimer()
             t0 = time.perf_counter()
             # Scale requests and restarted workers are handled between steps, before any generation.
-            upkeep = timer.time("weight_sync", lambda: self.cluster.maintain(self.version))
+            upkeep = timer.time("weight_sync", lambda: self.cluster.maintain(self.learner_weight_version))
             self.num_workers = int(upkeep.get("rollout/num_workers", self.num_workers))
             if staleness == 0:
                 batch = self._generate(timer)
@@ -285,28 +286,28 @@ class Trainer:
                 drops = 0
                 while True:
                     if not pending:
-                        pending.append(self._submit())
+                        pending.append(self._start_generate())
                     handle, position = pending.popleft()
                     batch = timer.time("generate", partial(self.cluster.rollout.collect, handle))
                     self.trained_position = position
                     # Keep the engines busy while the learner trains on this batch.
                     while len(pending) < staleness and self.step + len(pending) + 1 < cfg.trainer.steps:
-                        pending.append(self._submit())
-                    if self.version - batch.weight_version <= staleness:
+                        pending.append(self._start_generate())
+                    if self.learner_weight_version - batch.weight_version <= staleness:
                         break
                     self.counters["batches_dropped_stale"] += 1
                     drops += 1
-                    log.warning("dropped a batch %d versions old", self.version - batch.weight_version)
+                    log.warning("dropped a batch %d versions old", self.learner_weight_version - batch.weight_version)
                     if drops > staleness + 2:  # the queue has been flushed and workers are still behind
                         raise RuntimeError(
                             f"rollout workers keep serving stale weights {self.cluster.rollout.weight_versions()}"
-                            f" while the learner is at version {self.version}"
+                            f" while the learner is at version {self.learner_weight_version}"
                         )
-                    timer.time("weight_sync", lambda: self.cluster.maintain(self.version))
+                    timer.time("weight_sync", lambda: self.cluster.maintain(self.learner_weight_version))
             completions += len(batch)
             metrics = self._train_on(batch, timer)
             metrics.update(upkeep)
-            self.version += 1
+            self.learner_weight_version += 1
             self.step += 1
             if self.step % cfg.trainer.sync_every == 0 or self.step == cfg.trainer.steps:
                 metrics.update(self._sync(timer))
@@ -324,7 +325,7 @@ class Trainer:
             metrics["time/step"] = step_time
             loop_seconds += step_time - timer.totals.get("eval", 0.0) - timer.totals.get("checkpoint", 0.0)
             metrics["rollout/queue_depth"] = float(len(pending))
-            metrics.update({f"count/{k}": float(v) for k, v in self.counters.items()})
+            metrics.update({COUNT + k: float(v) for k, v in self.counters.items()})
             metrics["rollout/completions_per_second"] = len(batch) / step_time
             self.logger.log_step(self.step, metrics, batch)
             progress.update(1)
@@ -347,7 +348,7 @@ class Trainer:
             "phase_seconds": dict(self.totals.totals),
             "counters": dict(self.counters),
             "weight_versions": self.cluster.rollout.weight_versions(),
-            "final_weight_version": self.version,
+            "final_weight_version": self.learner_weight_version,
         }
         self.logger.finish(summary)
         return summary

@@ -10,7 +10,8 @@ Two layouts of the same computation, over the tensors of ``RolloutBatch.to_tenso
   so the log-probs and gradients are the same up to float rounding (tested against it).
 
 Both stop at the decoder's final hidden state and project only completion tokens through the
-LM head (``grpo_dist.losses``): no ``[B, L, V]`` logits exist.
+LM head (``grpo_dist.losses``): no ``[B, L, V]`` logits exist. Shape suffixes: the legend in
+``grpo_dist/losses.py``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,14 @@
 """The GRPO objective: token log-probs, per-token loss, and token aggregation.
 
+Shape suffixes (``logp_BT`` is ``[B, T]``), used the same way throughout ``grpo_dist/``:
+
+- ``B`` rows (completions); ``G`` completions per prompt (the group size); ``U`` groups, i.e.
+  unique prompts (``B = U * G`` in a full batch).
+- ``L`` prompt + completion positions, ``P`` prompt positions, ``T`` completion positions (each
+  right-padded to the longest); ``C`` completion positions the shared-prompt forward runs (<= ``T``).
+- ``N`` scored tokens (``mask_BT > 0``, flattened); ``H`` hidden size; ``V`` vocabulary;
+  ``1`` a broadcast axis.
+
 Per token (``A`` = the row's advantage, ``ratio = pi / pi_old``)::
 
     loss_t = -min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) * tis_t
@@ -23,7 +32,7 @@ Aggregation (``AlgoConfig.loss_type``) over the optimizer-step batch of ``B_tot`
   (``sum_i [sum_t l_it / n_i] / B_tot``).
 - ``bnpo``: mean over every token of the batch (``sum l / N_tot``).
 - ``dr_grpo``: ``sum l / (B_tot * max_completion_length)``.
-- ``dapo``: ``sum l / N_tot`` with ``N_tot = global_num_tokens``; defined on the full batch,
+- ``dapo``: ``sum l / N_tot`` with ``N_tot = num_tokens_total``; defined on the full batch,
   this is the same objective as ``bnpo`` (TRL differs only in normalizing ``bnpo`` by the
   local micro-batch, which is what both do here when the totals are not passed).
 
@@ -162,9 +171,9 @@ def shared_prompt_logprobs_from_hidden(
         raise ValueError(
             f"prompt lengths outside [1, {prompt_hidden_UPH.shape[1]}] (a completion needs a prompt token)"
         )
-    first_N = (t_N == 0).unsqueeze(1)
+    first_N1 = (t_N == 0).unsqueeze(1)
     h_NH = torch.where(
-        first_N,
+        first_N1,
         prompt_hidden_UPH[prompt_of_B[b_N], P_N - 1],
         completion_hidden_BCH[b_N, (t_N - 1).clamp(min=0)],
     )
@@ -336,21 +345,22 @@ def grpo_loss(
     mask_BT: torch.Tensor,
     cfg: AlgoConfig,
     *,
-    global_num_tokens: float | None = None,
     num_sequences_total: int | None = None,
+    num_tokens_total: float | None = None,
     sampling_logp_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of a (micro-)batch and its metrics.
 
-    ``global_num_tokens`` / ``num_sequences_total``: the optimizer-step totals (see the module
+    ``num_sequences_total`` / ``num_tokens_total``: the optimizer-step totals (see the module
     docstring); omitted, the local counts are used. Metrics are detached 0-dim float32 tensors
-    (no device sync), token means over this micro-batch's mask: ``kl`` (0 when unused),
-    ``ratio``, ``clip_low``, ``clip_high``, ``clip_region``, ``tis`` (1 when unused), plus
-    ``num_tokens`` to weight them when merging micro-batches (``merge_metrics``).
+    (no device sync), token means over this micro-batch's mask: the learner's packed metrics
+    declared in ``grpo_dist.metrics`` but ``entropy`` and ``sampler_gap`` (the learner adds those;
+    a unit test checks the keys), plus ``num_tokens`` to weight them when merging micro-batches
+    (``merge_metrics``).
     """
     loss_BT, terms = per_token_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, cfg, sampling_logp_BT)
     mask_BT = mask_BT.to(loss_BT.dtype)
-    loss = aggregate(loss_BT, mask_BT, cfg.loss_type, cfg.max_completion_length, num_sequences_total, global_num_tokens)
+    loss = aggregate(loss_BT, mask_BT, cfg.loss_type, cfg.max_completion_length, num_sequences_total, num_tokens_total)
     m = mask_BT.detach()
     zero, one = torch.zeros_like(m), torch.ones_like(m)
     with torch.no_grad():

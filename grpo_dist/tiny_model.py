@@ -130,14 +130,14 @@ def encode_sft_example(tokenizer: PreTrainedTokenizerFast, problem: dict[str, st
 
 def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in examples)
-    ids_BT = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels_BT = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask_BT = torch.zeros((len(examples), width), dtype=torch.long)
+    ids_BL = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels_BL = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask_BL = torch.zeros((len(examples), width), dtype=torch.long)
     for row, (ids, labels) in enumerate(examples):
-        ids_BT[row, : len(ids)] = torch.tensor(ids)
-        labels_BT[row, : len(labels)] = torch.tensor(labels)
-        mask_BT[row, : len(ids)] = 1
-    return {"input_ids": ids_BT, "labels": labels_BT, "attention_mask": mask_BT}
+        ids_BL[row, : len(ids)] = torch.tensor(ids)
+        labels_BL[row, : len(labels)] = torch.tensor(labels)
+        mask_BL[row, : len(ids)] = 1
+    return {"input_ids": ids_BL, "labels": labels_BL, "attention_mask": mask_BL}
 
 
 @torch.no_grad()
@@ -168,14 +168,14 @@ def generate_completions(
             if temperature > 0
             else dict(do_sample=False)
         )
-        ids_BT = model.generate(
+        ids_BL = model.generate(
             **enc.to(model.device),
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             **sampling,
         )
-        out += tokenizer.batch_decode(ids_BT[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        out += tokenizer.batch_decode(ids_BL[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     model.train(was_training)
     return out
 

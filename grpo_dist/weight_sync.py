@@ -1,18 +1,53 @@
 """Weight-sync protocol between learner rank 0 and the rollout engines (pure torch).
 
-Both sides import this module; neither imports the other. Protocol, per update:
+Both sides import this module; neither imports the other. One update, in order (side, then
+``file: function``):
 
-1. The driver asks the learner for the parameter manifest (name, shape, dtype) and the
-   version (learner step); it hands the manifest to every rollout worker, which checks it
-   against its own model and refuses a mismatch before any tensor moves.
-2. Learner rank 0 (group rank 0) opens the group's own ``TCPStore`` before handing out its
-   address; it and every rollout engine worker (ranks 1..N) then join a dedicated group, with
-   an explicit timeout and separate from DeepSpeed's and vLLM's own worlds: a torch gloo group on
-   CPU, vLLM's NCCL communicator on CUDA (``NcclSyncGroup``; imported only there, so this module
-   stays pure torch wherever CUDA is absent).
-3. Rank 0 broadcasts the parameters in size-bounded buckets (one flat buffer per bucket,
-   per dtype), not one collective or RPC per tensor. Receivers unflatten each bucket and
-   stream ``(name, tensor)`` pairs into the engine's weight loader.
+1. Driver, ``grpo_dist/driver.py``: ``Trainer._sync`` (every ``trainer.sync_every`` steps and the last)
+   and ``Trainer.resume`` call ``Cluster.sync_weights(version)``; so do ``RayCluster.maintain`` (a
+   restarted or new worker) and ``RayCluster._push_current_weights`` (the manager's
+   ``ensure_weights`` hook).
+2. Driver, ``deploy/job.py``: ``RayCluster.sync_weights`` refreshes the pool
+   (``RolloutManager.refresh``) and runs ``_sync_once``, retried once on a fresh port. The group's
+   timeout is half of ``cluster.collective_timeout_s``: the other learner ranks wait in a DeepSpeed
+   collective meanwhile.
+3. Learner rank 0, ``learner/actor.py``: ``LearnerActor.weight_manifest`` (asked once) is the send
+   order, one ``ParamSpec`` per tensor, from ``_entries``: the HF parameters without a tied
+   ``lm_head``; with LoRA, ``model.lora.sync=adapter`` sends the adapter tensors by PEFT name,
+   ``merged`` the base names with each adapted weight merged on the fly. ``sync_address`` opens the
+   group's ``TCPStore`` (``open_sync_store``) before anyone is told its port.
+4. Rollout manager, ``rollout_server/manager.py``: ``RolloutManager.start_receive_weights`` has every
+   reachable worker check the manifest (``RolloutWorker.check_manifest`` -> ``check_manifest``; a
+   mismatch raises before anyone joins), gives each worker its first rank (``sync_rank_offsets``:
+   rank 0 is the learner, an engine's tensor-parallel workers take consecutive ranks; group size
+   ``sync_group_size()``) and starts ``RolloutWorker.receive_weights`` on each, returning the refs.
+   Both sides cut buckets of ``learner.weight_sync_bucket_mb``.
+5. Rollout worker, ``rollout_server/worker.py``: ``RolloutWorker.receive_weights`` checks the manifest
+   again and, on the engine thread (after a running generate), runs ``_load_weights`` ->
+   ``LLM.collective_rpc("grpo_receive_weights")``, or for an adapter ``_load_adapter`` ->
+   ``"grpo_receive_adapter"``.
+6. vLLM worker extension, ``rollout_server/vllm_extension.py``, on each engine worker:
+   ``WeightSyncExtension.grpo_receive_weights`` joins (``init_sync_group``, rank offset +
+   ``self.rank``) and streams ``recv_weights`` into ``self.reload_weights(weights_iterator=...)``, then
+   ``refresh_tied_modules`` on CPU; ``grpo_receive_adapter`` collects the tensors, builds the adapter
+   in memory (``LoRAModel.from_lora_tensors``) and replaces the engine's previous one.
+7. Learner, every rank: the driver calls ``LearnerGroup.broadcast_weights`` right after step 4 (steps
+   5-7 run at once: the rendezvous needs every rank). In ``LearnerActor.broadcast_weights`` rank 0 joins
+   as rank 0 on its store; ``_raise_if_rank_failed`` tells every rank whether it did; every rank walks
+   ``_gathered`` (ZeRO-3 gathers are collective, bucket by bucket) while rank 0 sends
+   (``send_weights``: ``plan_buckets``, one flat buffer per bucket and dtype, one broadcast each).
+8. Rollout worker: ``_adopt`` resets the prefix cache and serves the new version (an adapter under a
+   new ``LoRARequest``, id version + 1). A failure after the first tensor (``grpo_weights_partial``)
+   leaves the engine half-updated: version -1, and the process exits for Ray to restart it (a failed
+   adapter update leaves the previous adapter serving).
+9. Driver, ``RayCluster._sync_once``: waits for the refs, checks ``RolloutManager.weight_versions``
+   and calls ``RolloutManager.mark_synced``.
+
+Backend (``pick_backend``, by each side's own device): CUDA -> NCCL through ``NcclSyncGroup`` (vLLM's
+``PyNcclCommunicator`` on a ``StatelessProcessGroup`` over the group's store, after a ``store_barrier``;
+vLLM is imported only there, so this module stays pure torch where CUDA is absent); otherwise a torch
+``ProcessGroupGloo`` on the store. Either way the group is separate from DeepSpeed's and vLLM's own
+worlds, has an explicit timeout and lives for one update.
 """
 
 from __future__ import annotations
@@ -118,11 +153,11 @@ def open_sync_store(timeout_s: float) -> dist.TCPStore:
     )
 
 
-def store_barrier(store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
+def store_barrier(store: dist.Store, rank: int, sync_group_size: int, timeout_s: float) -> None:
     """Return once every rank of the group has reached this call; raise ``DistStoreError`` after
     ``timeout_s`` otherwise. Keys are per group (each group has its own store)."""
     store.set(f"grpo_sync_joined/{rank}", b"1")
-    store.wait([f"grpo_sync_joined/{r}" for r in range(world_size)], _dt.timedelta(seconds=timeout_s))
+    store.wait([f"grpo_sync_joined/{r}" for r in range(sync_group_size)], _dt.timedelta(seconds=timeout_s))
 
 
 class NcclSyncGroup:
@@ -134,7 +169,7 @@ class NcclSyncGroup:
     the bounds are ours instead: a store barrier before NCCL's unbounded init, a deadline on every
     broadcast, then an abort. Same ``broadcast(tensor, root).wait()`` use as a torch group."""
 
-    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float, device: torch.device):
+    def __init__(self, store: dist.Store, rank: int, sync_group_size: int, timeout_s: float, device: torch.device):
         self.comm = None
         self.timeout_s = timeout_s
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
@@ -142,7 +177,7 @@ class NcclSyncGroup:
         from vllm.utils.nccl import unpinned_nccl_env
 
         # ncclCommInitRank waits for every rank without a bound: only start it once all are here.
-        store_barrier(store, rank, world_size, timeout_s)
+        store_barrier(store, rank, sync_group_size, timeout_s)
         # The communicator's warm-up runs on vLLM's current_stream(), which in a process where vLLM
         # never ran (the learner) makes a new stream current: the caller's stream is put back.
         stream = torch.cuda.current_stream(device)
@@ -150,7 +185,9 @@ class NcclSyncGroup:
         # which the other side of this group does not have (as vLLM's weight-transfer engine does).
         try:
             with unpinned_nccl_env():
-                comm = PyNcclCommunicator(StatelessProcessGroup(rank=rank, world_size=world_size, store=store), device)
+                comm = PyNcclCommunicator(
+                    StatelessProcessGroup(rank=rank, world_size=sync_group_size, store=store), device
+                )
         finally:
             torch.cuda.set_stream(stream)
         if comm.disabled:  # it would then broadcast nothing, silently
@@ -199,7 +236,7 @@ def init_sync_group(
     host: str,
     port: int,
     rank: int,
-    world_size: int,
+    sync_group_size: int,
     timeout_s: float,
     backend: str = "gloo",
     store: dist.TCPStore | None = None,
@@ -213,21 +250,23 @@ def init_sync_group(
     joins, instead of hanging. ``device``: this rank's CUDA device (``nccl`` only)."""
     timeout = _dt.timedelta(seconds=timeout_s)
     if store is None:
-        store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False)
+        store = dist.TCPStore(
+            host, port, sync_group_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False
+        )
     else:
         store.set_timeout(timeout)  # the rendezvous waits on the store: this call's bound, not the opener's
     try:
         if backend == "gloo":
-            return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+            return dist.ProcessGroupGloo(store, rank, sync_group_size, timeout)
         if backend == "nccl":
             if device is None or torch.device(device).type != "cuda":
                 raise ValueError(f"the nccl weight-sync group needs this rank's CUDA device, got {device!r}")
             device = torch.device(device)
             index = torch.cuda.current_device() if device.index is None else device.index
-            return NcclSyncGroup(store, rank, world_size, timeout_s, torch.device("cuda", index))
+            return NcclSyncGroup(store, rank, sync_group_size, timeout_s, torch.device("cuda", index))
     except dist.DistStoreError as e:
         raise TimeoutError(
-            f"weight-sync group {host}:{port} (rank {rank} of {world_size}): not every rank joined "
+            f"weight-sync group {host}:{port} (rank {rank} of {sync_group_size}): not every rank joined "
             f"within {timeout_s:.0f}s ({e})"
         ) from None
     raise ValueError(f"unknown weight-sync backend {backend!r}")

@@ -41,7 +41,7 @@ from grpo_dist.weight_sync import (
     send_weights,
 )
 from learner.ds_config import build_ds_config, grad_accum_steps, lr_multiplier, ref_ds_config, resolve_dtype
-from learner.placement import rank_env
+from learner.rank_placement import rank_env
 from learner.step import (
     backward_scale,
     forward_positions,
@@ -279,7 +279,7 @@ class LearnerActor:
                     else:
                         yield lora_lib.merged_weight(ps[0].detach(), ps[1].detach(), ps[2].detach(), scaling)
 
-    def broadcast_weights(self, host: str, port: int, world_size: int, version: int, timeout_s: float) -> dict:
+    def broadcast_weights(self, host: str, port: int, sync_group_size: int, version: int, timeout_s: float) -> dict:
         """Send the policy to the weight-sync group (rank 0 is its group rank 0). All ranks call."""
         if timeout_s >= self.ccfg.collective_timeout_s:
             # The other ranks wait for rank 0's join in a DeepSpeed-group collective: if the join could
@@ -299,7 +299,7 @@ class LearnerActor:
                     host,
                     port,
                     0,
-                    world_size,
+                    sync_group_size,
                     timeout_s,
                     backend=pick_backend(self.device),
                     store=store,
@@ -564,7 +564,7 @@ class LearnerActor:
                 if ga != self.engine.gradient_accumulation_steps():
                     self.engine.set_train_batch_size(self.engine.train_micro_batch_size_per_gpu() * ga * world)
                 scale = backward_scale(self.engine.gradient_accumulation_steps(), world)  # DeepSpeed's divisor
-                n_tokens = float(self._sum_over_ranks(t["mask_BT"][k * mini : (k + 1) * mini].sum()))
+                num_tokens_total = float(self._sum_over_ranks(t["mask_BT"][k * mini : (k + 1) * mini].sum()))
                 lrs.append(float(self.engine.get_lr()[0]))
                 for j, rows in enumerate(micro):
                     # DeepSpeed's own boundary counts micro-steps since the first step, which goes
@@ -578,8 +578,8 @@ class LearnerActor:
                         t["adv_B"][rows],
                         t["mask_BT"][rows],
                         ac,
-                        global_num_tokens=max(n_tokens, 1.0),
                         num_sequences_total=mini * world,
+                        num_tokens_total=max(num_tokens_total, 1.0),
                         sampling_logp_BT=t["sampling_logp_BT"][rows] if ac.tis_cap is not None else None,
                     )
                     self.engine.backward(loss * scale)

@@ -18,7 +18,7 @@ from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ClusterConfig, LearnerConfig, ModelConfig
 from grpo_dist.weight_sync import ParamSpec
 from learner.actor import LearnerActor
-from learner.placement import placement_bundles
+from learner.rank_placement import placement_bundles
 
 
 @contextmanager
@@ -153,14 +153,14 @@ class LearnerGroup:
     def sync_address(self) -> tuple[str, int]:
         return self._get(self.actors[0].sync_address.remote(), "sync_address")
 
-    def broadcast_weights(self, host: str, port: int, world_size: int, version: int, timeout_s: float) -> dict:
-        """Send the weights into the weight-sync group at ``host:port`` of ``world_size`` ranks
+    def broadcast_weights(self, host: str, port: int, sync_group_size: int, version: int, timeout_s: float) -> dict:
+        """Send the weights into the weight-sync group at ``host:port`` of ``sync_group_size`` ranks
         (learner rank 0 + receivers). Returns ``{"bytes", "seconds", "version"}``."""
         return self._call_all(
             "broadcast_weights",
             host,
             port,
-            world_size,
+            sync_group_size,
             version,
             timeout_s,
             timeout_s=timeout_s + self.cluster_cfg.rpc_timeout_s,

@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 
 from grpo_dist.losses import merge_metrics
+from grpo_dist.metrics import PACKED_LEARNER_KEYS
 
-# Token-weighted metrics of grpo_loss plus the policy entropy and the learner/engine log-prob gap;
-# order fixes the packed layout.
-METRIC_KEYS = ("kl", "ratio", "clip_low", "clip_high", "clip_region", "tis", "entropy", "sampler_gap")
+# Token-weighted metrics of grpo_loss plus the policy entropy and the learner/engine log-prob gap
+# (declared in grpo_dist.metrics, packed=True); their order fixes the packed layout.
+METRIC_KEYS = PACKED_LEARNER_KEYS
 
 
 def rank_rows(

@@ -3,8 +3,8 @@
 It creates the ``rollout-{i}`` actors, spreads each step's unique prompts over them in
 contiguous balanced chunks, gathers the batches in prompt order, and hands out weight-sync
 ranks. The number of workers is independent of the learner and may change between steps
-(``add_worker`` / ``remove_worker``); a new worker serves the initial checkpoint (version 0)
-until the next weight push. Every wait is bounded.
+(``add_worker`` / ``start_add_worker`` / ``remove_worker``); a new worker serves the initial
+checkpoint (version 0) until the next weight push. Every wait is bounded.
 
 Worker failures and node loss. Each worker is ``serving`` (in the generation pool), ``awaiting``
 (reachable, but its weights are not the job's: a restarted or newly started actor; weight pushes
@@ -40,21 +40,22 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ClusterConfig, ModelConfig, RewardsConfig, RolloutConfig
 from grpo_dist.errors import first_line
+from grpo_dist.metrics import ROLLOUT_COUNT, counter_names
 from grpo_dist.weight_sync import ParamSpec
-from rollout_server.placement import (
+from rollout_server.worker import DEFAULT_BUCKET_BYTES, RolloutWorker, WorkerRestarted
+from rollout_server.worker_placement import (
     cpu_bind_ranges,
     cpu_worker_env,
     oversubscribed,
     split_contiguous,
     sync_rank_offsets,
 )
-from rollout_server.worker import DEFAULT_BUCKET_BYTES, RolloutWorker, WorkerRestarted
 
 log = logging.getLogger(__name__)
 
 _RemoteWorker = ray.remote(RolloutWorker)
 # Threads per actor: one generate or weight load at a time (the engine thread), plus cheap
-# queries (ping, get_version, check_manifest) that must answer meanwhile.
+# queries (ping, get_weight_version, check_manifest) that must answer meanwhile.
 _ACTOR_CONCURRENCY = 8
 # Polling a restarting actor: seconds per attempt, and how many ActorDiedError answers in a row
 # (one second apart) mean its restarts are exhausted (a restarting actor answers "unavailable").
@@ -70,7 +71,7 @@ class _Worker:
     name: str
     handle: Any  # ray ActorHandle
     slot: int  # placement slot: decides the CPU cores
-    engine_world_size: int
+    num_engine_workers: int  # its engine's worker processes (tensor-parallel ranks): its weight-sync ranks
     state: str = SERVING
     node_id: str = ""  # where it ran when last seen
     node_ip: str = ""
@@ -80,7 +81,7 @@ class _Worker:
 
 @dataclass
 class PendingRollout:
-    """What ``submit`` returns; pass it to ``collect``."""
+    """What ``start_generate`` returns; pass it to ``collect``."""
 
     refs: list  # one ObjectRef per worker that got prompts
     names: list[str]
@@ -104,6 +105,11 @@ class _Chunk:
 
 
 class RolloutManager:
+    """The driver's handle on the rollout workers (module docstring).
+
+    Naming: ``start_<call>`` returns at once (a handle, refs or a name to wait on); ``<call>`` waits until done.
+    """
+
     def __init__(
         self,
         rollout_cfg: RolloutConfig,
@@ -119,16 +125,11 @@ class RolloutManager:
         self.rollout_cfg, self.model_cfg, self.algo_cfg = rollout_cfg, model_cfg, algo_cfg
         self.rewards_cfg, self.cluster_cfg, self.max_model_len = rewards_cfg, cluster_cfg, max_model_len
         self.ensure_weights = ensure_weights
-        # Cumulative over the run; each batch also carries its own counts in ``metrics``.
-        self.counters = {
-            "worker_failures": 0,
-            "prompts_reissued": 0,
-            "workers_lost": 0,
-            "worker_restarts": 0,
-            "nodes_lost": 0,
-        }
+        # Cumulative over the run (declared as count/rollout_<name> in grpo_dist.metrics); each batch
+        # also carries its own counts in ``metrics``.
+        self.counters = dict.fromkeys(counter_names("rollout", ROLLOUT_COUNT), 0)
         self._lost_nodes: set[str] = set()
-        self.version = 0  # what the pool is meant to serve: the last version pushed
+        self.synced_weight_version = 0  # what the pool is meant to serve: the last version pushed
         self._workers: list[_Worker] = []
         self._next_id = 0
         # Core ids this driver may use; CPU workers are bound to disjoint slices of them.
@@ -179,7 +180,7 @@ class RolloutManager:
         self._wait_ready([w], timeout_s)
         return w.name
 
-    def start_worker(self) -> str:
+    def start_add_worker(self) -> str:
         """Start one more worker without waiting: it joins at a later ``refresh`` once its engine is
         up (and placed: it may wait for a node with room), awaiting the job's weights."""
         w = self._create()
@@ -243,7 +244,7 @@ class RolloutManager:
             name=name,
             handle=handle,
             slot=slot,
-            engine_world_size=self.rollout_cfg.tensor_parallel_size,
+            num_engine_workers=self.rollout_cfg.tensor_parallel_size,
             since=time.monotonic(),
         )
         self._workers.append(w)
@@ -278,17 +279,19 @@ class RolloutManager:
 
     # ------------------------------------------------------------ generation
 
-    def submit(self, prompts: list[dict], n: int | None = None, sampling: dict | None = None) -> PendingRollout:
+    def start_generate(self, prompts: list[dict], n: int | None = None, sampling: dict | None = None) -> PendingRollout:
         """Start generating for ``prompts`` (unique rows) without waiting; see ``collect``."""
         if not self._workers:
             raise RuntimeError("no rollout workers: call start() first")
         if not prompts:
-            raise ValueError("submit() needs at least one prompt row")
+            raise ValueError("start_generate() needs at least one prompt row")
         if not self._serving():
             self.refresh()
         pool = self._serving()
         if not pool:
-            raise RuntimeError(f"no rollout worker serves the job's weights (v{self.version}): {self.states()}")
+            raise RuntimeError(
+                f"no rollout worker serves the job's weights (v{self.synced_weight_version}): {self.states()}"
+            )
         refs, names, chunks = [], [], []
         for w, (a, b) in zip(pool, split_contiguous(len(prompts), len(pool))):
             if a == b:
@@ -396,8 +399,8 @@ class RolloutManager:
         """Version of each serving worker that answers now (others are marked down)."""
         out = {}
         for name, st in self._poll([w for w in self._serving() if w.name != exclude]).items():
-            if isinstance(st, dict) and st["version"] >= 0 and not st["awaiting_weights"]:
-                out[name] = st["version"]
+            if isinstance(st, dict) and st["weight_version"] >= 0 and not st["awaiting_weights"]:
+                out[name] = st["weight_version"]
             else:
                 self._mark_down(name, st if isinstance(st, str) else "no answer")
         return out
@@ -441,7 +444,7 @@ class RolloutManager:
                     f"(cluster.max_worker_restarts={self.cluster_cfg.max_worker_restarts})"
                 )
             try:
-                version = ray.get(w.handle.get_version.remote(), timeout=min(_POLL_S, left))
+                version = ray.get(w.handle.get_weight_version.remote(), timeout=min(_POLL_S, left))
                 if version >= 0:
                     return version
                 died = 0
@@ -500,7 +503,7 @@ class RolloutManager:
         alive_nodes = None
         for w in list(self._workers):
             st = statuses[w.name]
-            if isinstance(st, dict) and st["version"] >= 0:
+            if isinstance(st, dict) and st["weight_version"] >= 0:
                 if w.pid and (st["pid"], st["node_id"]) != (w.pid, w.node_id):
                     alive_nodes = self._alive_nodes() if alive_nodes is None else alive_nodes
                     self._note_restart(w, st, alive_nodes)
@@ -513,7 +516,11 @@ class RolloutManager:
                         time.monotonic() - w.since,
                     )
                 w.node_id, w.node_ip, w.pid = st["node_id"], st["node_ip"], st["pid"]
-                state = SERVING if st["version"] == self.version and not st["awaiting_weights"] else AWAITING
+                state = (
+                    SERVING
+                    if st["weight_version"] == self.synced_weight_version and not st["awaiting_weights"]
+                    else AWAITING
+                )
                 if state != w.state:
                     w.state, w.since = state, time.monotonic()
             elif isinstance(st, str) and _gone(w):
@@ -528,7 +535,7 @@ class RolloutManager:
                 self._mark_down(w.name, why)
         reachable = self._reachable()
         if reachable:
-            return {w.name: statuses[w.name]["version"] for w in reachable}
+            return {w.name: statuses[w.name]["weight_version"] for w in reachable}
         if not self._workers:
             raise RuntimeError("every rollout worker is dead and out of restarts")
         timeout = self.cluster_cfg.rpc_timeout_s if timeout_s is None else timeout_s
@@ -560,7 +567,7 @@ class RolloutManager:
             moved,
             time.monotonic() - w.since,
             cause,
-            self.version,
+            self.synced_weight_version,
         )
 
     def wait_alive(self, timeout_s: float | None = None) -> dict[str, int]:
@@ -576,7 +583,7 @@ class RolloutManager:
         self, prompts: list[dict], n: int | None = None, sampling: dict | None = None, timeout_s: float | None = None
     ) -> RolloutBatch:
         """``n`` (default num_generations) scored completions per prompt, in prompt order."""
-        return self.collect(self.submit(prompts, n, sampling), timeout_s)
+        return self.collect(self.start_generate(prompts, n, sampling), timeout_s)
 
     # ------------------------------------------------------------ versions and weights
 
@@ -593,20 +600,20 @@ class RolloutManager:
 
     def weight_versions(self, timeout_s: float | None = None) -> dict[str, int]:
         """Version of each reachable worker: 0 = initial checkpoint, -1 = broken by a failed update."""
-        return self._call_all("get_version", timeout_s=_STATUS_S if timeout_s is None else timeout_s)
+        return self._call_all("get_weight_version", timeout_s=_STATUS_S if timeout_s is None else timeout_s)
 
     def workers_info(self, timeout_s: float | None = None) -> dict[str, dict]:
         return self._call_all("info", timeout_s=timeout_s)
 
-    def world_size(self) -> int:
+    def sync_group_size(self) -> int:
         """Weight-sync group size: learner rank 0 plus every engine worker of every rollout worker."""
-        return 1 + sum(w.engine_world_size for w in self._reachable())
+        return 1 + sum(w.num_engine_workers for w in self._reachable())
 
     def check_manifest(self, manifest: list[ParamSpec], timeout_s: float | None = None) -> None:
         """Raise ValueError from the first worker that refuses ``manifest`` (names what is wrong)."""
         self._call_all("check_manifest", manifest, timeout_s=timeout_s)
 
-    def receive_weights(
+    def start_receive_weights(
         self,
         manifest: list[ParamSpec],
         version: int,
@@ -620,19 +627,19 @@ class RolloutManager:
         The manifest is checked on every worker first (ValueError before anyone joins, so the
         learner is never left waiting for a refusing worker). Returns one ObjectRef per worker
         (each resolves to load stats); the caller makes learner rank 0 join as rank 0 of
-        ``world_size()`` and send, then waits on the refs. ``bucket_bytes`` must equal the
+        ``sync_group_size()`` and send, then waits on the refs. ``bucket_bytes`` must equal the
         sender's. A running generate finishes before its worker joins.
         """
         pool = self._reachable()
         if not pool:
             raise RuntimeError(f"no reachable rollout worker to receive weights: {self.states()}")
         self.check_manifest(manifest)
-        world = self.world_size()
-        offsets = sync_rank_offsets([w.engine_world_size for w in pool])
+        size = self.sync_group_size()
+        offsets = sync_rank_offsets([w.num_engine_workers for w in pool])
         manifest_ref = ray.put(manifest)
-        self.version = version
+        self.synced_weight_version = version
         return [
-            w.handle.receive_weights.remote(manifest_ref, version, host, port, rank, world, timeout_s, bucket_bytes)
+            w.handle.receive_weights.remote(manifest_ref, version, host, port, rank, size, timeout_s, bucket_bytes)
             for w, rank in zip(pool, offsets)
         ]
 
@@ -642,7 +649,7 @@ class RolloutManager:
             if w.state == AWAITING:  # a new or restarted worker joins, by whichever push reached it first
                 log.info("%s serves the job's weights (v%d) from now on", w.name, version)
             w.state, w.since = SERVING, time.monotonic()
-        self.version = version
+        self.synced_weight_version = version
 
 
 def death_reason(e: BaseException) -> str:

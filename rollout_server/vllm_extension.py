@@ -62,7 +62,7 @@ class WeightSyncExtension:
         host: str,
         port: int,
         rank_offset: int,
-        world_size: int,
+        sync_group_size: int,
         timeout_s: float,
         bucket_bytes: int,
     ) -> dict[str, float]:
@@ -74,7 +74,9 @@ class WeightSyncExtension:
         """
         t0 = time.perf_counter()
         rank = rank_offset + self.rank
-        group = init_sync_group(host, port, rank, world_size, timeout_s, pick_backend(self.device), device=self.device)
+        group = init_sync_group(
+            host, port, rank, sync_group_size, timeout_s, pick_backend(self.device), device=self.device
+        )
         t_join = time.perf_counter()
         try:
             # From the first tensor on, a failure leaves a mix of old and new weights.
@@ -104,7 +106,7 @@ class WeightSyncExtension:
         host: str,
         port: int,
         rank_offset: int,
-        world_size: int,
+        sync_group_size: int,
         timeout_s: float,
         bucket_bytes: int,
         lora_id: int,
@@ -122,7 +124,13 @@ class WeightSyncExtension:
             raise RuntimeError("this engine was built without LoRA (vLLM enable_lora=False); it cannot take an adapter")
         t0 = time.perf_counter()
         group = init_sync_group(
-            host, port, rank_offset + self.rank, world_size, timeout_s, pick_backend(self.device), device=self.device
+            host,
+            port,
+            rank_offset + self.rank,
+            sync_group_size,
+            timeout_s,
+            pick_backend(self.device),
+            device=self.device,
         )
         t_join = time.perf_counter()
         try:

@@ -1,6 +1,6 @@
 """RolloutWorker: one Ray actor owning one vLLM engine; generates, scores, receives weights.
 
-Threading. The actor is threaded (``max_concurrency`` > 1) so ``ping``/``get_version`` answer
+Threading. The actor is threaded (``max_concurrency`` > 1) so ``ping``/``get_weight_version`` answer
 during a long generate. Every engine call (start-up, generate, weight load) runs on one
 dedicated engine thread (a single-thread executor): that serialises generate against
 ``receive_weights`` (no request ever runs on half-loaded weights) and keeps all torch/OpenMP
@@ -25,9 +25,9 @@ initial checkpoint, which is not the job's weights any more: it refuses to gener
 weights silently, whatever the driver was doing when it happened. ``status`` says where the worker
 runs (node, pid) and whether it waits for weights.
 
-Metrics. Each worker exports its own gauges from its own process, so Ray's metrics agent of the
-node it runs on serves them: ``grpo_worker_weight_version``, ``grpo_worker_awaiting_weights``,
-``grpo_worker_completions`` and ``grpo_worker_generate_seconds`` (tags ``worker`` and ``node``).
+Metrics. Each worker exports its own series from its own process, so Ray's metrics agent of the
+node it runs on serves them (tags ``worker`` and ``node``); they are declared, with the keys of the
+batches' ``metrics``, in ``grpo_dist.metrics`` (``WORKER_SERIES``).
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ from grpo_dist import lora as lora_lib
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, LearnerConfig, ModelConfig, RewardsConfig, RolloutConfig, resolve_dtype
 from grpo_dist.errors import first_line
+from grpo_dist.metrics import WORKER_SERIES
 from grpo_dist.rewards import build_reward_fns, score
 from grpo_dist.weight_sync import ParamSpec, check_manifest, spec_of
-from rollout_server.placement import request_seeds
+from rollout_server.seeds import request_seeds
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ class RolloutWorker:
         # A re-created actor serves the initial checkpoint, no longer the job's weights (module docstring).
         self.awaiting_weights = self.where["restarted"]
         self._gauges = _WorkerGauges(name, self.where["node_id"])
-        self._gauges.version(self.weight_version, self.awaiting_weights)
+        self._gauges.set_weight_version(self.weight_version, self.awaiting_weights)
         self._engine_failure: str | None = None  # set once the engine raised inside generate
         self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-engine")
         t0 = time.perf_counter()
@@ -322,14 +323,14 @@ class RolloutWorker:
     def ping(self) -> str:
         return self.name
 
-    def get_version(self) -> int:
+    def get_weight_version(self) -> int:
         return self.weight_version
 
     def status(self) -> dict[str, Any]:
         """Version, whether a restart left it waiting for weights, and where it runs (node, pid)."""
-        return {"version": self.weight_version, "awaiting_weights": self.awaiting_weights, **self.where}
+        return {"weight_version": self.weight_version, "awaiting_weights": self.awaiting_weights, **self.where}
 
-    def engine_world_size(self) -> int:
+    def num_engine_workers(self) -> int:
         return self.rollout_cfg.tensor_parallel_size
 
     def info(self) -> dict[str, Any]:
@@ -339,7 +340,7 @@ class RolloutWorker:
             "weight_version": self.weight_version,
             "start_seconds": self.start_seconds,
             "dtype": self._engine_kwargs["dtype"],
-            "engine_world_size": self.engine_world_size(),
+            "num_engine_workers": self.num_engine_workers(),
             "awaiting_weights": self.awaiting_weights,
             **self.where,
             **self._thread_info,
@@ -424,7 +425,7 @@ class RolloutWorker:
         host: str,
         port: int,
         rank: int,
-        world_size: int,
+        sync_group_size: int,
         timeout_s: float,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ) -> dict[str, float]:
@@ -434,16 +435,16 @@ class RolloutWorker:
         self.check_manifest(manifest)
         wait_s = self.rollout_cfg.generate_timeout_s + 2 * timeout_s
         return self._on_engine(
-            self._load_weights, wait_s, manifest, version, host, port, rank, world_size, timeout_s, bucket_bytes
+            self._load_weights, wait_s, manifest, version, host, port, rank, sync_group_size, timeout_s, bucket_bytes
         )
 
-    def _load_weights(self, manifest, version, host, port, rank, world_size, timeout_s, bucket_bytes):
+    def _load_weights(self, manifest, version, host, port, rank, sync_group_size, timeout_s, bucket_bytes):
         if self._adapter:
-            return self._load_adapter(manifest, version, host, port, rank, world_size, timeout_s, bucket_bytes)
+            return self._load_adapter(manifest, version, host, port, rank, sync_group_size, timeout_s, bucket_bytes)
         t0 = time.perf_counter()
         try:
             stats = self._llm.collective_rpc(
-                "grpo_receive_weights", args=(manifest, host, port, rank, world_size, timeout_s, bucket_bytes)
+                "grpo_receive_weights", args=(manifest, host, port, rank, sync_group_size, timeout_s, bucket_bytes)
             )
         except Exception as e:
             if any(self._llm.collective_rpc("grpo_weights_partial")):
@@ -451,7 +452,7 @@ class RolloutWorker:
                 # meta device; measured: the next reload raises). Restart the process through Ray
                 # (max_restarts), which brings the engine back on the initial checkpoint, version 0.
                 self.weight_version = -1
-                self._gauges.version(-1, False)
+                self._gauges.set_weight_version(-1, False)
                 threading.Timer(_RESTART_DELAY_S, os._exit, args=(1,)).start()
                 state = (
                     "the engine is half-updated and cannot reload again: this worker restarts and comes "
@@ -467,7 +468,7 @@ class RolloutWorker:
         self._llm.reset_prefix_cache()
         self.weight_version = version
         self.awaiting_weights = False
-        self._gauges.version(version, False)
+        self._gauges.set_weight_version(version, False)
         return {
             "version": float(version),
             "seconds": time.perf_counter() - t0,
@@ -476,7 +477,7 @@ class RolloutWorker:
             "load_seconds": max(s["load_seconds"] for s in stats),
         }
 
-    def _load_adapter(self, manifest, version, host, port, rank, world_size, timeout_s, bucket_bytes):
+    def _load_adapter(self, manifest, version, host, port, rank, sync_group_size, timeout_s, bucket_bytes):
         """Receive the adapter into a new vLLM LoRA slot (id = version + 1, ids start at 1) and
         serve it from the next batch on; the base weights are never written, so a failed update
         leaves the previous adapter serving and nothing needs a restart."""
@@ -487,7 +488,7 @@ class RolloutWorker:
         try:
             stats = self._llm.collective_rpc(
                 "grpo_receive_adapter",
-                args=(manifest, host, port, rank, world_size, timeout_s, bucket_bytes, lora_id, self._peft_config),
+                args=(manifest, host, port, rank, sync_group_size, timeout_s, bucket_bytes, lora_id, self._peft_config),
             )
         except Exception as e:
             raise RuntimeError(
@@ -519,23 +520,23 @@ def _where() -> dict[str, Any]:
 
 
 class _WorkerGauges:
-    """This worker's series in Ray's metrics (the module docstring lists them)."""
+    """This worker's series in Ray's metrics: every one of ``grpo_dist.metrics.WORKER_SERIES``."""
 
     def __init__(self, worker: str, node_id: str) -> None:
         from ray.util.metrics import Counter, Gauge
 
         keys = ("worker", "node")
         self._tags = {"worker": worker, "node": node_id}
-        self._version = Gauge("grpo_worker_weight_version", "weight version a rollout worker serves", tag_keys=keys)
-        self._awaiting = Gauge(
-            "grpo_worker_awaiting_weights", "1 while a restarted worker waits for the job's weights", tag_keys=keys
-        )
-        self._completions = Counter("grpo_worker_completions", "completions a rollout worker generated", tag_keys=keys)
-        self._seconds = Counter(
-            "grpo_worker_generate_seconds", "seconds a rollout worker spent generating", tag_keys=keys
-        )
+        made = {
+            name: (Counter if m.kind == "counter" else Gauge)(name, m.meaning, tag_keys=keys)
+            for name, m in WORKER_SERIES.items()
+        }
+        self._version = made["grpo_worker_weight_version"]
+        self._awaiting = made["grpo_worker_awaiting_weights"]
+        self._completions = made["grpo_worker_completions"]
+        self._seconds = made["grpo_worker_generate_seconds"]
 
-    def version(self, version: int, awaiting: bool) -> None:
+    def set_weight_version(self, version: int, awaiting: bool) -> None:
         self._version.set(version, tags=self._tags)
         self._awaiting.set(float(awaiting), tags=self._tags)
 

@@ -190,7 +190,7 @@ def nccl_sync_api() -> str:
     assert callable(PyNcclCommunicator.destroy) and callable(unpinned_nccl_env)
     assert callable(torch.cuda.set_stream) and hasattr(torch.cuda.Event, "query")
     src = inspect.getsource(NcclSyncGroup)
-    assert "StatelessProcessGroup(rank=rank, world_size=world_size, store=store)" in src
+    assert "StatelessProcessGroup(rank=rank, world_size=sync_group_size, store=store)" in src
     # The rendezvous half runs without a device: the store barrier, then the unique-id broadcast
     # PyNcclCommunicator makes through a StatelessProcessGroup on our store, between two threads.
     store = open_sync_store(30)

@@ -38,7 +38,7 @@ class FakeRollout:
     """Answers correctly on rows whose index within the group is below `solved` (per prompt id)."""
 
     def __init__(self, all_solved: bool = False):
-        self.version = 0
+        self.weight_version = 0
         self.seen: list[list[str]] = []
         self.all_solved = all_solved
         self.queue: list = []
@@ -62,20 +62,20 @@ class FakeRollout:
             rewards=rewards,
             reward_components={"accuracy": list(rewards)},
             group_ids=[i // G for i in range(B)],
-            weight_version=self.version,
+            weight_version=self.weight_version,
             prompts=[r["question"] for r in rows],
             completions=comps,
             answers=[r["answer"] for r in rows],
         )
 
-    def submit(self, prompts):
+    def start_generate(self, prompts):
         return self.generate(prompts)
 
     def collect(self, handle):
         return handle
 
     def weight_versions(self):
-        return {"rollout-0": self.version}
+        return {"rollout-0": self.weight_version}
 
 
 class FakeLearner:
@@ -109,14 +109,14 @@ class FakeCluster:
 
     def sync_weights(self, version):
         self.syncs.append(version)
-        self.rollout.version = version
+        self.rollout.weight_version = version
         return {"seconds": 0.0, "bytes": 10}
 
     def maintain(self, version):
         # Like the real cluster: a worker behind the learner gets weights pushed (after the first call,
         # so a test can start with workers left behind).
         self.maintain_calls += 1
-        if self.maintain_calls > 1 and self.rollout.version != version:
+        if self.maintain_calls > 1 and self.rollout.weight_version != version:
             self.sync_weights(version)
         return {}
 
@@ -157,8 +157,8 @@ def test_async_drops_too_stale_batches(tmp_path):
     cfg = make_cfg(tmp_path, max_staleness=1)
     cluster = FakeCluster()
     trainer = Trainer(cfg, cluster, rows(20), rows(4), tmp_path / "run")
-    trainer.version = 5  # as if the rollout workers were left far behind (e.g. restarted)
-    cluster.rollout.version = 0
+    trainer.learner_weight_version = 5  # as if the rollout workers were left far behind (e.g. restarted)
+    cluster.rollout.weight_version = 0
     cfg.trainer.steps = 2
     trainer.run()
     assert trainer.counters["batches_dropped_stale"] >= 1
@@ -223,3 +223,51 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path):
     assert latest_checkpoint(root) == ok
     again = save_checkpoint(root, 2, {"step": 2}, {"policy": lambda p: Path(p).mkdir()})
     assert latest_checkpoint(root) == again and not list(root.glob(".tmp-*"))
+
+
+def test_every_key_the_loop_writes_to_metrics_jsonl_is_declared(tmp_path):
+    """A real metrics.jsonl: the loop with evaluation and checkpoints, its batches assembled by the
+    rollout worker's own build_batch (with a failing reward function) and the learner's keys packed
+    by learner.step from grpo_loss's metrics. The learner actor's other keys and the Ray cluster's
+    (maintain, sync) need Ray: tests/test_e2e.py checks its metrics.jsonl the same way."""
+    from grpo_dist.config import AlgoConfig
+    from grpo_dist.losses import grpo_loss
+    from grpo_dist.metrics import undeclared
+    from grpo_dist.rewards import REWARDS, BuiltReward
+    from learner.step import pack_metrics, unpack_metrics
+    from rollout_server.worker import build_batch
+
+    def boom(prompts, completions, **_):
+        raise RuntimeError("reward exploded")
+
+    specs = [BuiltReward("accuracy", REWARDS["accuracy"], 1.0, {}), BuiltReward("boom", boom, 1.0, {})]
+
+    class WorkerRollout(FakeRollout):
+        def generate(self, prompts, n=None, sampling=None):
+            G = n or 4
+            recs = [
+                {"group": p, "ids": [3, 4], "logp": [-1.0, -1.0], "truncated": j == 0, "text": str(j)}
+                for p in range(len(prompts))
+                for j in range(G)
+            ]
+            return build_batch(prompts, G, recs, self.weight_version, specs, 1.0, 0.1)
+
+    class PackingLearner(FakeLearner):
+        def train_step(self, batch):
+            super().train_step(batch)
+            logp = torch.tensor([[-1.0, -2.0]])
+            loss, m = grpo_loss(logp, None, logp - 0.1, torch.tensor([1.0]), torch.ones(1, 2), AlgoConfig(beta=0.04))
+            m |= {"entropy": torch.tensor(1.0), "sampler_gap": torch.tensor(0.0)}
+            return unpack_metrics(pack_metrics([m], float(loss)), 1) | {"time/ref_logp": 0.0}
+
+    cfg = make_cfg(tmp_path, steps=4, eval_every=2)
+    cfg.checkpoint.save_every = 2
+    cluster = FakeCluster()
+    cluster.rollout, cluster.learner = WorkerRollout(), PackingLearner()
+    Trainer(cfg, cluster, rows(20), rows(4), tmp_path / "run").run()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    keys = {k for line in lines for k in json.loads(line)}
+    assert len(lines) == 4 and undeclared(keys) == []
+    for key in ("rollout/reward_failures/boom/exception", "reward/boom", "learner/sampler_gap", "eval/accuracy"):
+        assert key in keys  # the run wrote what the assertion above is meant to cover
+    assert {"time/checkpoint", "sync/bytes", "count/batches_dropped_stale"} <= keys

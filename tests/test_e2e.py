@@ -17,6 +17,8 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
+from grpo_dist.metrics import undeclared
+
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(1500)]
 ROOT = Path(__file__).resolve().parent.parent
 RAY_DAEMONS = ("raylet", "gcs_server", "dashboard")
@@ -98,6 +100,7 @@ def test_on_policy_run_then_resume(tmp_path, tiny_model_dir):
         assert math.isfinite(summary["eval_before"][key]) and math.isfinite(summary["eval_after"][key])
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
+    assert undeclared({k for r in rows for k in r}) == []  # every key is declared in grpo_dist/metrics.py
     for r in rows:
         for key in ("learner/loss", "learner/grad_norm", "reward/mean", "time/generate", "time/train"):
             assert r[key] is not None and math.isfinite(r[key]), key

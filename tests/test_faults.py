@@ -81,7 +81,7 @@ def worker_pid(name: str) -> int:
 def kill_during(cluster, rows, victim: str):
     """Submit ``rows``, SIGKILL ``victim`` while its generate call runs, collect."""
     pid = worker_pid(victim)
-    handle = cluster.rollout.submit(rows)
+    handle = cluster.rollout.start_generate(rows)
     time.sleep(KILL_AFTER_S)
     assert not ray.wait(handle.refs, num_returns=len(handle.refs), timeout=0)[0], "generate ended before the kill"
     os.kill(pid, signal.SIGKILL)
@@ -126,7 +126,7 @@ def test_worker_killed_while_generating_is_reissued_to_the_survivor(cluster, row
 
 def test_worker_killed_during_weight_sync_recovers_on_retry(cluster, rows, monkeypatch):
     victim_pid = worker_pid("rollout-1")
-    receive = cluster.rollout.receive_weights
+    receive = cluster.rollout.start_receive_weights
     calls = []
 
     def receive_then_kill(*args, **kwargs):
@@ -136,7 +136,7 @@ def test_worker_killed_during_weight_sync_recovers_on_retry(cluster, rows, monke
             os.kill(victim_pid, signal.SIGKILL)
         return refs
 
-    monkeypatch.setattr(cluster.rollout, "receive_weights", receive_then_kill)
+    monkeypatch.setattr(cluster.rollout, "start_receive_weights", receive_then_kill)
     out = cluster.sync_weights(2)
     assert len(calls) == 2 and cluster.counters["sync_retries"] == 1
     assert out["version"] == 2

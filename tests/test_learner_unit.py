@@ -12,7 +12,7 @@ from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, LearnerConfig, ModelConfig
 from grpo_dist.losses import completion_logprobs, grpo_loss
 from learner.ds_config import build_ds_config, grad_accum_steps, lr_multiplier, ref_ds_config, resolve_dtype
-from learner.placement import placement_bundles, rank_env
+from learner.rank_placement import placement_bundles, rank_env
 from learner.step import (
     METRIC_KEYS,
     backward_scale,
@@ -305,7 +305,7 @@ def test_token_budget_micro_batches_over_two_ranks_give_the_full_batch_gradient(
         _micro_loss(whole, full_t, slice(k * mini, (k + 1) * mini), cfg).backward()
         totals = {
             "num_sequences_total": mini,
-            "global_num_tokens": float(full_t["mask_BT"][k * mini : (k + 1) * mini].sum()),
+            "num_tokens_total": float(full_t["mask_BT"][k * mini : (k + 1) * mini].sum()),
         }
         for scaled in (True, False):
             rank_grads = []

@@ -272,7 +272,7 @@ def test_distributed_split_reproduces_full_batch_loss_and_gradient(loss_type):
     full, _ = _loss(W_full, list(range(B)), data, cfg)
     full.backward()
 
-    totals = {"num_sequences_total": B, "global_num_tokens": mask_BT.sum().item()}
+    totals = {"num_sequences_total": B, "num_tokens_total": mask_BT.sum().item()}
     rank_grads, loss_sum = [], 0.0
     per_rank = B // R
     for r in range(R):

@@ -135,8 +135,10 @@ def push(manager, model, version: int, manifest: list[ParamSpec] | None = None) 
     """Act as learner rank 0: start the workers' receive, join the group, send, wait."""
     manifest = manifest or [spec_of(n, p) for n, p in model.named_parameters()]
     store = open_sync_store(60)  # listening before the workers are told the port, as the learner does
-    refs = manager.receive_weights(manifest, version, "127.0.0.1", store.port, timeout_s=60, bucket_bytes=BUCKET_BYTES)
-    group = init_sync_group("127.0.0.1", store.port, 0, manager.world_size(), 60, "gloo", store=store)
+    refs = manager.start_receive_weights(
+        manifest, version, "127.0.0.1", store.port, timeout_s=60, bucket_bytes=BUCKET_BYTES
+    )
+    group = init_sync_group("127.0.0.1", store.port, 0, manager.sync_group_size(), 60, "gloo", store=store)
     send_weights(group, manifest, (p.detach() for _, p in model.named_parameters()), BUCKET_BYTES)
     return ray.get(refs, timeout=120)
 
@@ -145,7 +147,7 @@ def test_workers_start_bound_to_disjoint_cores(manager):
     infos = manager.workers_info()
     assert sorted(infos) == ["rollout-0", "rollout-1"]
     assert manager.weight_versions() == {"rollout-0": 0, "rollout-1": 0}
-    assert manager.world_size() == 3
+    assert manager.sync_group_size() == 3
     for info in infos.values():
         assert info["torch_threads"] == 1 and info["dtype"] == "float32"
         assert len(info["cores"]) == 1
@@ -199,7 +201,7 @@ def test_reward_failures_are_contained_and_counted(batch0):
 
 
 def test_queries_answer_while_generating(manager, rows):
-    handle = manager.submit(rows[:2])
+    handle = manager.start_generate(rows[:2])
     versions = manager.weight_versions(timeout_s=30)
     # The generate is still running (its scoring alone waits out a 1 s reward timeout).
     still_running = len(ray.wait(handle.refs, num_returns=len(handle.refs), timeout=0)[0]) < len(handle.refs)
@@ -242,7 +244,7 @@ def test_mismatched_update_is_refused_and_old_weights_keep_serving(manager, rows
     before = manager.weight_versions()
     for pattern, manifest in _bad_manifests(hf_models["new"]).items():
         with pytest.raises(ValueError, match=pattern):
-            manager.receive_weights(manifest, 99, "127.0.0.1", _free_port(), timeout_s=5)
+            manager.start_receive_weights(manifest, 99, "127.0.0.1", _free_port(), timeout_s=5)
         # Called on the actor directly, the worker refuses before joining any group.
         worker = ray.get_actor("rollout-0")
         with pytest.raises(ray.exceptions.RayTaskError, match=pattern):
@@ -265,7 +267,7 @@ def test_eval_sampling_overrides_are_greedy_and_reproducible(manager, rows):
 
 def test_add_restart_and_remove_worker(manager, rows, hf_models, serving):
     name = manager.add_worker(timeout_s=300)
-    assert name == "rollout-2" and manager.world_size() == 4
+    assert name == "rollout-2" and manager.sync_group_size() == 4
     versions = manager.weight_versions()
     assert versions[name] == 0
     v = max(versions.values()) + 1
@@ -298,7 +300,7 @@ def test_add_restart_and_remove_worker(manager, rows, hf_models, serving):
     assert manager.states()[name] == "down"
 
     assert manager.remove_worker(name) == name
-    assert manager.worker_names == ["rollout-0", "rollout-1"] and manager.world_size() == 3
+    assert manager.worker_names == ["rollout-0", "rollout-1"] and manager.sync_group_size() == 3
     assert manager.generate(rows[:3]).weight_version == v
 
 
@@ -324,8 +326,8 @@ def test_update_broken_mid_transfer_restarts_the_workers(manager, rows, hf_model
     first = plan_buckets(manifest, BUCKET_BYTES)[0]
     params = [p.detach() for _, p in model.named_parameters()]
     store = open_sync_store(60)
-    refs = manager.receive_weights(manifest, 50, "127.0.0.1", store.port, timeout_s=5, bucket_bytes=BUCKET_BYTES)
-    group = init_sync_group("127.0.0.1", store.port, 0, manager.world_size(), 60, "gloo", store=store)
+    refs = manager.start_receive_weights(manifest, 50, "127.0.0.1", store.port, timeout_s=5, bucket_bytes=BUCKET_BYTES)
+    group = init_sync_group("127.0.0.1", store.port, 0, manager.sync_group_size(), 60, "gloo", store=store)
     # The "learner" sends one bucket and then goes away (gloo may already see a peer hang up).
     try:
         send_weights(group, [manifest[i] for i in first], [params[i] for i in first], BUCKET_BYTES)

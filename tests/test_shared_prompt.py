@@ -123,7 +123,7 @@ def test_groups_dealt_to_two_fake_ranks_under_a_token_budget_give_the_full_batch
     local = [len(token_micro_batches(n, 1, budget, prompts=p)[0]) for n, p in zip(shard_lengths, prompts)]
     plans = [token_micro_batches(n, 1, budget, [max(local)], p)[0] for n, p in zip(shard_lengths, prompts)]
     assert all(micro_cost(n, s, p) <= budget for n, p, plan in zip(shard_lengths, prompts, plans) for s in plan)
-    totals = {"num_sequences_total": len(batch), "global_num_tokens": float(full["mask_BT"].sum())}
+    totals = {"num_sequences_total": len(batch), "num_tokens_total": float(full["mask_BT"].sum())}
     got = torch.zeros_like(want)
     for t, plan in zip(shards, plans):
         model.zero_grad()

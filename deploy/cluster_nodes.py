@@ -1,4 +1,4 @@
-"""Node-level placement of a job (pure: plain dicts in the shape of ``ray.nodes()``, no Ray).
+"""The cluster's nodes as a job sees them (pure: plain dicts in the shape of ``ray.nodes()``, no Ray).
 
 Which nodes a label selector admits, which node is the head (where the job's control and
 metrics actors live: the cluster dies with it anyway), and the one-line placement summary the

@@ -1,4 +1,4 @@
-"""Node-level placement arithmetic (deploy/placement.py) and the label-selector config fields,
+"""The cluster's nodes as a job sees them (deploy/cluster_nodes.py) and the label-selector config fields,
 on hand-written `ray.nodes()` rows: no Ray started."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from deploy.placement import describe_placement, head_node_id, label_matches, lost_nodes, selector_problems
+from deploy.cluster_nodes import describe_placement, head_node_id, label_matches, lost_nodes, selector_problems
 from grpo_dist.config import ClusterConfig
 
 HEAD = {

@@ -1,4 +1,4 @@
-"""Placement arithmetic of the learner group: bundles and per-rank rendezvous env (pure)."""
+"""Where the learner ranks go: one placement-group bundle per rank, and each rank's rendezvous env (pure)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,14 @@
-"""Pure placement arithmetic of the rollout service (no Ray, no vLLM)."""
+"""Where the rollout workers' work goes: pure arithmetic (no Ray, no vLLM)."""
 
 from __future__ import annotations
 
 import pytest
 
-from rollout_server.placement import (
+from rollout_server.worker_placement import (
     cpu_bind_ranges,
     cpu_list_str,
     cpu_worker_env,
     oversubscribed,
-    request_seeds,
     split_contiguous,
     sync_rank_offsets,
 )
@@ -73,23 +72,6 @@ def test_cpu_worker_env():
 
 def test_sync_rank_offsets():
     assert sync_rank_offsets([1, 1]) == [1, 2]
-    assert sync_rank_offsets([2, 1, 4]) == [1, 3, 4]  # world size 1 + 7 = 8
+    assert sync_rank_offsets([2, 1, 4]) == [1, 3, 4]  # sync group size 1 + 7 = 8
     with pytest.raises(ValueError, match="at least one engine worker"):
         sync_rank_offsets([1, 0])
-
-
-def test_request_seeds_spaced_by_n_and_distinct_across_calls():
-    s0 = request_seeds(0, 0, 3, 4)
-    assert s0 == [0, 4, 8]
-    s1 = request_seeds(0, 1, 3, 4)
-    assert s1 == [1 << 20, (1 << 20) + 4, (1 << 20) + 8]
-    # vLLM seeds sample k of a request with seed + k: no two samples share a seed.
-    samples = {s + k for seeds in (s0, s1, request_seeds(1, 0, 3, 4)) for s in seeds for k in range(4)}
-    assert len(samples) == 36
-
-
-def test_request_seeds_rejects_bad_input():
-    with pytest.raises(ValueError):
-        request_seeds(0, 0, 2, 0)
-    with pytest.raises(ValueError, match="exceeds"):
-        request_seeds(0, 0, 1 << 19, 4)
