@@ -13,13 +13,18 @@ from typing import Any
 
 import torch
 
+# Why a multi-turn episode stopped: its environment said done; it had max_turns model turns; the model
+# spent its tokens (algorithm.max_completion_length); the next turn would not fit the context; its
+# environment time ran out; its environment raised or answered malformed.
+STOP_REASONS = ("done", "max_turns", "max_model_tokens", "context", "timeout", "env_error")
+
 
 @dataclass
 class RolloutBatch:
     prompt_ids: list[list[int]]  # per row (the group's prompt, repeated per row)
     completion_ids: list[list[int]]  # generated tokens, EOS included when generated
     sampling_logp: list[list[float]]  # vLLM log-prob of each generated token
-    truncated: list[bool]  # hit max_completion_length without EOS
+    truncated: list[bool]  # hit max_completion_length without EOS (multi-turn: the last turn hit its limit)
     rewards: list[float]  # combined reward per row; NaN = no usable reward
     reward_components: dict[str, list[float]]  # per reward function, NaN where missing
     group_ids: list[int]  # equal for rows of the same prompt; consecutive
@@ -28,6 +33,13 @@ class RolloutBatch:
     completions: list[str] = field(default_factory=list)  # decoded completion per row
     answers: list[str] = field(default_factory=list)  # reference answer per row
     advantages: list[float] | None = None  # filled by the driver before training
+    # Per completion token: 1 where the loss trains on it (the model's own tokens), 0 on tokens the
+    # model did not write (environment messages, chat-template boundaries between turns). None: every
+    # completion token is the model's (single-turn rows).
+    loss_mask: list[list[int]] | None = None
+    # Multi-turn rows: model turns, and why the episode stopped (STOP_REASONS).
+    num_turns: list[int] | None = None
+    stop_reasons: list[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds, by phase
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. reward failures by function/kind
 
@@ -42,6 +54,19 @@ class RolloutBatch:
         for i, (c, lp) in enumerate(zip(self.completion_ids, self.sampling_logp)):
             if len(c) != len(lp):
                 raise ValueError(f"row {i}: {len(c)} completion tokens but {len(lp)} sampling log-probs")
+        for name in ("num_turns", "stop_reasons"):
+            vals = getattr(self, name)
+            if vals is not None and len(vals) != n:
+                raise ValueError(f"RolloutBatch.{name} has {len(vals)} rows, expected {n}")
+        unknown = set(self.stop_reasons or ()) - set(STOP_REASONS)
+        if unknown:
+            raise ValueError(f"RolloutBatch.stop_reasons has {sorted(unknown)}; known: {list(STOP_REASONS)}")
+        if self.loss_mask is not None:
+            if len(self.loss_mask) != n:
+                raise ValueError(f"RolloutBatch.loss_mask has {len(self.loss_mask)} rows, expected {n}")
+            for i, (c, m) in enumerate(zip(self.completion_ids, self.loss_mask)):
+                if len(c) != len(m) or any(x not in (0, 1) for x in m):
+                    raise ValueError(f"row {i}: the loss mask must hold one 0 or 1 per completion token ({len(c)})")
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -90,6 +115,16 @@ class RolloutBatch:
                 }
             elif f.name == "advantages":
                 out[f.name] = None if any(v is None for v in vals) else [x for v in vals for x in v]
+            elif f.name in ("num_turns", "stop_reasons"):
+                if any(v is None for v in vals) and not all(v is None for v in vals):
+                    raise ValueError("refusing to mix multi-turn and single-turn batches")
+                out[f.name] = None if vals[0] is None else [x for v in vals for x in v]
+            elif f.name == "loss_mask":
+                out[f.name] = (
+                    None
+                    if all(v is None for v in vals)
+                    else [m for b, v in zip(batches, vals) for m in (v or b.full_loss_mask())]
+                )
             elif f.name in ("timings", "metrics"):
                 acc: dict[str, float] = {}
                 for d in vals:
@@ -102,16 +137,21 @@ class RolloutBatch:
                 out[f.name] = [x for v in vals for x in v]
         return RolloutBatch(**out)
 
+    def full_loss_mask(self) -> list[list[int]]:
+        """The loss mask of rows whose every completion token is the model's."""
+        return [[1] * len(c) for c in self.completion_ids]
+
     def rewards_tensor(self) -> torch.Tensor:
         return torch.tensor(self.rewards, dtype=torch.float32)
 
     def to_tensors(self, pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Right-padded ``prompt + completion`` sequences for a causal-LM forward.
 
-        Returns input_ids_BL, attention_mask_BL, prompt_len_B, completion_ids_BT, completion
-        mask_BT (1 on generated tokens, EOS included), sampling_logp_BT, group_B (rows with equal
-        values share their prompt) and adv_B (if set), where T = longest completion in the batch
-        (shape suffixes: the legend in ``grpo_dist/losses.py``).
+        Returns input_ids_BL, attention_mask_BL, prompt_len_B, completion_ids_BT, loss_mask_BT
+        (1 on the completion tokens the loss trains on: the model's own, EOS included; 0 on other
+        tokens and padding), sampling_logp_BT, group_B (rows with equal values share their prompt)
+        and adv_B (if set), where T = longest completion in the batch (shape suffixes: the legend in
+        ``grpo_dist/losses.py``). What the forward attends to is attention_mask_BL: every token.
         """
         B = len(self)
         L = max(len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids))
@@ -122,6 +162,7 @@ class RolloutBatch:
         mask = torch.zeros((B, T), dtype=torch.float32)
         slogp = torch.zeros((B, T), dtype=torch.float32)
         plen = torch.zeros(B, dtype=torch.long)
+        loss_mask = self.loss_mask or self.full_loss_mask()
         for i, (p, c, lp) in enumerate(zip(self.prompt_ids, self.completion_ids, self.sampling_logp)):
             seq = p + c
             input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
@@ -129,14 +170,14 @@ class RolloutBatch:
             plen[i] = len(p)
             if c:
                 comp[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-                mask[i, : len(c)] = 1.0
+                mask[i, : len(c)] = torch.tensor(loss_mask[i], dtype=torch.float32)
                 slogp[i, : len(c)] = torch.tensor(lp, dtype=torch.float32)
         out = {
             "input_ids_BL": input_ids,
             "attention_mask_BL": attn,
             "prompt_len_B": plen,
             "completion_ids_BT": comp,
-            "mask_BT": mask,
+            "loss_mask_BT": mask,
             "sampling_logp_BT": slogp,
             "group_B": torch.tensor(self.group_ids, dtype=torch.long),
         }

@@ -158,7 +158,12 @@ METRICS: dict[str, Metric] = _declare(
     Metric("learner/loss", "loss", "mean mini-batch loss over the step's optimizer steps", "learner"),
     Metric("learner/grad_norm", "norm", "mean global gradient norm over the step's optimizer steps", "learner"),
     Metric("learner/lr", "lr", "learning rate of the step's last optimizer step", "learner"),
-    Metric("learner/tokens", "tokens", "completion tokens trained on (all ranks, each counted once)", "learner"),
+    Metric(
+        "learner/tokens",
+        "tokens",
+        "completion tokens trained on: the model's own (all ranks, each counted once)",
+        "learner",
+    ),
     Metric(
         "learner/padding_fraction", "fraction", "positions the training forwards compute that are padding", "learner"
     ),

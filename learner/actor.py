@@ -487,7 +487,7 @@ class LearnerActor:
         the same shard gives the same micro-batches."""
         lc = self.lcfg
         steps = lc.optimizer_steps_per_batch
-        mini = t["mask_BT"].shape[0] // steps  # rows per rank per optimizer step
+        mini = len(t["prompt_len_B"]) // steps  # rows per rank per optimizer step
         if lc.max_tokens_per_micro_batch is None:
             return [micro_slices(k * mini, lc.micro_batch_size, mini // lc.micro_batch_size) for k in range(steps)]
         lengths, prompts = t["attention_mask_BL"].sum(1).tolist(), self._prompts(t)
@@ -557,14 +557,14 @@ class LearnerActor:
         self.engine.train()
         per_micro, loss_sum, grad_norms, lrs = [], 0.0, [], []
         plan = self._micro_batches(t)
-        mini = t["mask_BT"].shape[0] // lc.optimizer_steps_per_batch  # rows per rank per optimizer step
+        mini = len(t["prompt_len_B"]) // lc.optimizer_steps_per_batch  # rows per rank per optimizer step
         for _ in range(ac.num_iterations):
             for k, micro in enumerate(plan):
                 ga = len(micro)  # the same on every rank
                 if ga != self.engine.gradient_accumulation_steps():
                     self.engine.set_train_batch_size(self.engine.train_micro_batch_size_per_gpu() * ga * world)
                 scale = backward_scale(self.engine.gradient_accumulation_steps(), world)  # DeepSpeed's divisor
-                num_tokens_total = float(self._sum_over_ranks(t["mask_BT"][k * mini : (k + 1) * mini].sum()))
+                num_tokens_total = float(self._sum_over_ranks(t["loss_mask_BT"][k * mini : (k + 1) * mini].sum()))
                 lrs.append(float(self.engine.get_lr()[0]))
                 for j, rows in enumerate(micro):
                     # DeepSpeed's own boundary counts micro-steps since the first step, which goes
@@ -576,7 +576,7 @@ class LearnerActor:
                         old_logp[rows] if old_logp is not None else None,
                         ref_logp[rows] if ref_logp is not None else None,
                         t["adv_B"][rows],
-                        t["mask_BT"][rows],
+                        t["loss_mask_BT"][rows],
                         ac,
                         num_sequences_total=mini * world,
                         num_tokens_total=max(num_tokens_total, 1.0),
@@ -584,11 +584,11 @@ class LearnerActor:
                     )
                     self.engine.backward(loss * scale)
                     self.engine.step()  # applies the update only at the accumulation boundary
-                    m["entropy"] = (ent_BT * t["mask_BT"][rows]).sum() / t["mask_BT"][rows].sum().clamp(min=1)
+                    m["entropy"] = (ent_BT * t["loss_mask_BT"][rows]).sum() / t["loss_mask_BT"][rows].sum().clamp(min=1)
                     # The learner's log-probs of these tokens (the behaviour policy's when mu > 1) against the
                     # engine's: the check that the engine serves the weights the learner thinks it does.
                     behaviour_BT = old_logp[rows] if old_logp is not None else logp_BT
-                    m["sampler_gap"] = sampler_gap(behaviour_BT, t["sampling_logp_BT"][rows], t["mask_BT"][rows])
+                    m["sampler_gap"] = sampler_gap(behaviour_BT, t["sampling_logp_BT"][rows], t["loss_mask_BT"][rows])
                     per_micro.append(m)
                     loss_sum += float(loss.detach())
                 grad_norms.append(float(self.engine.get_global_grad_norm() or 0.0))
@@ -608,7 +608,7 @@ class LearnerActor:
         positions = forward_positions(row_lengths, flat, prompts)
         real = sum(row_lengths) if prompts is None else unique_tokens(row_lengths, flat, prompts)
         tokens, rows_total, real, computed = self._sum_over_ranks(
-            torch.tensor([float(t["mask_BT"].sum()), sum(row_lengths), real, positions], dtype=torch.float64)
+            torch.tensor([float(t["loss_mask_BT"].sum()), sum(row_lengths), real, positions], dtype=torch.float64)
         ).tolist()
         out.update(
             grad_norm=sum(grad_norms) / len(grad_norms),

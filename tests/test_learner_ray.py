@@ -152,7 +152,9 @@ def load_policy(model_dir: Path):
 
 def logp_of(model, t: dict, rows: list[int]) -> torch.Tensor:
     logits = model(input_ids=t["input_ids_BL"][rows], attention_mask=t["attention_mask_BL"][rows]).logits
-    return completion_logprobs(logits, t["input_ids_BL"][rows], t["prompt_len_B"][rows], t["mask_BT"][rows], 1.0)[0]
+    return completion_logprobs(logits, t["input_ids_BL"][rows], t["prompt_len_B"][rows], t["loss_mask_BT"][rows], 1.0)[
+        0
+    ]
 
 
 def lr_schedule(cfg: Config):
@@ -195,7 +197,7 @@ def reference_update(model_dir: Path, cfg: Config, batch: RolloutBatch) -> tuple
                 old_logp[rows] if old_logp is not None else None,
                 ref_logp[rows],
                 t["adv_B"][rows],
-                t["mask_BT"][rows],
+                t["loss_mask_BT"][rows],
                 ac,
                 sampling_logp_BT=t["sampling_logp_BT"][rows],
             )
@@ -347,7 +349,9 @@ def test_loss_decreases_on_repeated_batch(z2, tiny_model_dir):
         model.load_state_dict(state, strict=False)
         with torch.no_grad():
             logp = logp_of(model, t, rows)
-            loss, _ = grpo_loss(logp, old_logp if old_logp is not None else logp, None, t["adv_B"], t["mask_BT"], algo)
+            loss, _ = grpo_loss(
+                logp, old_logp if old_logp is not None else logp, None, t["adv_B"], t["loss_mask_BT"], algo
+            )
         return loss.item(), logp
 
     start, old = surrogate(group.gathered_state_dict(), None)

@@ -263,7 +263,7 @@ def _micro_loss(params, t, rows, cfg, **totals):
     x_BLH = emb[ids_BL]
     hidden_BLH = torch.tanh(x_BLH.cumsum(1) / torch.arange(1, L + 1, dtype=x_BLH.dtype).view(1, L, 1))
     logp_BT, _ = completion_logprobs(
-        hidden_BLH, ids_BL, t["prompt_len_B"][rows], t["mask_BT"][rows], 0.9, lm_head=lambda h: h @ head
+        hidden_BLH, ids_BL, t["prompt_len_B"][rows], t["loss_mask_BT"][rows], 0.9, lm_head=lambda h: h @ head
     )
     sampling_BT = t["sampling_logp_BT"][rows].double()
     return grpo_loss(
@@ -271,7 +271,7 @@ def _micro_loss(params, t, rows, cfg, **totals):
         sampling_BT + 0.05,
         sampling_BT - 0.1,
         t["adv_B"][rows].double(),
-        t["mask_BT"][rows],
+        t["loss_mask_BT"][rows],
         cfg,
         sampling_logp_BT=sampling_BT,
         **totals,
@@ -305,7 +305,7 @@ def test_token_budget_micro_batches_over_two_ranks_give_the_full_batch_gradient(
         _micro_loss(whole, full_t, slice(k * mini, (k + 1) * mini), cfg).backward()
         totals = {
             "num_sequences_total": mini,
-            "num_tokens_total": float(full_t["mask_BT"][k * mini : (k + 1) * mini].sum()),
+            "num_tokens_total": float(full_t["loss_mask_BT"][k * mini : (k + 1) * mini].sum()),
         }
         for scaled in (True, False):
             rank_grads = []

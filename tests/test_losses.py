@@ -43,7 +43,7 @@ def _two_rows():
 
 def test_completion_logprobs_shift_and_temperature():
     tens = _two_rows()
-    ids_BL, plen_B, mask_BT = tens["input_ids_BL"], tens["prompt_len_B"], tens["mask_BT"]
+    ids_BL, plen_B, mask_BT = tens["input_ids_BL"], tens["prompt_len_B"], tens["loss_mask_BT"]
     B, L, V, temp = 2, ids_BL.shape[1], 10, 0.7
     logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
     logp, ent = completion_logprobs(logits, ids_BL, plen_B, mask_BT, temp, entropy=True)
@@ -67,7 +67,7 @@ def test_completion_logprobs_chunked_head_equals_full_logits(chunk):
     """From hidden states through an LM head, in chunks (recomputed in backward), the log-probs and
     the gradients of hidden states and head equal those of the full logits."""
     tens = _two_rows()
-    ids_BL, plen_B, mask_BT = tens["input_ids_BL"], tens["prompt_len_B"], tens["mask_BT"]
+    ids_BL, plen_B, mask_BT = tens["input_ids_BL"], tens["prompt_len_B"], tens["loss_mask_BT"]
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(2, ids_BL.shape[1], 6, generator=g, dtype=torch.float64, requires_grad=True)
     head = torch.nn.Linear(6, 10, bias=False).double()
@@ -89,10 +89,10 @@ def test_completion_logprobs_projects_at_most_a_chunk_at_a_time():
     head.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     hidden = torch.randn(2, tens["input_ids_BL"].shape[1], 6, dtype=torch.float64, requires_grad=True)
     logp, _ = completion_logprobs(
-        hidden, tens["input_ids_BL"], tens["prompt_len_B"], tens["mask_BT"], 1.0, lm_head=head, chunk_tokens=2
+        hidden, tens["input_ids_BL"], tens["prompt_len_B"], tens["loss_mask_BT"], 1.0, lm_head=head, chunk_tokens=2
     )
     logp.sum().backward()
-    assert max(seen) == 2 and sum(seen) == 2 * int(tens["mask_BT"].sum())  # 5 tokens, each projected twice
+    assert max(seen) == 2 and sum(seen) == 2 * int(tens["loss_mask_BT"].sum())  # 5 tokens, each projected twice
 
 
 def test_completion_logprobs_rejects_bad_rows():

@@ -122,7 +122,7 @@ def test_build_batch_contains_misbehaving_rewards():
     assert batch.timings["generate"] == 1.5 and batch.timings["score"] >= 0.5
     assert m["prompt_tokens"] == 6.0  # each completion re-reads its prompt
     t = batch.to_tensors(pad_id=0)
-    assert t["mask_BT"].sum(dim=1).tolist() == [3.0, 2.0, 1.0, 0.0]
+    assert t["loss_mask_BT"].sum(dim=1).tolist() == [3.0, 2.0, 1.0, 0.0]
 
 
 def test_to_tensors_trains_the_eos_when_pad_is_eos():
@@ -140,7 +140,7 @@ def test_to_tensors_trains_the_eos_when_pad_is_eos():
         weight_version=0,
     )
     t = batch.to_tensors(pad_id=eos)
-    assert t["mask_BT"].tolist() == [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
+    assert t["loss_mask_BT"].tolist() == [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
     assert t["input_ids_BL"].tolist() == [[5, 6, 8, eos, eos], [7, 9, 10, 11, 12]]
     assert t["attention_mask_BL"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 

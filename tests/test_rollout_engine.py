@@ -83,7 +83,7 @@ def test_every_eos_of_a_list_ends_a_completion_and_is_trained_on(manager):
         assert c[-1] in stops and not stops & set(c[:-1])
     t = batch.to_tensors(pad_id=EOS)
     lengths = [len(c) for c in batch.completion_ids]
-    assert t["mask_BT"].sum(dim=1).tolist() == [float(n) for n in lengths]  # the stop token is in the mask
+    assert t["loss_mask_BT"].sum(dim=1).tolist() == [float(n) for n in lengths]  # the stop token is in the mask
 
 
 def test_engine_failure_is_one_line_naming_the_worker(manager):

@@ -172,8 +172,8 @@ def test_groups_masks_and_every_prompt_exactly_once(batch0, rows, tiny_model_dir
         # Truncated: hit max_tokens; otherwise generation stopped on EOS, which is kept.
         assert len(ids) == MAX_TOKENS if trunc else ids[-1] == eos_id
     t = batch0.to_tensors(pad_id=0)
-    assert t["mask_BT"].sum(dim=1).tolist() == [float(len(c)) for c in batch0.completion_ids]
-    assert t["sampling_logp_BT"][t["mask_BT"] == 0].abs().sum().item() == 0.0
+    assert t["loss_mask_BT"].sum(dim=1).tolist() == [float(len(c)) for c in batch0.completion_ids]
+    assert t["sampling_logp_BT"][t["loss_mask_BT"] == 0].abs().sum().item() == 0.0
     # Samples of one group differ (distinct seeds per sample).
     for g in range(len(rows)):
         group = batch0.completion_ids[g * G : (g + 1) * G]

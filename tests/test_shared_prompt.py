@@ -55,7 +55,7 @@ def _logp_and_grads(model, t, micro, layout, temperature=0.9):
     for rows in micro:
         logp_BT, ent_BT = fn(model, t, rows, temperature, lm_head=head, chunk_tokens=7, entropy=True)
         (
-            logp_BT * t["mask_BT"][rows] * torch.linspace(0.5, 1.5, logp_BT.shape[1], dtype=logp_BT.dtype)
+            logp_BT * t["loss_mask_BT"][rows] * torch.linspace(0.5, 1.5, logp_BT.shape[1], dtype=logp_BT.dtype)
         ).sum().backward()
         parts.append((logp_BT.detach(), ent_BT))
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -71,7 +71,7 @@ def test_shared_prompt_gives_the_row_layouts_logprobs_entropy_and_gradients(mode
     rows_parts, rows_grads = _logp_and_grads(model, t, micro, "rows")
     shared_parts, shared_grads = _logp_and_grads(model, t, micro, "shared")
     for (a, ea), (b, eb), rows in zip(rows_parts, shared_parts, micro):
-        m = t["mask_BT"][rows] > 0
+        m = t["loss_mask_BT"][rows] > 0
         assert torch.allclose(a[m], b[m], rtol=0, atol=1e-12), float((a - b)[m].abs().max())
         assert torch.allclose(ea[m], eb[m], rtol=0, atol=1e-12)
         assert bool((b[~m] == 0).all())
@@ -90,7 +90,7 @@ def test_shared_prompt_matches_rows_in_float32_and_without_gradients(tiny_model_
     with torch.no_grad():
         a, _ = row_logprobs(m, t, slice(0, 8), 1.0, lm_head=head, chunk_tokens=None)
         b, _ = shared_prompt_logprobs(m, t, slice(0, 8), 1.0, lm_head=head, chunk_tokens=None)
-    mask = t["mask_BT"] > 0
+    mask = t["loss_mask_BT"] > 0
     assert float((a - b)[mask].abs().max()) < 1e-5
 
 
@@ -109,7 +109,7 @@ def test_groups_dealt_to_two_fake_ranks_under_a_token_budget_give_the_full_batch
     def loss_of(t, rows, fn, **totals):
         logp, _ = fn(model, t, rows, 1.0, lm_head=head, chunk_tokens=None)
         s = t["sampling_logp_BT"][rows].double()
-        return grpo_loss(logp, s, None, t["adv_B"][rows].double(), t["mask_BT"][rows], cfg, **totals)[0]
+        return grpo_loss(logp, s, None, t["adv_B"][rows].double(), t["loss_mask_BT"][rows], cfg, **totals)[0]
 
     full = batch.to_tensors(0)
     model.zero_grad()
@@ -123,7 +123,7 @@ def test_groups_dealt_to_two_fake_ranks_under_a_token_budget_give_the_full_batch
     local = [len(token_micro_batches(n, 1, budget, prompts=p)[0]) for n, p in zip(shard_lengths, prompts)]
     plans = [token_micro_batches(n, 1, budget, [max(local)], p)[0] for n, p in zip(shard_lengths, prompts)]
     assert all(micro_cost(n, s, p) <= budget for n, p, plan in zip(shard_lengths, prompts, plans) for s in plan)
-    totals = {"num_sequences_total": len(batch), "num_tokens_total": float(full["mask_BT"].sum())}
+    totals = {"num_sequences_total": len(batch), "num_tokens_total": float(full["loss_mask_BT"].sum())}
     got = torch.zeros_like(want)
     for t, plan in zip(shards, plans):
         model.zero_grad()
@@ -236,7 +236,7 @@ def test_padded_completion_columns_make_no_position_beyond_the_row_layouts():
     with torch.no_grad():
         a, _ = row_logprobs(model, t, slice(0, 4), 1.0, lm_head=head, chunk_tokens=None)
         b, _ = shared_prompt_logprobs(model, t, slice(0, 4), 1.0, lm_head=head, chunk_tokens=None)
-    m = t["mask_BT"] > 0
+    m = t["loss_mask_BT"] > 0
     assert torch.allclose(a[m], b[m], rtol=0, atol=1e-12), float((a - b)[m].abs().max())
 
 
