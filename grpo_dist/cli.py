@@ -77,6 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     resume_notes = check_resume(cfg) if args.resume else []
     train_rows, test_rows = load_run_rows(cfg)
+    if cfg.rollout.multi_turn is not None:
+        from grpo_dist.envs.from_config import check_env_on_row
+
+        check_env_on_row(cfg.rollout.multi_turn, train_rows[0])
     _check_cluster(cfg)
     log.info("%s: model, data, rewards, output directory and cluster checked", PREFLIGHT_PASSED)
     from deploy.submit import JOB_ID_ENV_VAR

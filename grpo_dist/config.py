@@ -125,15 +125,11 @@ class RewardSpec(_Section):
 
 class RewardsConfig(_Section):
     functions: list[RewardSpec] = Field(
-        default_factory=lambda: [RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=0.2)]
+        default_factory=lambda: [RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=0.2)],
+        description="Reward functions, summed with their weights; with rollout.multi_turn the environment's step "
+        "rewards add a component `env` (weight 1).",
     )
     timeout_s: float = Field(10.0, gt=0, description="Per-call timeout of one reward function on one batch.")
-
-    @model_validator(mode="after")
-    def _non_empty(self) -> RewardsConfig:
-        if not self.functions:
-            raise ValueError("rewards.functions must list at least one reward function")
-        return self
 
 
 class AlgoConfig(_Section):
@@ -166,6 +162,50 @@ class AlgoConfig(_Section):
     dynamic_sampling: bool = Field(False, description="Drop zero-variance groups and top the batch up (DAPO).")
 
 
+class MultiTurnConfig(_Section):
+    """Multi-turn rollouts: the model writes, an environment (or a tool) answers, the model writes
+    again. ``algorithm.max_completion_length`` bounds the model's tokens over all turns together."""
+
+    env: str | None = Field(
+        None,
+        description="`module:factory`; `factory(row)` returns one environment per trajectory (reset(), step(text), "
+        "optional close(); see grpo_dist.envs). Exactly one of env and tools.",
+    )
+    tools: list[str] = Field(
+        default_factory=list,
+        description="`module:function` paths offered to the model as tools (schemas from signatures and "
+        "docstrings); a turn without a tool call ends the episode.",
+    )
+    tools_prompt: Literal["template", "system"] = Field(
+        "template",
+        description="How the model learns of the tools: `template` passes them to the chat template's `tools=` "
+        "(Qwen2.5 and others); `system` puts their schemas and the call format in a system message, for templates "
+        "that take no tools (SmolLM2, the tiny model).",
+    )
+    max_turns: int = Field(4, ge=1, description="Model turns per trajectory.")
+    max_tokens_per_turn: int = Field(
+        128, ge=1, description="Tokens of one model turn (also cut to what is left of the trajectory's budget)."
+    )
+    max_env_tokens_per_turn: int = Field(
+        256,
+        ge=1,
+        description="Tokens of one environment turn (its messages and the chat template's boundary tokens); longer "
+        "messages are cut, in tokens, and counted.",
+    )
+    tool_timeout_s: float = Field(10.0, gt=0, description="Bound on one tool call (or one environment step).")
+    episode_timeout_s: float = Field(
+        120.0, gt=0, description="Bound on one trajectory's environment time; past it the episode stops (`timeout`)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MultiTurnConfig:
+        if (self.env is None) == (not self.tools):
+            raise ValueError("rollout.multi_turn needs exactly one of env (an environment factory) and tools")
+        if self.env is not None and "tools_prompt" in self.model_fields_set:
+            raise ValueError("rollout.multi_turn.tools_prompt applies to tools, not to an env")
+        return self
+
+
 class RolloutConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Rollout actors, each owning one vLLM engine.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM TP size per worker (GPU).")
@@ -187,6 +227,7 @@ class RolloutConfig(_Section):
     )
     seed: int = 0
     generate_timeout_s: float = Field(600.0, gt=0)
+    multi_turn: MultiTurnConfig | None = Field(None, description="Multi-turn episodes with an environment or tools.")
 
 
 class LearnerConfig(_Section):
@@ -321,16 +362,16 @@ class Config(_Section):
                 f"learner.num_ranks * {'learner.micro_batch_size * ' if by_rows else ''}"
                 f"learner.optimizer_steps_per_batch = {per_opt}"
             )
-        longest = self.data.max_prompt_length + self.algorithm.max_completion_length
+        longest = self.data.max_prompt_length + self.max_completion_tokens
         if not by_rows and ln.max_tokens_per_micro_batch < longest:
             raise ValueError(
                 f"learner.max_tokens_per_micro_batch={ln.max_tokens_per_micro_batch} is below the longest possible "
-                f"row, data.max_prompt_length + algorithm.max_completion_length = {longest}"
+                f"row, data.max_prompt_length + {self._completion_terms} = {longest}"
             )
-        if self.data.max_prompt_length + self.algorithm.max_completion_length > self.max_model_len:
+        if longest > self.max_model_len:
             raise ValueError(
                 f"rollout.max_model_len={self.rollout.max_model_len} is shorter than data.max_prompt_length + "
-                f"algorithm.max_completion_length = {self.data.max_prompt_length + self.algorithm.max_completion_length}"
+                f"{self._completion_terms} = {longest}"
             )
         if self.trainer.sync_every - 1 > self.trainer.max_staleness:
             raise ValueError(
@@ -379,13 +420,38 @@ class Config(_Section):
                 "without a key/value cache in training, so the completions would not see their prompt; set "
                 "learner.shared_prompt_forward=false to use gradient checkpointing"
             )
+        mt = self.rollout.multi_turn
+        if mt is not None and self.rollout.generate_timeout_s <= mt.episode_timeout_s:
+            raise ValueError(
+                f"rollout.generate_timeout_s={self.rollout.generate_timeout_s:g} bounds a whole batch of episodes, so it "
+                f"must exceed rollout.multi_turn.episode_timeout_s={mt.episode_timeout_s:g}"
+            )
+        if not self.rewards.functions and (mt is None or mt.env is None):
+            raise ValueError(
+                "rewards.functions must list at least one reward function (only an environment's own rewards, "
+                "rollout.multi_turn.env, can stand alone)"
+            )
         if self.learner.ref_sync_every is not None and self.algorithm.beta == 0:
             raise ValueError("learner.ref_sync_every is set but algorithm.beta=0 means no reference model is used")
         return self
 
     @property
+    def max_completion_tokens(self) -> int:
+        """The longest completion a row can have: the model's tokens, plus with multi-turn episodes the
+        environment turns (one before the first model turn, one after each but the last)."""
+        mt = self.rollout.multi_turn
+        env = 0 if mt is None else mt.max_turns * mt.max_env_tokens_per_turn
+        return self.algorithm.max_completion_length + env
+
+    @property
+    def _completion_terms(self) -> str:
+        if self.rollout.multi_turn is None:
+            return "algorithm.max_completion_length"
+        return "algorithm.max_completion_length + rollout.multi_turn.max_turns * rollout.multi_turn.max_env_tokens_per_turn"
+
+    @property
     def max_model_len(self) -> int:
-        return self.rollout.max_model_len or (self.data.max_prompt_length + self.algorithm.max_completion_length)
+        return self.rollout.max_model_len or (self.data.max_prompt_length + self.max_completion_tokens)
 
     @property
     def rows_per_step(self) -> int:

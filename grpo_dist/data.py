@@ -130,16 +130,43 @@ _SOURCES = {"synthetic": _synthetic_rows, "gsm8k": _gsm8k_rows, "hf": _hf_rows}
 # ---------------------------------------------------------------- row -> prompt
 
 
-def build_prompt(question: str, tokenizer: Any, system_prompt: str | None, use_chat_template: bool) -> tuple[str, bool]:
-    """(prompt text, whether the chat template was applied)."""
+def build_prompt(
+    question: str,
+    tokenizer: Any,
+    system_prompt: str | None,
+    use_chat_template: bool,
+    tools: PromptTools | None = None,
+) -> tuple[str, list[dict] | None]:
+    """(prompt text, its chat messages, or None when no chat template was applied).
+
+    ``tools`` (multi-turn tool calling) go to the chat template's ``tools=``, or with
+    ``mode="system"`` into a system message that lists them and the call format."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
+        system = system_prompt
+        if tools is not None and tools.mode == "system":
+            from grpo_dist.envs.tools import tools_system_prompt
+
+            system = tools_system_prompt(tools.schemas, system_prompt or "")
         # With no system message some templates insert their own default (SmolLM2's does); a
         # configured system prompt, even "", replaces it.
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + [
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": question}
         ]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
-    return (f"{system_prompt}\n\n{question}" if system_prompt else question), False
+        in_template = tools.schemas if tools is not None and tools.mode == "template" else None
+        text = tokenizer.apply_chat_template(messages, tools=in_template, tokenize=False, add_generation_prompt=True)
+        return text, messages
+    if tools is not None:
+        raise DataError("tools need a chat template (data.use_chat_template and a tokenizer that has one)")
+    return (f"{system_prompt}\n\n{question}" if system_prompt else question), None
+
+
+@dataclass(frozen=True)
+class PromptTools:
+    """Tools offered to the model in its prompt: their JSON schemas, through the chat template's
+    ``tools=`` (``mode="template"``) or a system message (``mode="system"``)."""
+
+    schemas: list[dict]
+    mode: str
 
 
 def _reference(raw: Any, source: str) -> str | None:
@@ -153,7 +180,9 @@ def _reference(raw: Any, source: str) -> str | None:
     return text.strip() or None
 
 
-def _prepare(raw: Any, cfg: DataConfig, tokenizer: Any) -> tuple[dict[str, Any] | None, str | None]:
+def _prepare(
+    raw: Any, cfg: DataConfig, tokenizer: Any, tools: PromptTools | None = None
+) -> tuple[dict[str, Any] | None, str | None]:
     """(row, None) or (None, reason it was dropped)."""
     if not isinstance(raw, dict) or "__malformed__" in raw:
         return None, "malformed_record"
@@ -172,14 +201,17 @@ def _prepare(raw: Any, cfg: DataConfig, tokenizer: Any) -> tuple[dict[str, Any] 
     if answer is None:
         return None, "no_final_answer"
     user_turn = cfg.prompt_template.format(question=question)
-    prompt, templated = build_prompt(user_turn, tokenizer, cfg.system_prompt, cfg.use_chat_template)
+    prompt, messages = build_prompt(user_turn, tokenizer, cfg.system_prompt, cfg.use_chat_template, tools)
     # A chat template writes its own special tokens (BOS); adding them again would double them.
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=not templated)["input_ids"])
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=messages is None)["input_ids"])
     if not prompt_ids:
         return None, "empty_prompt"
     if len(prompt_ids) > cfg.max_prompt_length:
         return None, "prompt_too_long"
-    return {"prompt": prompt, "prompt_ids": prompt_ids, "answer": answer, "question": question}, None
+    row = {"prompt": prompt, "prompt_ids": prompt_ids, "answer": answer, "question": question}
+    if messages is not None:  # what a multi-turn episode renders its later turns after
+        row["messages"] = messages
+    return row, None
 
 
 def _dropped_detail(dropped: dict[str, int]) -> str:
@@ -205,13 +237,16 @@ def _filter_summary(dropped: dict[str, int], total: int, cfg: DataConfig) -> str
     return f"{sum(dropped.values())} of {total} rows dropped ({_dropped_detail(dropped)}){'; ' + hint if hint else ''}"
 
 
-def load_split(data_cfg: DataConfig, tokenizer: Any, split: str, min_rows: int = 1) -> PromptDataset:
+def load_split(
+    data_cfg: DataConfig, tokenizer: Any, split: str, min_rows: int = 1, tools: PromptTools | None = None
+) -> PromptDataset:
     """Load, format, tokenize and filter one split (see the module docstring); fewer than
-    ``min_rows`` rows left is a DataError naming the filter that removed them."""
+    ``min_rows`` rows left is a DataError naming the filter that removed them. ``tools``: the
+    multi-turn tools every prompt offers (``prompt_tools``)."""
     raw_rows = _SOURCES[data_cfg.source](data_cfg, split)
     rows, dropped = [], {}
     for raw in raw_rows:
-        row, reason = _prepare(raw, data_cfg, tokenizer)
+        row, reason = _prepare(raw, data_cfg, tokenizer, tools)
         if row is None:
             dropped[reason] = dropped.get(reason, 0) + 1
         else:
@@ -288,5 +323,16 @@ def load_run_rows(cfg: Config, train: bool = True) -> tuple[list[dict], list[dic
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
-    rows = load_split(cfg.data, tok, cfg.data.train_split, min_rows=cfg.trainer.prompts_per_step) if train else []
-    return list(rows), list(load_split(cfg.data, tok, cfg.data.test_split))
+    tools = prompt_tools(cfg)
+    train_split, test_split = cfg.data.train_split, cfg.data.test_split
+    rows = load_split(cfg.data, tok, train_split, min_rows=cfg.trainer.prompts_per_step, tools=tools) if train else []
+    return list(rows), list(load_split(cfg.data, tok, test_split, tools=tools))
+
+
+def prompt_tools(cfg: Config) -> PromptTools | None:
+    """The tools of ``rollout.multi_turn`` as prompts offer them (None without tools)."""
+    from grpo_dist.envs.from_config import tool_schemas
+
+    mt = cfg.rollout.multi_turn
+    schemas = tool_schemas(mt)
+    return None if schemas is None else PromptTools(schemas, mt.tools_prompt)

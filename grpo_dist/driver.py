@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from grpo_dist.advantages import compute_advantages
-from grpo_dist.batch import RolloutBatch
+from grpo_dist.batch import STOP_REASONS, RolloutBatch
 from grpo_dist.checkpoint import latest_checkpoint, save_checkpoint
 from grpo_dist.config import Config, dump_config
 from grpo_dist.data import PromptSampler
@@ -127,6 +127,21 @@ def batch_metrics(batch: RolloutBatch, group_size: int) -> dict[str, float]:
         out[f"reward/{name}"] = t[ok].mean().item() if ok.any() else float("nan")
     for k, v in batch.metrics.items():
         out[f"rollout/{k}"] = float(v)
+    if batch.num_turns is not None:
+        out.update(episode_metrics(batch))
+    return out
+
+
+def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """Multi-turn rows: turns, the share of tokens the model did not write, why episodes stopped."""
+    total = sum(len(c) for c in batch.completion_ids)
+    model = sum(sum(m) for m in batch.loss_mask or batch.full_loss_mask())
+    out = {
+        "rollout/turns_mean": sum(batch.num_turns) / len(batch),
+        "rollout/env_token_fraction": 1.0 - model / max(total, 1),
+    }
+    for reason in STOP_REASONS:
+        out[f"rollout/stop/{reason}"] = float(sum(r == reason for r in batch.stop_reasons))
     return out
 
 

@@ -34,6 +34,7 @@ LEARNER = "learner/"  # the driver's prefix on the keys of LearnerHandle.train_s
 COUNT = "count/"  # cumulative counters (over the run; a resumed run continues the driver's)
 ROLLOUT_COUNT = COUNT + "rollout_"  # the rollout manager's counters, as the cluster reports them
 _PART = re.compile(r"<[a-z_]+>")
+MT = "rollout.multi_turn"
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Metric:
     packed: bool = False  # learner: a token-weighted mean over every rank's tokens (learner.step.METRIC_KEYS)
     kind: str = "gauge"  # Prometheus: "gauge", or "counter" (shown with a _total suffix)
     exported: bool = True  # also a Prometheus series
+    only_with: str | None = None  # written only when this config section is set (e.g. rollout.multi_turn)
 
     @property
     def is_pattern(self) -> bool:
@@ -192,6 +194,46 @@ METRICS: dict[str, Metric] = _declare(
     Metric("rollout/prompt_tokens", "tokens", "prompt tokens the engines read (each completion a request)", "rollout"),
     Metric("rollout/truncated_completions", "completions", "generated completions cut at the length limit", "rollout"),
     Metric("rollout/nan_rewards", "completions", "generated completions with no usable combined reward", "rollout"),
+    # -- multi-turn episodes (rollout.multi_turn; written only then)
+    Metric("rollout/turns_mean", "turns", "model turns per trained episode, mean", "driver", only_with=MT),
+    Metric(
+        "rollout/env_token_fraction",
+        "fraction",
+        "completion tokens the model did not write (environment messages, template boundaries): not trained on",
+        "driver",
+        only_with=MT,
+    ),
+    Metric(
+        "rollout/stop/<reason>",
+        "episodes",
+        "trained episodes that stopped for reason done, max_turns, max_model_tokens, context, timeout or env_error",
+        "driver",
+        only_with=MT,
+    ),
+    Metric("rollout/tool_calls", "calls", "tool calls the model made (parsed call blocks)", "rollout", only_with=MT),
+    Metric(
+        "rollout/tool_errors",
+        "calls",
+        "tool calls that became an error observation: unknown tool, bad JSON or arguments, exception, timeout",
+        "rollout",
+        only_with=MT,
+    ),
+    Metric("rollout/tool_seconds", "s", "time spent running tools (summed over episodes)", "rollout", only_with=MT),
+    Metric(
+        "rollout/env/<counter>",
+        "count",
+        "a counter the environment reports in Step.info, summed over the step's episodes (RetryEnv: solved, "
+        "solved_first_try)",
+        "rollout",
+        only_with=MT,
+    ),
+    Metric(
+        "rollout/env_messages_cut",
+        "turns",
+        "environment turns (and resets) whose messages were cut to rollout.multi_turn.max_env_tokens_per_turn",
+        "rollout",
+        only_with=MT,
+    ),
     Metric(
         "rollout/reward_failures/<reward>/<kind>",
         "calls or rows",

@@ -136,9 +136,7 @@ def _shared_prompt_problem(cfg: Config) -> str | None:
     from grpo_dist.forward import shared_prompt_refusal
 
     model_cfg = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    return shared_prompt_refusal(
-        model_cfg, cfg.data.max_prompt_length + cfg.algorithm.max_completion_length, cfg.model.path
-    )
+    return shared_prompt_refusal(model_cfg, cfg.data.max_prompt_length + cfg.max_completion_tokens, cfg.model.path)
 
 
 def _writable_dir_problem(field: str, value: str) -> str | None:
@@ -164,9 +162,75 @@ def _reward_problems(cfg: Config) -> list[str]:
     return []
 
 
+def _multi_turn_code_problems(cfg: Config) -> list[str]:
+    """The environment factory or the tools import, and every tool has a JSON schema."""
+    from grpo_dist.envs.from_config import env_factory, tool_schemas
+
+    try:
+        env_factory(cfg.rollout.multi_turn)
+        tool_schemas(cfg.rollout.multi_turn)
+    except UserError as e:
+        return [f"rollout.multi_turn: {e}"]
+    return []
+
+
+def _template_problems(cfg: Config) -> list[str]:
+    """The chat template can carry multi-turn episodes: it is append-only (what the learner trains
+    on is what the engine saw) and, with tools_prompt=template, renders the tools."""
+    from transformers import AutoTokenizer
+
+    from grpo_dist.envs.from_config import tool_schemas
+    from grpo_dist.transcript import check_append_only, env_suffix_ids, template_takes_tools
+
+    mt = cfg.rollout.multi_turn
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+    if not getattr(tok, "chat_template", None) or not cfg.data.use_chat_template:
+        return ["rollout.multi_turn needs the tokenizer's chat template (and data.use_chat_template=true)"]
+    problems = []
+    in_template = mt.tools and mt.tools_prompt == "template"
+    if in_template and not template_takes_tools(tok):
+        problems.append(
+            "rollout.multi_turn.tools: the chat template takes no tools= (SmolLM2's and the tiny model's do not); "
+            "set rollout.multi_turn.tools_prompt=system to list them in a system message"
+        )
+    tools = tool_schemas(mt) if in_template else None
+    # The roles the episodes will send: users (an env's feedback), tool results with tools; reasoning
+    # in every model turn, which history-rewriting templates drop.
+    convo = [
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "<think>2 plus 3</think>It is 6."},
+        {"role": "user", "content": "That is not right. Try again."},
+        {"role": "assistant", "content": "<think>add again</think>It is 5."},
+    ]
+    if mt.tools:
+        convo[2:2] = [
+            {"role": "assistant", "content": "<think>ask</think><tool_call>{}</tool_call>"},
+            {"role": "tool", "content": "5"},
+        ]
+    try:
+        refusal = check_append_only(tok, tools=tools, conversation=convo)
+        if refusal is None:
+            # The smallest environment turn (after a model turn cut at its limit): template tokens only.
+            empty = env_suffix_ids(
+                tok, convo[:2], [{"role": "user", "content": ""}], model_turn_ended=False, tools=tools
+            )
+            if len(empty) > mt.max_env_tokens_per_turn:
+                problems.append(
+                    f"rollout.multi_turn.max_env_tokens_per_turn={mt.max_env_tokens_per_turn} is below the chat "
+                    f"template's {len(empty)} tokens of an empty environment turn"
+                )
+    except ValueError as e:
+        refusal = str(e)
+    if refusal:
+        problems.append(f"rollout.multi_turn: the chat template cannot carry episodes token for token: {refusal}")
+    return problems
+
+
 def preflight(cfg: Config, cuda: bool, where: Literal["local", "submit"] = "local") -> list[str]:
     """Raise ConfigError naming every problem (one line); return notes (e.g. what was assumed)."""
     problems = _reward_problems(cfg)
+    env_problems = _multi_turn_code_problems(cfg) if cfg.rollout.multi_turn is not None else []
+    problems += env_problems
     notes: list[str] = []
     if where == "submit":
         notes.append("model, data, output paths and devices are checked by the job's preflight on the cluster")
@@ -174,6 +238,8 @@ def preflight(cfg: Config, cuda: bool, where: Literal["local", "submit"] = "loca
         mp, mn = _model_problems(cfg, cuda)
         problems += mp
         notes += mn
+        if cfg.rollout.multi_turn is not None and not (mp or env_problems):
+            problems += _template_problems(cfg)
         if not cuda and (cfg.cluster.num_gpus_per_rollout or cfg.cluster.num_gpus_per_learner):
             notes.append("GPUs requested per actor but this machine has no CUDA: the cluster must provide them")
         if cfg.data.source in ("gsm8k", "hf") and cfg.data.path and not Path(cfg.data.path).exists():

@@ -22,12 +22,12 @@ import inspect
 import logging
 import math
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from grpo_dist.config import RewardSpec
+from grpo_dist.timeouts import call_with_timeout
 
 log = logging.getLogger(__name__)
 
@@ -257,31 +257,6 @@ class RewardResult:
     failures: dict[str, int]  # "key/exception", "key/timeout", "key/wrong_length": calls; "key/nan": rows
 
 
-def _call_with_timeout(fn: RewardFn, kwargs: dict, timeout_s: float) -> tuple[str, Any]:
-    """("ok", result) | ("exception", exc) | ("timeout", None).
-
-    The call runs in a daemon thread; Python cannot kill a thread, so on timeout it is
-    abandoned: it keeps running in the background until it returns (its result is dropped)
-    and never blocks interpreter exit.
-    """
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["ok"] = fn(**kwargs)
-        except BaseException as e:
-            box["exception"] = e
-
-    t = threading.Thread(target=run, name=f"reward-{getattr(fn, '__name__', 'fn')}", daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        return "timeout", None
-    if "exception" in box:
-        return "exception", box["exception"]
-    return "ok", box["ok"]
-
-
 def _to_float(v: Any) -> float:
     try:
         x = float(v)
@@ -316,7 +291,7 @@ def score(
     failures: dict[str, int] = {}
     for r in built:
         kwargs = {**columns, **r.kwargs, "prompts": prompts, "completions": completions}
-        status, out = _call_with_timeout(r.fn, kwargs, timeout_s)
+        status, out = call_with_timeout(r.fn, kwargs, timeout_s, name=f"reward-{r.key}")
         values = [math.nan] * n
         if status == "ok":
             try:
@@ -344,3 +319,20 @@ def score(
         present = [(r.weight, components[r.key][i]) for r in built if not math.isnan(components[r.key][i])]
         combined.append(sum(w * v for w, v in present) if present else math.nan)
     return RewardResult(combined=combined, components=components, failures=failures)
+
+
+def add_component(result: RewardResult, key: str, values: list[float], weight: float = 1.0) -> RewardResult:
+    """``result`` with one more component (e.g. ``env``, the sum of a multi-turn episode's step
+    rewards) added to the combined reward. Unlike a reward function's, a missing (NaN) value makes
+    the row's combined reward missing: scoring it on the functions alone would put it on another
+    scale than the rest of its group."""
+    if key in result.components:
+        raise ValueError(f"reward component {key!r} exists already")
+    if len(values) != len(result.combined):
+        raise ValueError(f"{len(values)} {key} rewards for {len(result.combined)} completions")
+    values = [_to_float(v) for v in values]
+    combined = [
+        math.nan if math.isnan(v) else (weight * v if math.isnan(c) else c + weight * v)
+        for c, v in zip(result.combined, values)
+    ]
+    return RewardResult(combined, {**result.components, key: values}, dict(result.failures))

@@ -49,8 +49,9 @@ from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, LearnerConfig, ModelConfig, RewardsConfig, RolloutConfig, resolve_dtype
 from grpo_dist.errors import first_line
 from grpo_dist.metrics import WORKER_SERIES
-from grpo_dist.rewards import build_reward_fns, score
+from grpo_dist.rewards import add_component, build_reward_fns, score
 from grpo_dist.weight_sync import ParamSpec, check_manifest, spec_of
+from rollout_server.episodes import TOOL_COUNTERS, EpisodeRunner
 from rollout_server.seeds import request_seeds
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ CPU_MAX_NUM_BATCHED_TOKENS = 4096
 # smallest block its attention takes.
 CPU_BLOCK_SIZE = 32
 SAMPLING_OVERRIDES = ("temperature", "top_p", "top_k", "max_tokens", "seed")
-# Row keys that are not passed to reward functions as dataset columns.
-_NOT_COLUMNS = ("prompt", "prompt_ids")
+# Row keys that are not passed to reward functions as dataset columns (multi-turn rows get the
+# whole conversation as ``messages`` instead of the prompt's).
+_NOT_COLUMNS = ("prompt", "prompt_ids", "messages")
 
 
 class EngineFailure(RuntimeError):
@@ -202,6 +204,31 @@ def extract_outputs(request_outputs: list[Any], n: int) -> list[dict[str, Any]]:
     return out
 
 
+def engine_requests(prompt_ids: list[list[int]], params: list[dict[str, Any]]) -> tuple[list, list, int]:
+    """vLLM inputs of one call: request i is ``prompt_ids[i]`` with ``SamplingParams(**params[i])``;
+    returns (prompts, sampling params, the n each request samples)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    n = params[0]["n"]
+    if any(p["n"] != n for p in params):
+        raise ValueError("one engine call samples the same n for every request")
+    # vLLM refuses n > 1 with greedy sampling; the n greedy completions are identical anyway.
+    engine_n = 1 if params[0]["temperature"] == 0 else n
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
+    return prompts, [SamplingParams(**{**p, "n": engine_n}) for p in params], engine_n
+
+
+def generate_records(
+    llm: Any, prompt_ids: list[list[int]], params: list[dict[str, Any]], lora_request: Any = None
+) -> list[dict[str, Any]]:
+    """One ``llm.generate`` call (``engine_requests``); ``params[0]["n"]`` completion records per
+    request, in order (``extract_outputs``)."""
+    prompts, sampling, engine_n = engine_requests(prompt_ids, params)
+    outs = llm.generate(prompts, sampling, use_tqdm=False, lora_request=lora_request)
+    return repeat_records(extract_outputs(outs, engine_n), params[0]["n"] // engine_n)
+
+
 def repeat_records(records: list[dict[str, Any]], times: int) -> list[dict[str, Any]]:
     """Each record ``times`` times in a row (independent copies), keeping groups consecutive."""
     return [{**r, "ids": list(r["ids"]), "logp": list(r["logp"])} for r in records for _ in range(times)]
@@ -224,21 +251,36 @@ def build_batch(
     prompt_texts = [str(rows[c["group"]].get("prompt", "")) for c in completions]
     texts = [c["text"] for c in completions]
     ids = [c["ids"] for c in completions]
+    prompt_ids = [list(c.get("prompt_ids") or rows[c["group"]]["prompt_ids"]) for c in completions]
+    # Multi-turn records (rollout_server.episodes): reward functions score the model's own turns and
+    # see the whole conversation as `messages`.
+    episodes = "turns" in completions[0]
+    model_ids = [c["model_ids"] for c in completions] if episodes else ids
+    columns = reward_columns(rows, n, model_ids)
+    if episodes:
+        columns["messages"] = [c["messages"] for c in completions]
     t0 = time.perf_counter()
-    result = score(reward_specs, reward_timeout_s, prompt_texts, texts, reward_columns(rows, n, ids))
+    result = score(reward_specs, reward_timeout_s, prompt_texts, texts, columns)
+    if episodes:
+        result = add_component(result, "env", [c["env_reward"] for c in completions])
     score_seconds = time.perf_counter() - t0
     metrics = {
         "prompts": float(len(rows)),
         "completions": float(len(completions)),
-        "generated_tokens": float(sum(len(x) for x in ids)),
+        "generated_tokens": float(sum(len(x) for x in model_ids)),
         # Prompt tokens the engine had to read (every completion is a request of its own).
-        "prompt_tokens": float(sum(len(rows[c["group"]]["prompt_ids"]) for c in completions)),
+        "prompt_tokens": float(sum(len(p) for p in prompt_ids)),
         "truncated_completions": float(sum(c["truncated"] for c in completions)),
         "nan_rewards": float(sum(math.isnan(r) for r in result.combined)),
         **failure_metrics(result.failures),
     }
+    if episodes:
+        metrics["env_messages_cut"] = float(sum(c["env_messages_cut"] for c in completions))
+        for key in sorted({k for c in completions for k in c["info"]} | set(TOOL_COUNTERS)):
+            name = key if key in TOOL_COUNTERS else f"env/{key}"
+            metrics[name] = float(sum(c["info"].get(key, 0.0) for c in completions))
     return RolloutBatch(
-        prompt_ids=[list(rows[c["group"]]["prompt_ids"]) for c in completions],
+        prompt_ids=prompt_ids,
         completion_ids=ids,
         sampling_logp=[c["logp"] for c in completions],
         truncated=[c["truncated"] for c in completions],
@@ -251,6 +293,9 @@ def build_batch(
         answers=[str(rows[c["group"]].get("answer", "")) for c in completions],
         timings={"generate": gen_seconds, "score": score_seconds},
         metrics=metrics,
+        loss_mask=[c["loss_mask"] for c in completions] if episodes else None,
+        num_turns=[c["turns"] for c in completions] if episodes else None,
+        stop_reasons=[c["stop"] for c in completions] if episodes else None,
     )
 
 
@@ -300,6 +345,7 @@ class RolloutWorker:
             self._expected = expected_manifest(
                 model_cfg.path, self._engine_kwargs["dtype"], model_cfg.trust_remote_code
             )
+        self._episodes = self._episode_runner(max_model_len) if rollout_cfg.multi_turn is not None else None
         self._thread_info = self._on_engine(_thread_info, 60.0)
         log.info("%s: engine ready in %.1f s (%s)", name, self.start_seconds, self._thread_info)
 
@@ -312,6 +358,24 @@ class RolloutWorker:
                 f"{self.name}: {fn.__name__} did not finish within {timeout_s:.0f}s (the engine thread may be "
                 "busy with an earlier call)"
             ) from None
+
+    def _episode_runner(self, max_model_len: int) -> EpisodeRunner:
+        from transformers import AutoTokenizer
+
+        from grpo_dist.envs.from_config import env_factory, tool_schemas
+
+        mt = self.rollout_cfg.multi_turn
+        tok = AutoTokenizer.from_pretrained(
+            self.model_cfg.tokenizer_path or self.model_cfg.path, trust_remote_code=self.model_cfg.trust_remote_code
+        )
+        return EpisodeRunner(
+            mt,
+            tok,
+            env_factory(mt),
+            max_model_tokens=self.algo_cfg.max_completion_length,
+            max_model_len=max_model_len,
+            tools=tool_schemas(mt),
+        )
 
     def _start_engine(self):
         from vllm import LLM
@@ -368,17 +432,38 @@ class RolloutWorker:
         base = self.rollout_cfg.seed if seed_override is None else int(seed_override)
         seeds = request_seeds(base, call, len(prompts), n)
         t0 = time.perf_counter()
-        completions, version = self._on_engine(
-            self._run_engine, self.rollout_cfg.generate_timeout_s, [list(r["prompt_ids"]) for r in prompts], kw, seeds
-        )
+        if self._episodes is not None:
+            completions, version = self._on_engine(
+                self._run_episodes, self.rollout_cfg.generate_timeout_s, prompts, kw, seeds
+            )
+        else:
+            completions, version = self._on_engine(
+                self._run_engine,
+                self.rollout_cfg.generate_timeout_s,
+                [list(r["prompt_ids"]) for r in prompts],
+                kw,
+                seeds,
+            )
         gen_seconds = time.perf_counter() - t0
         self._gauges.generated(len(prompts) * n, gen_seconds)
         return build_batch(prompts, n, completions, version, self._rewards, self.rewards_cfg.timeout_s, gen_seconds)
 
     def _run_engine(self, prompt_ids: list[list[int]], kw: dict[str, Any], seeds: list[int]):
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        self._check_serving()
+        records = self._engine_generate(prompt_ids, [dict(kw, seed=s) for s in seeds])
+        # The version is read on the engine thread, so it is the one these weights carry.
+        return records, self.weight_version
 
+    def _run_episodes(self, rows: list[dict], kw: dict[str, Any], seeds: list[int]):
+        """Multi-turn episodes, every turn on this (the engine) thread: no weight update lands
+        between two turns, so one version generated the whole batch."""
+        self._check_serving()
+        sampling = {k: v for k, v in kw.items() if k != "n"}
+        records = self._episodes.run(rows, kw["n"], sampling, seeds, self._engine_generate)
+        return records, self.weight_version
+
+    def _check_serving(self) -> None:
+        """Refuse to generate on weights that are not the job's (see the module docstring)."""
         if self.weight_version < 0:
             raise RuntimeError(
                 f"{self.name}: a weight update failed mid-transfer and the engine holds a mix of old and new "
@@ -391,30 +476,23 @@ class RolloutWorker:
                 f"{self.name}: restarted on node {self.where['node_id'][:8]} ({self.where['node_ip']}) and serves the "
                 "initial checkpoint; it generates nothing until the job pushes its current weights"
             )
-        n = kw["n"]
-        # vLLM refuses n > 1 with greedy sampling; the n greedy completions are identical anyway.
-        engine_kw = {**kw, "n": 1} if kw["temperature"] == 0 else kw
-        params = [SamplingParams(seed=s, **engine_kw) for s in seeds]
+
+    def _engine_generate(self, prompt_ids: list[list[int]], params: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``generate_records`` on this worker's engine; an exception inside vLLM is final for it."""
+        prompts, sampling, engine_n = engine_requests(prompt_ids, params)
         try:
-            outs = self._llm.generate(
-                [TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
-                params,
-                use_tqdm=False,
-                lora_request=self._lora_request,
-            )
+            outs = self._llm.generate(prompts, sampling, use_tqdm=False, lora_request=self._lora_request)
         except Exception as e:
             # The engine's scheduler state is undefined after an exception inside a step: this
             # engine generates nothing more. The traceback goes to this actor's log; the caller
             # gets one line naming the worker and the cause.
             log.exception("%s: vLLM engine failed", self.name)
             self._engine_failure = (
-                f"{self.name}: vLLM engine failed while generating {len(prompt_ids)} prompts x n={n} "
+                f"{self.name}: vLLM engine failed while generating {len(prompt_ids)} prompts x n={params[0]['n']} "
                 f"(longest prompt {max(len(p) for p in prompt_ids)} tokens): {first_line(e)}"
             )
             raise EngineFailure(self._engine_failure) from None
-        records = repeat_records(extract_outputs(outs, engine_kw["n"]), n // engine_kw["n"])
-        # The version is read on the engine thread, so it is the one these weights carry.
-        return records, self.weight_version
+        return repeat_records(extract_outputs(outs, engine_n), params[0]["n"] // engine_n)
 
     # ------------------------------------------------------------ weights
 

@@ -71,6 +71,31 @@ def sliding_window_model(tiny: Path, tmp_path: Path, window: int) -> Path:
     return d
 
 
+def rewriting_template_model(tiny: Path, tmp_path: Path) -> Path:
+    """The tiny model with a chat template that drops <think>...</think> from earlier assistant turns
+    (as Qwen3's does): not append-only."""
+    d = tmp_path / "rewriting"
+    shutil.copytree(tiny, d)
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    template = (
+        "{% for m in messages %}{% set c = m['content'] %}"
+        "{% if m['role'] == 'assistant' and not loop.last %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+        "<|{{ m['role'] }}|>{{ c }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    tc["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    return d
+
+
+def two_argument_factory(row, difficulty):
+    """Not an environment factory: it takes two arguments."""
+
+
+def undocumented_tool(x: int) -> int:
+    return x
+
+
 def fake_checkpoint(tmp_path: Path, cfg_path: Path, **changed) -> None:
     """A checkpoint (state.json only) whose recorded config differs from cfg_path's by ``changed``."""
     saved = load_config(cfg_path).model_dump(mode="json")
@@ -131,6 +156,45 @@ def cases(tmp_path: Path, tiny: Path) -> dict:
             "attends over a sliding window of 32 tokens, shorter than its rows of up to 48; set "
             "learner.shared_prompt_forward=false",
         ),
+        "multi-turn environment that does not import": (
+            ["run", str(ok), "--set", "rollout.multi_turn.env=nosuch.envs:make"],
+            "rollout.multi_turn: environment factory 'nosuch.envs:make': cannot import module 'nosuch.envs'",
+        ),
+        "multi-turn environment factory with the wrong signature": (
+            ["run", str(ok), "--set", "rollout.multi_turn.env=tests.test_bad_input:two_argument_factory"],
+            "must take one positional argument (the row dict)",
+        ),
+        "tool without a JSON schema": (
+            ["run", str(ok), "--set", "rollout.multi_turn.tools=[tests.test_bad_input:undocumented_tool]"],
+            "rollout.multi_turn: tool 'tests.test_bad_input:undocumented_tool'",
+        ),
+        "tools for a chat template that takes none": (
+            ["run", str(ok), "--set", "rollout.multi_turn.tools=[grpo_dist.envs:calculator]"],
+            "the chat template takes no tools= (SmolLM2's and the tiny model's do not); set "
+            "rollout.multi_turn.tools_prompt=system",
+        ),
+        "chat template that rewrites earlier turns": (
+            [
+                "run",
+                str(write_config(tmp_path, rewriting_template_model(tiny, tmp_path), "rewriting.yaml")),
+                "--set",
+                "rollout.multi_turn.env=grpo_dist.envs:make_retry_env",
+            ],
+            "the chat template cannot carry episodes token for token: model turn 2: the render of the conversation "
+            "so far differs from the turn-by-turn transcript",
+        ),
+        "multi-turn limits beyond the context": (
+            [
+                "run",
+                str(ok),
+                "--set",
+                "rollout.multi_turn.env=grpo_dist.envs:make_retry_env",
+                "--set",
+                "rollout.max_model_len=128",
+            ],
+            "rollout.max_model_len=128 is shorter than data.max_prompt_length + algorithm.max_completion_length + "
+            "rollout.multi_turn.max_turns * rollout.multi_turn.max_env_tokens_per_turn = 1072",
+        ),
         "resume with another model": ("resume", "--resume from"),
         "output directory held by a running job": ("locked", "is in use by pid"),
         "scale to a cluster that is not there": (
@@ -161,6 +225,12 @@ CASES = [
     "LoRA target modules the model does not have",
     "LoRA rank above what the engines serve",
     "shared-prompt forward on a sliding-window model",
+    "multi-turn environment that does not import",
+    "multi-turn environment factory with the wrong signature",
+    "tool without a JSON schema",
+    "tools for a chat template that takes none",
+    "chat template that rewrites earlier turns",
+    "multi-turn limits beyond the context",
     "resume with another model",
     "output directory held by a running job",
     "scale to a cluster that is not there",

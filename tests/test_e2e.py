@@ -169,3 +169,29 @@ def test_stop_saves_a_checkpoint_and_releases_ray(tmp_path, tiny_model_dir, how)
     assert state["step"] >= 2
     assert not (tmp_path / "run" / ".grpo-dist.lock").exists()
     assert_no_ray_left(before)
+
+
+def test_multi_turn_run_trains_only_the_models_tokens(tmp_path, tiny_model_dir):
+    """Retry-with-feedback episodes (the untrained model rarely answers right, so most run every
+    turn) through the whole job: the learner's log-probs match the engine's on the model's tokens."""
+    mt = {"env": "grpo_dist.envs:make_retry_env", "max_turns": 3, "max_tokens_per_turn": 8}
+    cfg = config(
+        tmp_path,
+        tiny_model_dir,
+        rewards={"functions": []},
+        algorithm={"max_completion_length": 24, "loss_type": "dr_grpo"},
+        rollout={"multi_turn": mt},
+    )
+    run_cli(["run", str(cfg)])
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert undeclared({k for r in rows for k in r}) == []
+    for r in rows:
+        episodes = sum(r[f"rollout/stop/{s}"] for s in ("done", "max_turns", "max_model_tokens", "context"))
+        assert episodes == 16 and r["rollout/stop/env_error"] == r["rollout/stop/timeout"] == 0
+        assert 1 < r["rollout/turns_mean"] <= 3 and 0 < r["rollout/env_token_fraction"] < 1
+        assert r["learner/sampler_gap"] <= 1e-4
+        assert math.isfinite(r["reward/env"])
+        # The learner counts the model's tokens only.
+        completion_tokens = r["completion/len_mean"] * 16
+        assert r["learner/tokens"] == pytest.approx(completion_tokens * (1 - r["rollout/env_token_fraction"]), rel=1e-6)

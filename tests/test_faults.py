@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -52,11 +53,12 @@ def _config(model_dir, tmp_path) -> Config:
     )
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_dir, tmp_path_factory):
+@contextmanager
+def started_cluster(cfg: Config):
+    """A RayCluster of ``cfg`` on a local Ray, its workers serving weight version 1."""
     assert not ray.is_initialized()
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
-    c = RayCluster(_config(tiny_model_dir, tmp_path_factory.mktemp("faults")))
+    c = RayCluster(cfg)
     try:
         c.start()
         c.sync_weights(1)  # from here on the workers must serve version >= 1, never the initial 0
@@ -64,6 +66,12 @@ def cluster(tiny_model_dir, tmp_path_factory):
     finally:
         c.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory):
+    with started_cluster(_config(tiny_model_dir, tmp_path_factory.mktemp("faults"))) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

@@ -172,3 +172,25 @@ def test_lora_on_the_real_model_syncs_the_adapter_and_exports_a_merged_model(tmp
         want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), str(policy)).eval()(ids).logits
         got = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+RETRY = ROOT / "deploy" / "configs" / "smollm2_arith_retry_cpu.yaml"
+
+
+def test_multi_turn_retry_episodes_on_the_real_model(tmp_path, smollm2):
+    """Retry-with-feedback on SmolLM2's ChatML: 2 steps of 3-turn episodes, the learner's log-probs
+    of the model's tokens equal the engine's after every turn (on-policy, sampler_gap per step)."""
+    run = tmp_path / "run"
+    extra = {
+        "algorithm.max_completion_length": 48,
+        "trainer.prompts_per_step": 4,
+        "rollout.multi_turn.max_tokens_per_turn": 16,
+    }
+    run_cli(["run", str(RETRY), *_sets(smollm2, run, **extra)])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert max(_gaps(rows)) <= GAP_TOL, _gaps(rows)
+    for r in rows:
+        assert r["rollout/turns_mean"] >= 1 and 0 < r["rollout/env_token_fraction"] < 1
+        assert r["rollout/stop/env_error"] == r["rollout/stop/timeout"] == 0
+        assert r["rollout/env/solved_first_try"] <= r["rollout/env/solved"] <= 32
