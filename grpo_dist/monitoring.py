@@ -22,6 +22,9 @@ from grpo_dist.metrics import undeclared
 log = logging.getLogger("grpo_dist")
 
 
+_REWARD_SUMMARIES = ("reward/mean", "reward/std", "reward/missing_frac")
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -72,11 +75,17 @@ class RunLogger:
             self._tb.flush()
         if self.record is not None:
             self.record({k: float(v) for k, v in metrics.items() if _finite(v)})
+        # Each reward component the step has (accuracy, format, env, ...) beside the combined mean.
+        components = " ".join(
+            f"{k.removeprefix('reward/')}={v:.3f}"
+            for k, v in metrics.items()
+            if k.startswith("reward/") and k not in _REWARD_SUMMARIES and _finite(v)
+        )
         log.info(
-            "step %d reward=%.3f acc=%.3f kl=%.4f loss=%.4f time=%.1fs",
+            "step %d reward=%.3f (%s) kl=%.4f loss=%.4f time=%.1fs",
             step,
             metrics.get("reward/mean", float("nan")),
-            metrics.get("reward/accuracy", float("nan")),
+            components,
             metrics.get("learner/kl", metrics.get("kl", float("nan"))),
             metrics.get("learner/loss", metrics.get("loss", float("nan"))),
             metrics.get("time/step", float("nan")),
