@@ -175,8 +175,9 @@ def _multi_turn_code_problems(cfg: Config) -> list[str]:
 
 
 def _template_problems(cfg: Config) -> list[str]:
-    """The chat template can carry multi-turn episodes: it is append-only (what the learner trains
-    on is what the engine saw) and, with tools_prompt=template, renders the tools."""
+    """The chat template of a local tokenizer can carry multi-turn episodes: it is append-only (what
+    the learner trains on is what the engine saw) and, with tools_prompt=template, renders the tools.
+    A hub tokenizer is checked where the job runs (``notes`` say so when it is not reachable here)."""
     from transformers import AutoTokenizer
 
     from grpo_dist.envs.from_config import tool_schemas
@@ -239,7 +240,10 @@ def preflight(cfg: Config, cuda: bool, where: Literal["local", "submit"] = "loca
         problems += mp
         notes += mn
         if cfg.rollout.multi_turn is not None and not (mp or env_problems):
-            problems += _template_problems(cfg)
+            if Path(cfg.model.tokenizer_path or cfg.model.path).is_dir():
+                problems += _template_problems(cfg)
+            else:
+                notes.append("rollout.multi_turn: the chat template of a hub tokenizer is not checked before launch")
         if not cuda and (cfg.cluster.num_gpus_per_rollout or cfg.cluster.num_gpus_per_learner):
             notes.append("GPUs requested per actor but this machine has no CUDA: the cluster must provide them")
         if cfg.data.source in ("gsm8k", "hf") and cfg.data.path and not Path(cfg.data.path).exists():
