@@ -17,7 +17,6 @@ missing values (NaN), counted in ``RewardResult.failures``.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import math
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grpo_dist.config import RewardSpec
+from grpo_dist.imports import import_object
 from grpo_dist.timeouts import call_with_timeout
 
 log = logging.getLogger(__name__)
@@ -195,15 +195,7 @@ def resolve_reward(name: str) -> RewardFn:
         raise ValueError(
             f"unknown reward function {name!r}: not one of {sorted(REWARDS)} and not a 'module:function' path"
         )
-    module_name, attr = name.split(":", 1)
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward function {name!r}: cannot import module {module_name!r} ({e})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"reward function {name!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    obj = import_object(name, "reward function")
     if not callable(obj):
         raise ValueError(f"reward function {name!r} is not callable ({type(obj).__name__})")
     return obj

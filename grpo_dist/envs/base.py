@@ -12,14 +12,14 @@ Whatever ``step`` returns goes through ``as_step``, which refuses malformed resu
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from grpo_dist.errors import UserError, first_line
+from grpo_dist import imports
+from grpo_dist.errors import UserError
 
 # An environment's messages are observations; "assistant" turns are the model's own.
 ENV_ROLES = ("user", "tool", "system")
@@ -120,20 +120,8 @@ def as_step(result: Any, env: object = None) -> Step:
 
 
 def import_object(path: str, what: str) -> Any:
-    """The object at ``"pkg.module:attr"`` (the attribute may be dotted: ``mod:Class.fn``); ``what``
-    names it in the one-line EnvError."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise EnvError(f"{what} {path!r} is not a 'module:function' path")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as e:  # a missing module, or one that fails while importing
-        raise EnvError(f"{what} {path!r}: cannot import module {module_name!r} ({first_line(e)})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise EnvError(f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+    """The object at ``"pkg.module:attr"``; a bad path is an EnvError naming ``what``."""
+    return imports.import_object(path, what, EnvError)
 
 
 def _binds(fn: Callable, *args: Any) -> bool:
