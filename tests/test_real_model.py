@@ -169,9 +169,15 @@ def test_lora_on_the_real_model_syncs_the_adapter_and_exports_a_merged_model(tmp
     run_cli(["export-merged", str(policy), "--out", str(merged)])
     ids = torch.tensor([[1, 9690, 198, 2683, 314, 1431, 28, 216, 33, 34, 2]])
     with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(smollm2).eval()(ids).logits
         want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), str(policy)).eval()(ids).logits
         got = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    # Scale-free: merged (x (W + sBA)) and unmerged (xW + s(xA)B) differ only in float32 rounding, which
+    # depends on the machine's summation order (1.2e-4 on one run, under 1e-4 on others); a wrong merge
+    # (scale, transpose, a missing module) is as large as the adapter's own effect on the logits.
+    effect = float((want - base).abs().max())
+    assert effect > 1e-2, effect  # the adapter moved the logits: the comparison is not vacuous
+    assert float((got - want).abs().max()) < effect / 100
 
 
 RETRY = ROOT / "deploy" / "configs" / "smollm2_arith_retry_cpu.yaml"
