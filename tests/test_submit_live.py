@@ -5,6 +5,7 @@ outputs where the config says, and its named actors are visible through the dash
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import socket
@@ -52,6 +53,8 @@ def test_submit_runs_a_job_on_a_live_head(tmp_path, tiny_model_dir):
     token.write_text(secrets.token_hex(32))
     env = {**cli_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_AUTH_TOKEN", None)
+    # As on a cluster whose image holds the dependencies: the job's `python` is this venv's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     dash, gcs = free_port(), free_port()
     address = f"http://127.0.0.1:{dash}"
     subprocess.run(
