@@ -132,15 +132,84 @@ class RewardsConfig(_Section):
     timeout_s: float = Field(10.0, gt=0, description="Per-call timeout of one reward function on one batch.")
 
 
+class RolloutCorrectionConfig(_Section):
+    """Train/inference mismatch correction: the policy term of every token is weighted by
+    ``w = pi_behaviour / pi_vllm`` (detached), the learner's probability of the sampled tokens over
+    the engine's (TRL's ``vllm_importance_sampling_*``, verl's rollout correction)."""
+
+    level: Literal["token", "sequence", "geometric"] = Field(
+        "token",
+        description="`token`: one weight per token; `sequence`: the product over the row's model tokens "
+        "(TRL's `sequence_*`); `geometric`: that product to the power 1/length, i.e. exp(mean log-ratio), which "
+        "does not shrink or explode with length.",
+    )
+    mode: Literal["truncate", "mask"] = Field(
+        "truncate",
+        description="`truncate`: w clamped to [min, max]; `mask`: w kept as is inside [min, max] and 0 outside (the "
+        "token or row gets no policy gradient but still counts in the loss's denominator, as in TRL).",
+    )
+    max: float | None = Field(3.0, gt=0, description="Upper bound on w (None: none).")
+    min: float | None = Field(None, ge=0, description="Lower bound on w (None: none).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RolloutCorrectionConfig:
+        if self.max is None and self.min is None:
+            raise ValueError("algorithm.rollout_correction needs max or min (with neither it changes nothing)")
+        if self.max is not None and self.min is not None and self.min >= self.max:
+            raise ValueError(f"algorithm.rollout_correction.min={self.min:g} must be below max={self.max:g}")
+        return self
+
+
+# Fields that only one policy loss reads; away from their default under another loss they are refused.
+_LOSS_ONLY_FIELDS = {
+    "epsilon_low": "clip",
+    "epsilon_high": "clip",
+    "clip_ratio_c": "clip",
+    "cispo_max_ratio": "cispo",
+    "sapo_temperature_pos": "sapo",
+    "sapo_temperature_neg": "sapo",
+}
+
+
 class AlgoConfig(_Section):
     """The GRPO algorithm. Field names follow TRL's GRPOConfig where TRL has one."""
 
     num_generations: int = Field(8, ge=2, description="G: completions per prompt (one vLLM call with n=G).")
     beta: float = Field(0.04, ge=0, description="KL coefficient; 0 skips the reference model entirely.")
-    epsilon_low: float = Field(0.2, ge=0, description="Lower clip: ratio >= 1 - epsilon_low.")
-    epsilon_high: float = Field(0.2, ge=0, description="Upper clip: ratio <= 1 + epsilon_high (DAPO clip-higher).")
+    policy_loss: Literal["clip", "cispo", "sapo"] = Field(
+        "clip",
+        description="Per-token policy loss (grpo_dist.losses.POLICY_LOSSES): `clip` PPO's clipped ratio (GRPO, "
+        "and GSPO with importance_sampling_level=sequence), `cispo` the clipped IS weight on log pi (MiniMax-M1), "
+        "`sapo` a soft sigmoid gate instead of the clip (Qwen's SAPO).",
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="`token`: ratio pi/pi_old per token; `sequence`: one ratio per row, exp(mean over its model "
+        "tokens of log pi/pi_old), given to each of its tokens (GSPO).",
+    )
+    epsilon_low: float = Field(0.2, ge=0, description="`clip`: lower clip, ratio >= 1 - epsilon_low.")
+    epsilon_high: float = Field(
+        0.2, ge=0, description="`clip`: upper clip, ratio <= 1 + epsilon_high (DAPO clip-higher)."
+    )
+    clip_ratio_c: float | None = Field(
+        None,
+        gt=1,
+        description="`clip`: dual-clip bound; a negative-advantage token's loss is at most clip_ratio_c * |A| "
+        "(verl's clip_ratio_c, OpenRLHF's dual_clip); None = off.",
+    )
+    cispo_max_ratio: float = Field(
+        5.0, gt=0, description="`cispo`: the IS weight is sg(min(ratio, cispo_max_ratio)) (TRL's epsilon_high)."
+    )
+    sapo_temperature_pos: float = Field(1.0, gt=0, description="`sapo`: gate temperature for A > 0.")
+    sapo_temperature_neg: float = Field(1.05, gt=0, description="`sapo`: gate temperature for A <= 0.")
+    entropy_coef: float = Field(
+        0.0,
+        ge=0,
+        description="Entropy bonus: entropy_coef * H is subtracted per model token, aggregated as the loss "
+        "(loss_type); 0 = off.",
+    )
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
-        "grpo", description="Token aggregation, see grpo_dist.losses."
+        "grpo", description="Token aggregation of the per-token loss, see grpo_dist.losses."
     )
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     advantage: Literal["grpo", "rloo", "softmax"] = Field(
@@ -156,10 +225,42 @@ class AlgoConfig(_Section):
     top_k: int = Field(-1, description="-1 disables top-k.")
     max_completion_length: int = Field(64, gt=0)
     num_iterations: int = Field(1, ge=1, description="mu: optimisation passes over each generated batch.")
-    tis_cap: float | None = Field(
-        None, gt=0, description="Truncated importance-sampling cap for vLLM-vs-trainer log-prob mismatch; None = off."
+    rollout_correction: RolloutCorrectionConfig | None = Field(
+        None, description="Weight tokens by learner/engine probability of the sampled tokens; None = off."
     )
     dynamic_sampling: bool = Field(False, description="Drop zero-variance groups and top the batch up (DAPO).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tis_cap" in data:
+            raise ValueError(
+                f"algorithm.tis_cap was replaced by algorithm.rollout_correction; tis_cap={data['tis_cap']} is "
+                f"rollout_correction: {{level: token, mode: truncate, max: {data['tis_cap']}}}"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _combinations(self) -> AlgoConfig:
+        if self.importance_sampling_level == "sequence" and self.policy_loss == "cispo":
+            raise ValueError(
+                "algorithm.importance_sampling_level=sequence with policy_loss=cispo: CISPO weights each token's "
+                "log-prob by that token's own clipped ratio; a sequence ratio has no meaning there (use clip for GSPO)"
+            )
+        # By value, not by "was it given": a dumped config (submit, checkpoints) holds every field.
+        for field, loss in _LOSS_ONLY_FIELDS.items():
+            value = getattr(self, field)
+            if loss != self.policy_loss and value != type(self).model_fields[field].default:
+                raise ValueError(
+                    f"algorithm.{field}={value} is set but only policy_loss={loss} reads it "
+                    f"(policy_loss={self.policy_loss})"
+                    + (
+                        "; CISPO's cap is algorithm.cispo_max_ratio (TRL's epsilon_high under loss_type=cispo)"
+                        if self.policy_loss == "cispo" and field == "epsilon_high"
+                        else ""
+                    )
+                )
+        return self
 
 
 class MultiTurnConfig(_Section):

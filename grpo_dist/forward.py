@@ -17,6 +17,7 @@ LM head (``grpo_dist.losses``): no ``[B, L, V]`` logits exist. Shape suffixes: t
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -54,7 +55,7 @@ def row_logprobs(
     *,
     lm_head: Callable | None,
     chunk_tokens: int | None,
-    entropy: bool = False,
+    entropy: bool | Literal["grad"] = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp_BT, ent_BT)`` of ``rows``, each row forwarded whole. The forward is cut to the
     micro-batch's longest row (rows are right-padded, so later columns are all padding)."""
@@ -95,7 +96,7 @@ def shared_prompt_logprobs(
     *,
     lm_head: Callable | None,
     chunk_tokens: int | None,
-    entropy: bool = False,
+    entropy: bool | Literal["grad"] = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``row_logprobs`` with each unique prompt of ``rows`` forwarded once (module docstring).
 

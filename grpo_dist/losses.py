@@ -9,21 +9,32 @@ Shape suffixes (``logp_BT`` is ``[B, T]``), used the same way throughout ``grpo_
 - ``N`` scored tokens (``mask_BT > 0``, flattened); ``H`` hidden size; ``V`` vocabulary;
   ``1`` a broadcast axis.
 
-Per token (``A`` = the row's advantage, ``ratio = pi / pi_old``)::
+Per token ``t`` of row ``i`` (``A`` = the row's advantage; ``pi_old`` = ``old_logp_BT``, or on-policy
+``logp.detach()``, whose ratio is exactly 1 but keeps the gradient of ``logp``)::
 
-    loss_t = -min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) * tis_t
-             + beta * KL_t
+    r_t     = pi / pi_old                           importance_sampling_level: token
+            = exp(mean_{t' in i} log pi/pi_old)     sequence (GSPO): one ratio per row, its gradient
+                                                    reaches every token of the row
+    policy_t: clip   -min(r A, clip(r, 1 - epsilon_low, 1 + epsilon_high) A)
+                     with clip_ratio_c (dual clip), for A < 0: min(that, -clip_ratio_c A)
+              cispo  -sg(min(r, cispo_max_ratio)) A log pi        (MiniMax-M1; sg = detached)
+              sapo   -(4 / tau) sigmoid(tau (r - 1)) A,  tau = sapo_temperature_pos if A > 0 else _neg
+    loss_t  = policy_t * w_t + beta * KL_t - entropy_coef * H_t
 
-- ``old_logp_BT=None`` is the on-policy case (mu = 1): ``ratio = exp(logp - logp.detach())``,
-  whose value is exactly 1 but whose gradient is ``grad logp``.
+Every policy loss has GRPO's gradient ``-A grad log pi`` at ``pi = pi_old`` (token level).
+
+- ``w_t`` (``rollout_correction``, detached, 1 when off): vLLM samples from a slightly different
+  distribution than the trainer computes (kernels, precision; in async runs, older weights), so the
+  policy term is weighted by ``pi_old / pi_vllm`` of the sampled tokens (``sampling_logp_BT``) per
+  token, per row (the product) or per row geometrically (``exp`` of the mean log-ratio), truncated to
+  ``[min, max]`` or masked to 0 outside it (``rollout_correction_weights``; TRL's
+  ``vllm_importance_sampling_mode``). A masked token or row keeps its place in the denominator of
+  the aggregation, as in TRL: the denominators are the step totals fixed before training (below).
 - ``KL_t`` estimates KL(pi || pi_ref) from the sampled token (``d = ref_logp - logp``):
   ``k1 = -d``, ``k2 = d**2 / 2``, ``k3 = exp(d) - d - 1`` (default; non-negative, unbiased).
-  Skipped when ``beta == 0`` or ``ref_logp_BT is None``.
-- Truncated importance sampling (``tis_t``): vLLM samples from a slightly different
-  distribution than the trainer computes (kernels, precision). When ``cfg.tis_cap`` is set and
-  vLLM's ``sampling_logp_BT`` is given, the policy term is multiplied by the detached weight
-  ``min(exp(logp_old - sampling_logp), tis_cap)``, with ``logp_old = old_logp_BT`` or, on-policy,
-  ``logp.detach()``. The KL term is not reweighted. Otherwise ``tis_t = 1``.
+  Skipped when ``beta == 0`` or ``ref_logp_BT is None``. Not reweighted by ``w_t``.
+- ``H_t`` is the entropy of the sampling distribution at token ``t`` (with its gradient), so the
+  bonus is aggregated like the loss.
 
 Aggregation (``AlgoConfig.loss_type``) over the optimizer-step batch of ``B_tot`` rows and
 ``N_tot`` unmasked tokens (all ranks, all micro-batches):
@@ -50,11 +61,12 @@ normalized by its own counts (single-process use).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.utils.checkpoint
 
-from grpo_dist.config import AlgoConfig
+from grpo_dist.config import AlgoConfig, RolloutCorrectionConfig
 
 # ---------------------------------------------------------------- log-probs of completion tokens
 
@@ -65,19 +77,23 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _token_logp(
-    h_NH: torch.Tensor, ids_N: torch.Tensor, lm_head: Callable | None, temperature: float, entropy: bool
+    h_NH: torch.Tensor,
+    ids_N: torch.Tensor,
+    lm_head: Callable | None,
+    temperature: float,
+    entropy: bool | Literal["grad"],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of ``ids_N`` (and, as a detached metric, the entropy; else zeros) under
-    ``softmax(lm_head(h) / temperature)``. Only ``[N, V]`` logits exist at any time."""
+    """Log-prob of ``ids_N`` and the entropy (zeros unless ``entropy``; detached unless
+    ``entropy="grad"``) under ``softmax(lm_head(h) / temperature)``. Only ``[N, V]`` logits exist at
+    any time."""
     logits_NV = _at_least_fp32(lm_head(h_NH) if lm_head is not None else h_NH) / temperature
     lse_N = torch.logsumexp(logits_NV, dim=-1)
     logp_N = logits_NV.gather(-1, ids_N.unsqueeze(-1)).squeeze(-1) - lse_N
-    with torch.no_grad():
-        if entropy:
-            x = logits_NV.detach()
-            ent_N = lse_N.detach() - (torch.softmax(x, dim=-1) * x).sum(dim=-1)
-        else:
-            ent_N = torch.zeros_like(lse_N, requires_grad=False)
+    if not entropy:
+        return logp_N, torch.zeros_like(lse_N, requires_grad=False)
+    with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+        x_NV = logits_NV if entropy == "grad" else logits_NV.detach()
+        ent_N = (lse_N if entropy == "grad" else lse_N.detach()) - (torch.softmax(x_NV, dim=-1) * x_NV).sum(dim=-1)
     return logp_N, ent_N
 
 
@@ -90,7 +106,7 @@ def completion_logprobs(
     *,
     lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     chunk_tokens: int | None = None,
-    entropy: bool = False,
+    entropy: bool | Literal["grad"] = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp_BT, ent_BT)`` of the completion tokens of right-padded ``prompt + completion`` rows
     (``RolloutBatch.to_tensors``) under ``softmax(lm_head(hidden) / temperature)``, the distribution
@@ -102,7 +118,8 @@ def completion_logprobs(
     entries are 0. ``chunk_tokens`` bounds the ``[tokens, V]`` logits alive at once; with
     gradients, each chunk's logits are recomputed in backward instead of kept (at a 49k-151k
     vocab the full ``[B, T, V]`` fp32 logits of a micro-batch are gigabytes). ``ent_BT`` is the
-    detached entropy when ``entropy`` is set, else zeros.
+    entropy when ``entropy`` is set (detached; with its gradient for ``entropy="grad"``, the
+    entropy bonus), else zeros.
     """
     B, L, _ = hidden_BLH.shape
     T = mask_BT.shape[1]
@@ -146,7 +163,7 @@ def shared_prompt_logprobs_from_hidden(
     *,
     lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     chunk_tokens: int | None = None,
-    entropy: bool = False,
+    entropy: bool | Literal["grad"] = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``completion_logprobs`` for rows whose prompt was run once per unique prompt.
 
@@ -195,7 +212,7 @@ def token_logprobs(
     *,
     lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     chunk_tokens: int | None = None,
-    entropy: bool = False,
+    entropy: bool | Literal["grad"] = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp_N, ent_N)`` of ``ids_N`` predicted by the hidden states ``h_NH``, projected through
     ``lm_head`` ``chunk_tokens`` at a time (recomputed in backward when gradients flow)."""
@@ -246,9 +263,87 @@ def sampler_gap(logp_BT: torch.Tensor, sampling_logp_BT: torch.Tensor, mask_BT: 
     return _masked_mean((logp_BT.detach() - sampling_logp_BT).abs(), mask_BT)
 
 
-def tis_weights(behaviour_logp_BT: torch.Tensor, sampling_logp_BT: torch.Tensor, cap: float) -> torch.Tensor:
-    """Detached truncated importance weights ``min(exp(behaviour_logp - sampling_logp), cap)``."""
-    return torch.exp(behaviour_logp_BT.detach() - sampling_logp_BT.detach()).clamp(max=cap)
+def importance_ratio(
+    logp_BT: torch.Tensor, behaviour_BT: torch.Tensor, mask_BT: torch.Tensor, level: str
+) -> torch.Tensor:
+    """``pi / pi_old``: per token (``[B, T]``), or with ``level="sequence"`` one ratio per row
+    (``[B, 1]``, GSPO's ``exp(mean_t log r_t)`` over the row's model tokens), gradient through ``logp``."""
+    log_r_BT = logp_BT - behaviour_BT.detach()
+    if level == "token":
+        return torch.exp(log_r_BT)
+    if level == "sequence":
+        mask_BT = mask_BT.to(log_r_BT.dtype)
+        return torch.exp((log_r_BT * mask_BT).sum(1, keepdim=True) / mask_BT.sum(1, keepdim=True).clamp(min=1))
+    raise ValueError(f"unknown importance_sampling_level {level!r}; known: token, sequence")
+
+
+# One signature: fn(ratio_BT, logp_BT, adv_B1, cfg) -> (loss_BT, per-token 0/1 indicators for metrics).
+# ``ratio_BT`` is [B, T] or [B, 1] (sequence level); the loss broadcasts to [B, T].
+def _clip_loss(ratio_BT, logp_BT, adv_B1, cfg):
+    clipped_BT = ratio_BT.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+    loss_BT = -torch.min(ratio_BT * adv_B1, clipped_BT * adv_B1)
+    if cfg.clip_ratio_c is not None:  # dual clip: a negative-advantage token's loss is at most c * |A|
+        loss_BT = torch.where(adv_B1 < 0, torch.minimum(loss_BT, -adv_B1 * cfg.clip_ratio_c), loss_BT)
+    # A token is clipped when the clamp is the active side of the min (TRL's definition).
+    return loss_BT, {
+        "clip_low": (ratio_BT < 1 - cfg.epsilon_low) & (adv_B1 < 0),
+        "clip_high": (ratio_BT > 1 + cfg.epsilon_high) & (adv_B1 > 0),
+    }
+
+
+def _cispo_loss(ratio_BT, logp_BT, adv_B1, cfg):
+    # The clipped ratio is a detached weight on log pi: clipped tokens keep a gradient (weight cap).
+    weight_BT = ratio_BT.clamp(max=cfg.cispo_max_ratio).detach()
+    return -weight_BT * adv_B1 * logp_BT, {"cispo_clip": (ratio_BT > cfg.cispo_max_ratio) & (adv_B1 > 0)}
+
+
+def _sapo_loss(ratio_BT, logp_BT, adv_B1, cfg):
+    # sigmoid(tau (r - 1)) * 4 / tau: value 2/tau and slope 1 at r = 1, so on-policy it is GRPO's gradient.
+    tau_B1 = torch.where(
+        adv_B1 > 0,
+        torch.full_like(adv_B1, cfg.sapo_temperature_pos),
+        torch.full_like(adv_B1, cfg.sapo_temperature_neg),
+    )
+    return -torch.sigmoid(tau_B1 * (ratio_BT - 1)) * 4 / tau_B1 * adv_B1, {}
+
+
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {
+    "clip": _clip_loss,
+    "cispo": _cispo_loss,
+    "sapo": _sapo_loss,
+}
+
+
+@torch.no_grad()
+def rollout_correction_weights(
+    behaviour_logp_BT: torch.Tensor,
+    sampling_logp_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    rc: RolloutCorrectionConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w_BT, rejected_BT)``: the detached weight ``pi_behaviour / pi_vllm`` of each token's
+    policy term and where ``mode="mask"`` set it to 0 (TRL's ``vllm_importance_sampling_mode``).
+
+    ``token``: one weight per token; ``sequence``: the product over the row's model tokens;
+    ``geometric``: ``exp(mean_t log w_t)``, the product's length-th root. ``truncate`` clamps to
+    ``[min, max]``; ``mask`` keeps ``w`` inside ``[min, max]`` and sets it to 0 outside."""
+    mask_BT = mask_BT.to(behaviour_logp_BT.dtype)
+    log_w_BT = (behaviour_logp_BT - sampling_logp_BT) * mask_BT
+    if rc.level == "token":
+        w_BT = torch.exp(log_w_BT)
+    elif rc.level == "sequence":
+        w_BT = torch.exp(log_w_BT.sum(1, keepdim=True))
+    else:
+        w_BT = torch.exp(log_w_BT.sum(1, keepdim=True) / mask_BT.sum(1, keepdim=True).clamp(min=1))
+    w_BT = w_BT.expand_as(log_w_BT)
+    if rc.mode == "truncate":
+        return w_BT.clamp(min=rc.min, max=rc.max), torch.zeros_like(w_BT)
+    rejected_BT = torch.zeros_like(w_BT, dtype=torch.bool)
+    if rc.min is not None:
+        rejected_BT |= w_BT < rc.min
+    if rc.max is not None:
+        rejected_BT |= w_BT > rc.max
+    return w_BT.masked_fill(rejected_BT, 0.0), rejected_BT.to(w_BT.dtype)
 
 
 def per_token_loss(
@@ -256,30 +351,39 @@ def per_token_loss(
     old_logp_BT: torch.Tensor | None,
     ref_logp_BT: torch.Tensor | None,
     adv_B: torch.Tensor,
+    mask_BT: torch.Tensor,
     cfg: AlgoConfig,
     sampling_logp_BT: torch.Tensor | None = None,
+    ent_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``loss_BT`` (see the module docstring) and the per-token terms behind it (``ratio_BT``,
-    ``clipped_low_BT``, ``clipped_high_BT``, ``kl_BT`` when used, ``tis_BT`` when used)."""
+    """``loss_BT`` (see the module docstring) and the detached per-token terms behind it: ``ratio_BT``
+    and the 0/1 indicators of the policy loss (``clip_low``, ``clip_high``, ``cispo_clip``), plus
+    ``kl_BT``, ``correction_BT`` and ``rejected_BT`` when used. ``mask_BT`` matters only for a
+    sequence-level ratio or correction (which tokens are the row's)."""
+    if cfg.policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy_loss {cfg.policy_loss!r}; known: {sorted(POLICY_LOSSES)}")
     behaviour_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT.detach()
-    ratio_BT = torch.exp(logp_BT - behaviour_BT)
-    adv_B1 = adv_B.unsqueeze(1)
-    clipped_BT = ratio_BT.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
-    loss_BT = -torch.min(ratio_BT * adv_B1, clipped_BT * adv_B1)
-    # A token is clipped when the clamp is the active side of the min (TRL's definition).
-    terms = {
-        "ratio_BT": ratio_BT.detach(),
-        "clipped_low_BT": ((ratio_BT < 1 - cfg.epsilon_low) & (adv_B1 < 0)).float(),
-        "clipped_high_BT": ((ratio_BT > 1 + cfg.epsilon_high) & (adv_B1 > 0)).float(),
-    }
-    if cfg.tis_cap is not None and sampling_logp_BT is not None:
-        tis_BT = tis_weights(behaviour_BT, sampling_logp_BT, cfg.tis_cap)
-        loss_BT = loss_BT * tis_BT
-        terms["tis_BT"] = tis_BT
+    ratio_BT = importance_ratio(logp_BT, behaviour_BT, mask_BT, cfg.importance_sampling_level)
+    adv_B1 = adv_B.to(logp_BT.dtype).unsqueeze(1)
+    loss_BT, flags = POLICY_LOSSES[cfg.policy_loss](ratio_BT, logp_BT, adv_B1, cfg)
+    loss_BT = loss_BT.expand_as(logp_BT)
+    terms = {"ratio_BT": ratio_BT.detach().expand_as(logp_BT)}
+    terms |= {k: v.to(logp_BT.dtype).expand_as(logp_BT) for k, v in flags.items()}
+    rc = cfg.rollout_correction
+    if rc is not None:
+        if sampling_logp_BT is None:
+            raise ValueError("algorithm.rollout_correction needs the engine's log-probs (sampling_logp_BT)")
+        w_BT, rejected_BT = rollout_correction_weights(behaviour_BT, sampling_logp_BT, mask_BT, rc)
+        loss_BT = loss_BT * w_BT
+        terms |= {"correction_BT": w_BT, "rejected_BT": rejected_BT}
     if cfg.beta != 0 and ref_logp_BT is not None:
         kl_BT = kl_penalty(logp_BT, ref_logp_BT, cfg.kl_estimator)
         loss_BT = loss_BT + cfg.beta * kl_BT
         terms["kl_BT"] = kl_BT.detach()
+    if cfg.entropy_coef != 0:
+        if ent_BT is None:
+            raise ValueError("algorithm.entropy_coef needs the entropy with its gradient (ent_BT)")
+        loss_BT = loss_BT - cfg.entropy_coef * ent_BT
     return loss_BT, terms
 
 
@@ -348,29 +452,34 @@ def grpo_loss(
     num_sequences_total: int | None = None,
     num_tokens_total: float | None = None,
     sampling_logp_BT: torch.Tensor | None = None,
+    ent_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of a (micro-)batch and its metrics.
 
     ``num_sequences_total`` / ``num_tokens_total``: the optimizer-step totals (see the module
-    docstring); omitted, the local counts are used. Metrics are detached 0-dim float32 tensors
-    (no device sync), token means over this micro-batch's mask: the learner's packed metrics
-    declared in ``grpo_dist.metrics`` but ``entropy`` and ``sampler_gap`` (the learner adds those;
-    a unit test checks the keys), plus ``num_tokens`` to weight them when merging micro-batches
-    (``merge_metrics``).
+    docstring); omitted, the local counts are used. ``sampling_logp_BT`` (the engine's log-probs)
+    is needed with ``cfg.rollout_correction``, ``ent_BT`` (with its gradient) with
+    ``cfg.entropy_coef``. Metrics are detached 0-dim tensors (no device sync), token means over this
+    micro-batch's mask: the learner's packed metrics declared in ``grpo_dist.metrics`` but
+    ``entropy`` and ``sampler_gap`` (the learner adds those; a unit test checks the keys), plus
+    ``num_tokens`` to weight them when merging micro-batches (``merge_metrics``).
     """
-    loss_BT, terms = per_token_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, cfg, sampling_logp_BT)
+    loss_BT, terms = per_token_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, cfg, sampling_logp_BT, ent_BT)
     mask_BT = mask_BT.to(loss_BT.dtype)
     loss = aggregate(loss_BT, mask_BT, cfg.loss_type, cfg.max_completion_length, num_sequences_total, num_tokens_total)
     m = mask_BT.detach()
     zero, one = torch.zeros_like(m), torch.ones_like(m)
     with torch.no_grad():
+        low, high = terms.get("clip_low", zero), terms.get("clip_high", zero)
         metrics = {
             "kl": _masked_mean(terms.get("kl_BT", zero), m),
             "ratio": _masked_mean(terms["ratio_BT"], m),
-            "clip_low": _masked_mean(terms["clipped_low_BT"], m),
-            "clip_high": _masked_mean(terms["clipped_high_BT"], m),
-            "clip_region": _masked_mean(terms["clipped_low_BT"] + terms["clipped_high_BT"], m),
-            "tis": _masked_mean(terms.get("tis_BT", one), m),
+            "clip_low": _masked_mean(low, m),
+            "clip_high": _masked_mean(high, m),
+            "clip_region": _masked_mean(low + high, m),
+            "cispo_clip_fraction": _masked_mean(terms.get("cispo_clip", zero), m),
+            "correction_weight_mean": _masked_mean(terms.get("correction_BT", one), m),
+            "correction_masked_fraction": _masked_mean(terms.get("rejected_BT", zero), m),
             "num_tokens": m.sum(),
         }
     return loss, metrics

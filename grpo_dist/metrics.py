@@ -145,7 +145,25 @@ METRICS: dict[str, Metric] = _declare(
     ),
     Metric("learner/clip_region", "fraction", "tokens clipped on either side", "learner", packed=True),
     Metric(
-        "learner/tis", "weight", "token mean of the truncated importance weight (1 when unused)", "learner", packed=True
+        "learner/cispo_clip_fraction",
+        "fraction",
+        "policy_loss=cispo: tokens whose IS weight hit cispo_max_ratio (positive advantage; 0 otherwise)",
+        "learner",
+        packed=True,
+    ),
+    Metric(
+        "learner/correction_weight_mean",
+        "weight",
+        "token mean of the rollout-correction weight pi_learner / pi_engine after truncation or masking (1 when off)",
+        "learner",
+        packed=True,
+    ),
+    Metric(
+        "learner/correction_masked_fraction",
+        "fraction",
+        "rollout_correction.mode=mask: tokens whose weight was outside [min, max] and set to 0 (0 otherwise)",
+        "learner",
+        packed=True,
     ),
     Metric(
         "learner/entropy", "nats", "token mean entropy of the policy's sampling distribution", "learner", packed=True

@@ -127,14 +127,14 @@ def test_dotted_overrides_parse_yaml_scalars(tmp_path):
         path,
         overrides=[
             "algorithm.beta=0",
-            "algorithm.tis_cap=2.5",
+            "algorithm.rollout_correction={max: 2.5}",
             "rollout.max_model_len=null",
             "data.system_prompt='Answer: briefly'",
             "data.synthetic.ops=['+', '-']",
             "logging.tensorboard=false",
         ],
     )
-    assert cfg.algorithm.beta == 0.0 and cfg.algorithm.tis_cap == 2.5
+    assert cfg.algorithm.beta == 0.0 and cfg.algorithm.rollout_correction.max == 2.5
     assert cfg.rollout.max_model_len is None
     assert cfg.data.system_prompt == "Answer: briefly"
     assert cfg.data.synthetic.ops == ["+", "-"]

@@ -286,7 +286,9 @@ def test_token_budget_micro_batches_over_two_ranks_give_the_full_batch_gradient(
     arithmetic: each backward divided by the accumulation steps, gradients averaged over ranks.
     Each optimizer step's gradient equals that of its whole mini-batch in one piece."""
     rows, world, budget = 16, 2, 36
-    cfg = AlgoConfig(loss_type=loss_type, beta=0.05, tis_cap=1.5, max_completion_length=12, epsilon_high=0.28)
+    cfg = AlgoConfig(
+        loss_type=loss_type, beta=0.05, rollout_correction={"max": 1.5}, max_completion_length=12, epsilon_high=0.28
+    )
     batch = _ragged_batch(rows, seed=1)
     gen = torch.Generator().manual_seed(0)
     params0 = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((12, 6), (6, 12))]

@@ -39,7 +39,7 @@ MASK = [[1, 1, 0, 0, 1, 1, 0], [1, 1, 1]]
 def loss_of(b: RolloutBatch, loss_type: str, logits: torch.Tensor):
     t = b.to_tensors(pad_id=0)
     logp, _ = completion_logprobs(logits, t["input_ids_BL"], t["prompt_len_B"], t["loss_mask_BT"], 1.0)
-    cfg = AlgoConfig(loss_type=loss_type, beta=0.1, tis_cap=2.0, max_completion_length=8)
+    cfg = AlgoConfig(loss_type=loss_type, beta=0.1, rollout_correction={"max": 2.0}, max_completion_length=8)
     ref = logp.detach() - 0.1
     loss, m = grpo_loss(
         logp,

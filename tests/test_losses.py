@@ -23,6 +23,10 @@ def t(x):
     return torch.tensor(x, dtype=torch.float64)
 
 
+def ones(x):
+    return torch.ones_like(x)
+
+
 # ---------------------------------------------------------------- log-probs
 
 
@@ -119,22 +123,20 @@ def test_clip_ratio_seed_numbers():
     cfg = AlgoConfig(beta=0.0)
     logp = t([[math.log(0.9), math.log(0.2)]])
     old = t([[math.log(0.5), math.log(0.5)]])
-    loss_pos, terms = per_token_loss(logp, old, None, t([1.0]), cfg)
+    loss_pos, terms = per_token_loss(logp, old, None, t([1.0]), ones(logp), cfg)
     torch.testing.assert_close(terms["ratio_BT"], t([[1.8, 0.4]]), rtol=0, atol=1e-12)
     # A > 0: min(1.8, 1.2) = 1.2 (clipped); min(0.4, 0.8) = 0.4 (unclipped, pessimistic side).
     torch.testing.assert_close(loss_pos, t([[-1.2, -0.4]]), rtol=0, atol=1e-12)
-    loss_neg, terms_neg = per_token_loss(logp, old, None, t([-1.0]), cfg)
+    loss_neg, terms_neg = per_token_loss(logp, old, None, t([-1.0]), ones(logp), cfg)
     # A < 0: min(-1.8, -1.2) = -1.8; min(-0.4, -0.8) = -0.8 (clipped to 0.8).
     torch.testing.assert_close(loss_neg, t([[1.8, 0.8]]), rtol=0, atol=1e-12)
-    assert terms["clipped_high_BT"].tolist() == [[1.0, 0.0]] and terms["clipped_low_BT"].tolist() == [[0.0, 0.0]]
-    assert terms_neg["clipped_low_BT"].tolist() == [[0.0, 1.0]] and terms_neg["clipped_high_BT"].tolist() == [
-        [0.0, 0.0]
-    ]
+    assert terms["clip_high"].tolist() == [[1.0, 0.0]] and terms["clip_low"].tolist() == [[0.0, 0.0]]
+    assert terms_neg["clip_low"].tolist() == [[0.0, 1.0]] and terms_neg["clip_high"].tolist() == [[0.0, 0.0]]
 
 
 def test_clip_higher_asymmetric():
     cfg = AlgoConfig(beta=0.0, epsilon_low=0.2, epsilon_high=0.28)
-    loss, _ = per_token_loss(t([[math.log(1.5)]]), t([[0.0]]), None, t([1.0]), cfg)
+    loss, _ = per_token_loss(t([[math.log(1.5)]]), t([[0.0]]), None, t([1.0]), t([[1.0]]), cfg)
     torch.testing.assert_close(loss, t([[-1.28]]), rtol=0, atol=1e-12)
 
 
@@ -152,11 +154,11 @@ def test_kl_estimators_seed_numbers():
 def test_kl_added_with_beta_and_skipped_without():
     logp, ref = t([[math.log(0.3)]]), t([[math.log(0.1)]])
     k3 = 1 / 3 + math.log(3) - 1
-    loss, terms = per_token_loss(logp, None, ref, t([0.0]), AlgoConfig(beta=0.1))
+    loss, terms = per_token_loss(logp, None, ref, t([0.0]), ones(logp), AlgoConfig(beta=0.1))
     assert loss.item() == pytest.approx(0.1 * k3, abs=1e-12) and "kl_BT" in terms
-    loss0, terms0 = per_token_loss(logp, None, ref, t([0.0]), AlgoConfig(beta=0.0))
+    loss0, terms0 = per_token_loss(logp, None, ref, t([0.0]), ones(logp), AlgoConfig(beta=0.0))
     assert loss0.item() == 0.0 and "kl_BT" not in terms0
-    lossn, _ = per_token_loss(logp, None, None, t([0.0]), AlgoConfig(beta=0.1))
+    lossn, _ = per_token_loss(logp, None, None, t([0.0]), ones(logp), AlgoConfig(beta=0.1))
     assert lossn.item() == 0.0
 
 
@@ -176,28 +178,27 @@ def test_mu1_value_is_minus_mean_advantage_but_gradient_is_not_zero():
         torch.testing.assert_close(logp.grad, -adv[:, None] * mask / (n * 3), rtol=0, atol=1e-12)
 
 
-def test_truncated_importance_sampling():
-    cfg = AlgoConfig(beta=0.0, tis_cap=2.0)
+def test_rollout_correction_token_truncate():
+    cfg = AlgoConfig(beta=0.0, rollout_correction={"max": 2.0})
     logp = t([[math.log(0.5), math.log(0.5)]]).requires_grad_()
     old = t([[math.log(0.5), math.log(0.5)]])
     sampling = t([[math.log(0.4), math.log(0.1)]])  # weights 1.25 and 5 -> capped at 2
-    loss_BT, terms = per_token_loss(logp, old, None, t([1.0]), cfg, sampling)
-    torch.testing.assert_close(terms["tis_BT"], t([[1.25, 2.0]]), rtol=0, atol=1e-12)
+    loss_BT, terms = per_token_loss(logp, old, None, t([1.0]), ones(logp), cfg, sampling)
+    torch.testing.assert_close(terms["correction_BT"], t([[1.25, 2.0]]), rtol=0, atol=1e-12)
     torch.testing.assert_close(loss_BT.detach(), t([[-1.25, -2.0]]), rtol=0, atol=1e-12)
     loss_BT.sum().backward()
     torch.testing.assert_close(logp.grad, t([[-1.25, -2.0]]), rtol=0, atol=1e-12)  # weight is detached
-    # Off without a cap or without sampling log-probs.
-    plain, _ = per_token_loss(logp, old, None, t([1.0]), AlgoConfig(beta=0.0), sampling)
-    assert plain.tolist() == [[-1.0, -1.0]]
-    plain2, _ = per_token_loss(logp, old, None, t([1.0]), cfg, None)
-    assert plain2.tolist() == [[-1.0, -1.0]]
+    plain, _ = per_token_loss(logp, old, None, t([1.0]), ones(logp), AlgoConfig(beta=0.0), sampling)
+    assert plain.tolist() == [[-1.0, -1.0]]  # off: the engine's log-probs are not used
+    with pytest.raises(ValueError, match="needs the engine's log-probs"):
+        per_token_loss(logp, old, None, t([1.0]), ones(logp), cfg, None)
 
 
-def test_tis_on_policy_uses_detached_logp():
-    cfg = AlgoConfig(beta=0.0, tis_cap=10.0)
+def test_rollout_correction_on_policy_uses_detached_logp():
+    cfg = AlgoConfig(beta=0.0, rollout_correction={"max": 10.0})
     logp = t([[math.log(0.6)]])
-    _, terms = per_token_loss(logp, None, None, t([1.0]), cfg, t([[math.log(0.3)]]))
-    assert terms["tis_BT"].item() == pytest.approx(2.0, abs=1e-12)
+    _, terms = per_token_loss(logp, None, None, t([1.0]), ones(logp), cfg, t([[math.log(0.3)]]))
+    assert terms["correction_BT"].item() == pytest.approx(2.0, abs=1e-12)
 
 
 def test_sampler_gap_is_the_masked_mean_absolute_logp_difference():
@@ -251,19 +252,48 @@ def _toy_problem(seed=0, B=8, T=5, D=4, V=7):
 
 def _loss(W, rows, data, cfg, **totals):
     x_BTD, ids_BT, _, mask_BT, adv_B, old, ref, sampling = data
-    logp = torch.log_softmax(x_BTD[rows] @ W, -1).gather(-1, ids_BT[rows].unsqueeze(-1)).squeeze(-1)
+    logits_BTV = torch.log_softmax(x_BTD[rows] @ W, -1)
+    logp = logits_BTV.gather(-1, ids_BT[rows].unsqueeze(-1)).squeeze(-1)
+    ent = -(logits_BTV.exp() * logits_BTV).sum(-1)
     return grpo_loss(
-        logp, old[rows], ref[rows], adv_B[rows], mask_BT[rows], cfg, sampling_logp_BT=sampling[rows], **totals
+        logp,
+        old[rows],
+        ref[rows],
+        adv_B[rows],
+        mask_BT[rows],
+        cfg,
+        sampling_logp_BT=sampling[rows],
+        ent_BT=ent,
+        **totals,
     )
 
 
+# Every policy loss, ratio level, dual clip, rollout-correction level and mode, and the entropy bonus,
+# each on a toy problem (seed) where its branch is taken: some tokens clipped, capped or masked.
+SPLIT_VARIANTS = {
+    "clip": (0, dict(epsilon_high=0.28, rollout_correction={"max": 1.5})),
+    "gspo": (0, dict(importance_sampling_level="sequence")),
+    "dual_clip": (3, dict(clip_ratio_c=1.2)),
+    "cispo": (0, dict(policy_loss="cispo", cispo_max_ratio=1.2)),
+    "sapo": (0, dict(policy_loss="sapo")),
+    "correction_sequence_mask": (
+        0,
+        dict(rollout_correction={"level": "sequence", "mode": "mask", "min": 0.7, "max": 1.4}),
+    ),
+    "correction_geometric": (0, dict(rollout_correction={"level": "geometric", "min": 0.97, "max": 1.03})),
+    "entropy_bonus": (0, dict(entropy_coef=0.01)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(SPLIT_VARIANTS))
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_distributed_split_reproduces_full_batch_loss_and_gradient(loss_type):
+def test_distributed_split_reproduces_full_batch_loss_and_gradient(loss_type, variant):
     """R=2 fake ranks x GAS=2 micro-batches, DeepSpeed semantics: each backward is scaled by
     1/GAS, rank gradients are averaged. With the step totals and loss * R * GAS the result
     equals the full-batch loss and gradient."""
-    data = _toy_problem()
-    cfg = AlgoConfig(loss_type=loss_type, beta=0.05, tis_cap=1.5, max_completion_length=6, epsilon_high=0.28)
+    seed, variant_cfg = SPLIT_VARIANTS[variant]
+    data = _toy_problem(seed)
+    cfg = AlgoConfig(loss_type=loss_type, beta=0.05, max_completion_length=6, **variant_cfg)
     W0 = data[2]
     B, R, GAS = 8, 2, 2
     mask_BT = data[3]
@@ -303,7 +333,7 @@ def test_metrics_hand_numbers_and_merge():
     _, m = grpo_loss(logp, old, ref, t([1.0]), mask, cfg)
     assert m["ratio"].item() == pytest.approx((1.8 + 0.4) / 2, abs=1e-12)
     assert m["clip_high"].item() == 0.5 and m["clip_low"].item() == 0.0 and m["clip_region"].item() == 0.5
-    assert m["kl"].item() == 0.0 and m["tis"].item() == 1.0 and m["num_tokens"].item() == 2
+    assert m["kl"].item() == 0.0 and m["correction_weight_mean"].item() == 1.0 and m["num_tokens"].item() == 2
     assert all(v.dim() == 0 and not v.requires_grad for v in m.values())
     _, m2 = grpo_loss(logp, old, ref, t([-1.0]), t([[1, 1, 1]]), cfg)
     merged = merge_metrics([m, m2])

@@ -60,12 +60,24 @@ def test_declarations_map_to_distinct_prometheus_series():
 
 def test_the_learners_packed_keys_and_grpo_loss_keys_are_declared():
     # The packed layout's order (summed over ranks in one all-reduce) follows the declaration.
-    assert METRIC_KEYS == ("kl", "ratio", "clip_low", "clip_high", "clip_region", "tis", "entropy", "sampler_gap")
+    assert METRIC_KEYS == (
+        "kl",
+        "ratio",
+        "clip_low",
+        "clip_high",
+        "clip_region",
+        "cispo_clip_fraction",
+        "correction_weight_mean",
+        "correction_masked_fraction",
+        "entropy",
+        "sampler_gap",
+    )
     logp = torch.tensor([[-1.0, -2.0, -0.5]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     for cfg, ref, sampling in (
         (AlgoConfig(beta=0.0), None, None),
-        (AlgoConfig(beta=0.04, tis_cap=2.0), logp - 0.1, logp - 0.2),
+        (AlgoConfig(beta=0.04, rollout_correction={"max": 2.0}), logp - 0.1, logp - 0.2),
+        (AlgoConfig(beta=0.0, policy_loss="cispo", rollout_correction={"mode": "mask"}), None, logp - 0.2),
     ):
         loss, m = grpo_loss(logp, logp - 0.05, ref, torch.tensor([1.0]), mask, cfg, sampling_logp_BT=sampling)
         loss_keys = set(m) - {"num_tokens"}
