@@ -570,7 +570,8 @@ class LearnerActor:
                     # DeepSpeed's own boundary counts micro-steps since the first step, which goes
                     # wrong as soon as the accumulation steps change between optimizer steps.
                     self.engine.set_gradient_accumulation_boundary(j == ga - 1)
-                    logp_BT, ent_BT = self._forward(self.engine, t, rows, entropy=True)
+                    # The entropy keeps its gradient only when the loss has the bonus.
+                    logp_BT, ent_BT = self._forward(self.engine, t, rows, entropy="grad" if ac.entropy_coef else True)
                     loss, m = grpo_loss(
                         logp_BT,
                         old_logp[rows] if old_logp is not None else None,
@@ -580,11 +581,14 @@ class LearnerActor:
                         ac,
                         num_sequences_total=mini * world,
                         num_tokens_total=max(num_tokens_total, 1.0),
-                        sampling_logp_BT=t["sampling_logp_BT"][rows] if ac.tis_cap is not None else None,
+                        sampling_logp_BT=t["sampling_logp_BT"][rows],
+                        ent_BT=ent_BT if ac.entropy_coef else None,
                     )
                     self.engine.backward(loss * scale)
                     self.engine.step()  # applies the update only at the accumulation boundary
-                    m["entropy"] = (ent_BT * t["loss_mask_BT"][rows]).sum() / t["loss_mask_BT"][rows].sum().clamp(min=1)
+                    m["entropy"] = (ent_BT.detach() * t["loss_mask_BT"][rows]).sum() / t["loss_mask_BT"][
+                        rows
+                    ].sum().clamp(min=1)
                     # The learner's log-probs of these tokens (the behaviour policy's when mu > 1) against the
                     # engine's: the check that the engine serves the weights the learner thinks it does.
                     behaviour_BT = old_logp[rows] if old_logp is not None else logp_BT

@@ -195,6 +195,21 @@ def cases(tmp_path: Path, tiny: Path) -> dict:
             "rollout.max_model_len=128 is shorter than data.max_prompt_length + algorithm.max_completion_length + "
             "rollout.multi_turn.max_turns * rollout.multi_turn.max_env_tokens_per_turn = 1072",
         ),
+        "a sequence-level ratio for CISPO": (
+            [
+                "run",
+                str(ok),
+                "--set",
+                "algorithm.policy_loss=cispo",
+                "--set",
+                "algorithm.importance_sampling_level=sequence",
+            ],
+            "algorithm.importance_sampling_level=sequence with policy_loss=cispo",
+        ),
+        "the removed tis_cap": (
+            ["run", str(ok), "--set", "algorithm.tis_cap=2"],
+            "algorithm.tis_cap was replaced by algorithm.rollout_correction",
+        ),
         "resume with another model": ("resume", "--resume from"),
         "output directory held by a running job": ("locked", "is in use by pid"),
         "scale to a cluster that is not there": (
@@ -231,6 +246,8 @@ CASES = [
     "tools for a chat template that takes none",
     "chat template that rewrites earlier turns",
     "multi-turn limits beyond the context",
+    "a sequence-level ratio for CISPO",
+    "the removed tis_cap",
     "resume with another model",
     "output directory held by a running job",
     "scale to a cluster that is not there",

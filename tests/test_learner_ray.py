@@ -6,6 +6,7 @@ first update against a single-process reference, so it must run before the other
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from functools import partial
@@ -108,9 +109,16 @@ GRAD_RTOL = (VOCAB + LAYERS * (HIDDEN + INTERMEDIATE) + MAX_POSITIONS) * U32  # 
 # Both refresh the reference after every step (after the update, so a first step still sees
 # the initial reference). ZeRO-2: bnpo (token-normalised across ranks and micro-batches), TIS, mu = 1.
 REF_SYNC = dict(ref_sync_every=1, ref_sync_alpha=0.5)
-Z2 = dict(zero_stage=2, micro_batch_size=2, **SMOOTH_ADAM, **REF_SYNC, algorithm={"loss_type": "bnpo", "tis_cap": 1.5})
-# ZeRO-3: grpo, mu = 2 (old log-probs), two optimizer steps per batch, one row per micro-batch;
-# its first batch's 4 updates run through a 2-step warmup into the cosine decay.
+Z2 = dict(
+    zero_stage=2,
+    micro_batch_size=2,
+    **SMOOTH_ADAM,
+    **REF_SYNC,
+    algorithm={"loss_type": "bnpo", "rollout_correction": {"max": 1.5}},
+)
+# ZeRO-3: GSPO (sequence ratio, grpo aggregation) with the entropy bonus (its gradient through the
+# chunked LM head), mu = 2 (old log-probs, so the ratio moves), two optimizer steps per batch, one row
+# per micro-batch; its first batch's 4 updates run through a 2-step warmup into the cosine decay.
 Z3 = dict(
     zero_stage=3,
     micro_batch_size=1,
@@ -119,7 +127,7 @@ Z3 = dict(
     lr_schedule="cosine",
     **SMOOTH_ADAM,
     **REF_SYNC,
-    algorithm={"loss_type": "grpo", "num_iterations": 2},
+    algorithm={"loss_type": "grpo", "num_iterations": 2, "importance_sampling_level": "sequence", "entropy_coef": 0.01},
 )
 
 
@@ -157,6 +165,13 @@ def logp_of(model, t: dict, rows: list[int]) -> torch.Tensor:
     ]
 
 
+def logp_and_entropy_of(model, t: dict, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=t["input_ids_BL"][rows], attention_mask=t["attention_mask_BL"][rows]).logits
+    return completion_logprobs(
+        logits, t["input_ids_BL"][rows], t["prompt_len_B"][rows], t["loss_mask_BT"][rows], 1.0, entropy="grad"
+    )
+
+
 def lr_schedule(cfg: Config):
     lc, ac = cfg.learner, cfg.algorithm
     total = TOTAL_STEPS * lc.optimizer_steps_per_batch * ac.num_iterations
@@ -192,14 +207,16 @@ def reference_update(model_dir: Path, cfg: Config, batch: RolloutBatch) -> tuple
     for _ in range(ac.num_iterations):
         for k in range(lc.optimizer_steps_per_batch):
             rows = list(range(k * mini, (k + 1) * mini))
+            logp, ent = logp_and_entropy_of(model, t, rows)
             loss, _ = grpo_loss(
-                logp_of(model, t, rows),
+                logp,
                 old_logp[rows] if old_logp is not None else None,
                 ref_logp[rows],
                 t["adv_B"][rows],
                 t["loss_mask_BT"][rows],
                 ac,
                 sampling_logp_BT=t["sampling_logp_BT"][rows],
+                ent_BT=ent,
             )
             opt.zero_grad()
             loss.backward()
@@ -221,8 +238,10 @@ def assert_step_matches_reference(group: LearnerGroup, cfg: Config, model_dir: P
     metrics = group.train_step(batch)
     after = group.gathered_state_dict()
     want_loss, want_norm, want = reference_update(model_dir, cfg, batch)
-    # The loss is a mean of per-token terms of size ~|advantage| (the KL term is far smaller).
-    loss_atol = steps * GRAD_RTOL * max(abs(a) for a in batch.advantages)
+    # The loss is a mean of per-token terms of size ~|advantage| (the KL term is far smaller), plus
+    # the entropy bonus's, at most entropy_coef * log(vocabulary).
+    term = max(abs(a) for a in batch.advantages) + cfg.algorithm.entropy_coef * math.log(VOCAB)
+    loss_atol = steps * GRAD_RTOL * term
     assert metrics["loss"] == pytest.approx(want_loss, abs=loss_atol)
     # The pre-clipping norm sees a wrong loss scale, which clipping hides from the update.
     assert metrics["grad_norm"] == pytest.approx(want_norm, rel=steps * GRAD_RTOL)
@@ -343,7 +362,7 @@ def test_loss_decreases_on_repeated_batch(z2, tiny_model_dir):
     model, pad_id = load_policy(tiny_model_dir)
     t = batch.to_tensors(pad_id)
     rows = list(range(ROWS))
-    algo = cfg.algorithm.model_copy(update={"beta": 0.0, "tis_cap": None})
+    algo = cfg.algorithm.model_copy(update={"beta": 0.0, "rollout_correction": None})
 
     def surrogate(state: dict, old_logp: torch.Tensor | None) -> tuple[float, torch.Tensor]:
         model.load_state_dict(state, strict=False)
