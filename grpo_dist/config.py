@@ -60,8 +60,16 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Training/inference dtype. `auto`: bfloat16 on CUDA, float32 on CPU."
     )
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    trust_remote_code: bool = Field(
+        False,
+        description="Run model and tokenizer code shipped with the checkpoint (transformers' and vLLM's "
+        "trust_remote_code) in the learner, the engines and the preflight checks.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute the policy's activations in backward (transformers' gradient_checkpointing_enable): "
+        "less learner memory for more compute; needs learner.shared_prompt_forward=false.",
+    )
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of every weight; off when absent.")
 
 
@@ -69,8 +77,11 @@ class SyntheticTaskConfig(_Section):
     num_train: int = Field(5000, gt=0, description="Distinct training problems generated.")
     num_test: int = Field(200, gt=0, description="Held-out problems (disjoint from train).")
     max_operand: int = Field(99, ge=1, description="Operands are drawn from [0, max_operand].")
-    ops: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"])
-    seed: int = 1234
+    ops: list[Literal["+", "-", "*"]] = Field(
+        default_factory=lambda: ["+"],
+        description="Operators of the problems `a op b`, each listed once (checked when the data is loaded).",
+    )
+    seed: int = Field(1234, description="Seed of the draw that picks the test problems and then the train problems.")
 
 
 class DataConfig(_Section):
@@ -87,10 +98,21 @@ class DataConfig(_Section):
     hf_config: str | None = Field(
         None, description="hf: dataset config name on the hub (e.g. `main` for openai/gsm8k)."
     )
-    train_split: str = "train"
-    test_split: str = "test"
-    prompt_column: str = "question"
-    answer_column: str = "answer"
+    train_split: str = Field(
+        "train",
+        description="Split of the training prompts: `<path>/<split>.jsonl` for gsm8k, the split name for hf (a "
+        "single data file serves only this split), the train part of synthetic.",
+    )
+    test_split: str = Field("test", description="Held-out split of the evaluations, looked up like train_split.")
+    prompt_column: str = Field(
+        "question",
+        description="gsm8k/hf: the column holding the question that fills prompt_template; synthetic ignores it.",
+    )
+    answer_column: str = Field(
+        "answer",
+        description="gsm8k/hf: the column holding the reference answer, which reward functions get as `answer` "
+        "(gsm8k: the text after `####`); synthetic ignores it.",
+    )
     system_prompt: str | None = Field(
         None, description="System turn of the chat template; None keeps the template's default (SmolLM2 has one)."
     )
@@ -99,11 +121,18 @@ class DataConfig(_Section):
     )
     use_chat_template: bool = Field(True, description="Apply the tokenizer's chat template when it has one.")
     max_prompt_length: int = Field(256, gt=0, description="Rows whose prompt is longer (tokens) are dropped at load.")
-    shuffle_seed: int = 0
-    synthetic: SyntheticTaskConfig = Field(default_factory=SyntheticTaskConfig)
+    shuffle_seed: int = Field(
+        0, description="Not read by any code: the order of the training prompts is seeded by trainer.seed."
+    )
+    synthetic: SyntheticTaskConfig = Field(
+        default_factory=SyntheticTaskConfig,
+        description="The synthetic arithmetic task; read only with source=synthetic.",
+    )
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
+        """- `data.path` is required with `data.source: hf`.
+        - `data.prompt_template` contains `{question}` and no other `{...}` field."""
         if self.source == "hf" and not self.path:
             raise ValueError("data.path is required for data.source='hf'")
         try:
@@ -119,7 +148,11 @@ class DataConfig(_Section):
 
 class RewardSpec(_Section):
     name: str = Field(..., description="Registry name (`accuracy`, `format`, `length`) or import path `pkg.mod:fn`.")
-    weight: float = 1.0
+    weight: float = Field(
+        1.0,
+        description="Factor of this function's reward in the sum; where it gives a row no value (None, NaN, an "
+        "exception, a timeout), that row's sum is over the other functions.",
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the function.")
 
 
@@ -153,6 +186,8 @@ class RolloutCorrectionConfig(_Section):
 
     @model_validator(mode="after")
     def _bounds(self) -> RolloutCorrectionConfig:
+        """- At least one of `max` and `min` is set (with neither the correction changes nothing).
+        - With both set, `min` is below `max`."""
         if self.max is None and self.min is None:
             raise ValueError("algorithm.rollout_correction needs max or min (with neither it changes nothing)")
         if self.max is not None and self.min is not None and self.min >= self.max:
@@ -211,7 +246,11 @@ class AlgoConfig(_Section):
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
         "grpo", description="Token aggregation of the per-token loss, see grpo_dist.losses."
     )
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3",
+        description="Per-token estimate of KL(pi || pi_ref) from the sampled token, with d = log pi_ref - log pi: "
+        "`k1` -d, `k2` d²/2, `k3` exp(d) - d - 1 (TRL's).",
+    )
     advantage: Literal["grpo", "rloo", "softmax"] = Field(
         "grpo", description="`grpo` group z-score, `rloo` leave-one-out baseline, `softmax` seed-003 weights."
     )
@@ -221,9 +260,20 @@ class AlgoConfig(_Section):
     adv_eps: float = Field(1e-4, gt=0, description="Added to the std before dividing.")
     softmax_temperature: float = Field(1.0, gt=0, description="Temperature of the `softmax` advantage weights.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; logits are divided by it in the loss.")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="vLLM's nucleus-sampling top_p; 1 = off. The learner's log-probs are of the full softmax, so "
+        "below 1 (or with top_k) the trained probabilities are not the sampled ones.",
+    )
     top_k: int = Field(-1, description="-1 disables top-k.")
-    max_completion_length: int = Field(64, gt=0)
+    max_completion_length: int = Field(
+        64,
+        gt=0,
+        description="Most tokens the model writes per completion (vLLM's max_tokens); with rollout.multi_turn, over "
+        "all its turns together. Also dr_grpo's fixed denominator.",
+    )
     num_iterations: int = Field(1, ge=1, description="mu: optimisation passes over each generated batch.")
     rollout_correction: RolloutCorrectionConfig | None = Field(
         None, description="Weight tokens by learner/engine probability of the sampled tokens; None = off."
@@ -233,6 +283,7 @@ class AlgoConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data: Any) -> Any:
+        """- `algorithm.tis_cap` is refused; it was `rollout_correction: {level: token, mode: truncate, max: <tis_cap>}`."""
         if isinstance(data, dict) and "tis_cap" in data:
             raise ValueError(
                 f"algorithm.tis_cap was replaced by algorithm.rollout_correction; tis_cap={data['tis_cap']} is "
@@ -242,6 +293,10 @@ class AlgoConfig(_Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> AlgoConfig:
+        """- `importance_sampling_level: sequence` does not go with `policy_loss: cispo` (GSPO is `clip` with it).
+        - `epsilon_low`, `epsilon_high` and `clip_ratio_c` keep their defaults unless `policy_loss` is `clip`.
+        - `cispo_max_ratio` keeps its default unless `policy_loss` is `cispo`.
+        - `sapo_temperature_pos` and `sapo_temperature_neg` keep their defaults unless `policy_loss` is `sapo`."""
         if self.importance_sampling_level == "sequence" and self.policy_loss == "cispo":
             raise ValueError(
                 "algorithm.importance_sampling_level=sequence with policy_loss=cispo: CISPO weights each token's "
@@ -300,9 +355,11 @@ class MultiTurnConfig(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> MultiTurnConfig:
+        """- Exactly one of `env` and `tools` is given.
+        - `tools_prompt` keeps its default with `env` (by value: a dumped config holds every field)."""
         if (self.env is None) == (not self.tools):
             raise ValueError("rollout.multi_turn needs exactly one of env (an environment factory) and tools")
-        if self.env is not None and "tools_prompt" in self.model_fields_set:
+        if self.env is not None and self.tools_prompt != type(self).model_fields["tools_prompt"].default:
             raise ValueError("rollout.multi_turn.tools_prompt applies to tools, not to an env")
         return self
 
@@ -310,11 +367,21 @@ class MultiTurnConfig(_Section):
 class RolloutConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Rollout actors, each owning one vLLM engine.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM TP size per worker (GPU).")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    gpu_memory_utilization: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="vLLM's gpu_memory_utilization: the fraction of its GPU(s) memory an engine may take for "
+        "weights, activations and KV cache. GPU only; on CPU the KV cache is cpu_kvcache_space_gib.",
+    )
     cpu_kvcache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per worker on CPU.")
     cpu_threads_per_worker: int = Field(1, ge=1, description="OMP threads (and cores bound) per worker on CPU.")
     max_model_len: int | None = Field(None, description="Defaults to max_prompt_length + max_completion_length.")
-    enforce_eager: bool = True
+    enforce_eager: bool = Field(
+        True,
+        description="vLLM's enforce_eager: run the model eagerly, without capturing CUDA graphs (faster engine "
+        "start, slower decoding on GPU).",
+    )
     block_size: int | None = Field(
         None,
         ge=1,
@@ -326,27 +393,52 @@ class RolloutConfig(_Section):
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
         16, description="vLLM's max_lora_rank (its allowed values); must hold model.lora.rank with lora.sync=adapter."
     )
-    seed: int = 0
-    generate_timeout_s: float = Field(600.0, gt=0)
+    seed: int = Field(
+        0,
+        description="vLLM's engine seed and the base of the per-request sampling seeds (distinct for every prompt "
+        "and call); evaluations use trainer.seed instead.",
+    )
+    generate_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Bound (s) on generating one batch, from its submission (prompts re-issued after a worker "
+        "failure get a fresh one), and on starting an engine; past it the run fails.",
+    )
     multi_turn: MultiTurnConfig | None = Field(None, description="Multi-turn episodes with an environment or tools.")
 
 
 class LearnerConfig(_Section):
     num_ranks: int = Field(2, ge=1, description="Data-parallel DeepSpeed ranks (one Ray actor each).")
-    zero_stage: Literal[2, 3] = 2
+    zero_stage: Literal[2, 3] = Field(
+        2,
+        description="DeepSpeed ZeRO stage: 2 shards the optimizer state and gradients over the ranks, 3 also the "
+        "parameters (and the reference model the same way).",
+    )
     micro_batch_size: int = Field(
         4, ge=1, description="Rows per rank per forward/backward, unless max_tokens_per_micro_batch is set."
     )
     optimizer_steps_per_batch: int = Field(
         1, ge=1, description="Mini-batches (optimizer steps) each rollout batch is split into, per iteration."
     )
-    lr: float = Field(1e-5, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.99)
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate of the AdamW optimizer (DeepSpeed's, torch's AdamW).")
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Optimizer steps (not GRPO steps) of linear warmup, from lr/(warmup_steps+1) up to lr.",
+    )
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant",
+        description="LR after warmup: constant, or cosine/linear decay to 0 at the last optimizer step "
+        "(trainer.steps * optimizer_steps_per_batch * algorithm.num_iterations).",
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay.")
+    adam_betas: tuple[float, float] = Field(
+        (0.9, 0.99), description="AdamW's (beta1, beta2): decay rates of the first and second moment estimates."
+    )
     adam_eps: float = Field(1e-8, gt=0, description="AdamW's epsilon, added to the root of the second moment.")
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="Clip the gradients' global L2 norm to this (DeepSpeed's gradient_clipping)."
+    )
     ref_sync_every: int | None = Field(
         None, ge=1, description="TRL sync_ref_model: refresh the reference every K steps."
     )
@@ -378,26 +470,58 @@ class TrainerConfig(_Section):
     prompts_per_step: int = Field(16, ge=1, description="Unique prompts per step; rows = prompts_per_step * G.")
     sync_every: int = Field(1, ge=1, description="Broadcast weights to rollout workers every N steps.")
     max_staleness: int = Field(0, ge=0, description="0 = on-policy; k >= 1 = async, batches at most k versions old.")
-    eval_every: int | None = Field(None, ge=1)
-    eval_num_prompts: int = Field(200, ge=1)
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="Also evaluate every N steps; an evaluation before the first step and one after the last "
+        "always run (None: only those).",
+    )
+    eval_num_prompts: int = Field(
+        200, ge=1, description="Held-out prompts evaluated: the first N rows of data.test_split."
+    )
     eval_num_samples: int = Field(1, ge=1, description="k samples per eval prompt (1 + temperature 0 = greedy).")
-    eval_temperature: float = Field(0.0, ge=0)
-    seed: int = 0
-    output_dir: str = "runs/default"
+    eval_temperature: float = Field(0.0, ge=0, description="Sampling temperature of the evaluations; 0 = greedy.")
+    seed: int = Field(
+        0,
+        description="Seed of the training prompts' order (epoch e visits every row in a permutation seeded by "
+        "seed + e) and of the evaluations' sampling.",
+    )
+    output_dir: str = Field(
+        "runs/default",
+        description="Run directory: config.yaml, metrics.jsonl, eval.jsonl, summary.json, training.png, "
+        "grpo-dist.log, tensorboard/ and by default checkpoints/; one job at a time (a lock file).",
+    )
 
 
 class CheckpointConfig(_Section):
     save_every: int | None = Field(None, ge=1, description="Save every N steps (None: only at the end).")
-    save_at_end: bool = True
+    save_at_end: bool = Field(
+        True,
+        description="Save after the last step (unless save_every just did); this or save_every also saves when "
+        "the job is stopped (Ctrl-C, `ray job stop`).",
+    )
     dir: str | None = Field(None, description="Defaults to <output_dir>/checkpoints.")
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(
+        2,
+        ge=1,
+        description="Checkpoints kept: after each save older `step-*` directories are deleted, never the one "
+        "`latest` names.",
+    )
 
 
 class LoggingConfig(_Section):
-    jsonl: bool = True
-    tensorboard: bool = True
-    progress_bar: bool = True
-    ray_metrics: bool = True
+    jsonl: bool = Field(
+        True, description="Append each step's metrics to `<output_dir>/metrics.jsonl` (eval.jsonl is always written)."
+    )
+    tensorboard: bool = Field(
+        True, description="Write the step and evaluation metrics as TensorBoard scalars to `<output_dir>/tensorboard`."
+    )
+    progress_bar: bool = Field(True, description="Show a tqdm progress bar of the steps, with ETA.")
+    ray_metrics: bool = Field(
+        True,
+        description="Export each step's metrics as `ray.util.metrics` gauges (Ray dashboard, Prometheus) through a "
+        "named actor on the head node.",
+    )
     log_completions: int = Field(2, ge=0, description="Sample completions printed per step.")
 
 
@@ -408,11 +532,24 @@ _LABEL_VALUE = re.compile(rf"!?in\({_LABEL}(, ?{_LABEL})*\)|!?{_LABEL}")
 
 class ClusterConfig(_Section):
     address: str | None = Field(None, description="Ray address; None starts a local head (with dashboard).")
-    num_cpus_per_rollout: float = Field(1.0, gt=0)
-    num_gpus_per_rollout: float = Field(0.0, ge=0)
-    num_cpus_per_learner: float = Field(1.0, gt=0)
-    num_gpus_per_learner: float = Field(0.0, ge=0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    num_cpus_per_rollout: float = Field(
+        1.0,
+        gt=0,
+        description="Ray logical CPUs reserved per rollout worker (scheduling only; its engine's threads are "
+        "rollout.cpu_threads_per_worker).",
+    )
+    num_gpus_per_rollout: float = Field(
+        0.0, ge=0, description="Ray GPUs per rollout worker: rollout.tensor_parallel_size on GPU, 0 on CPU."
+    )
+    num_cpus_per_learner: float = Field(
+        1.0, gt=0, description="Ray logical CPUs per learner rank (its placement-group bundle)."
+    )
+    num_gpus_per_learner: float = Field(0.0, ge=0, description="Ray GPUs per learner rank: 1 on GPU, 0 on CPU.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Ray placement-group strategy of the learner ranks (one bundle each); the rollout workers are "
+        "placed one by one, without a placement group.",
+    )
     learner_label_selector: dict[str, str] = Field(
         default_factory=dict,
         description="Ray node labels the nodes of the learner ranks must have, e.g. {'ray.io/accelerator-type': "
@@ -427,11 +564,19 @@ class ClusterConfig(_Section):
     )
     rpc_timeout_s: float = Field(600.0, gt=0, description="Bound on any single actor call.")
     collective_timeout_s: float = Field(300.0, gt=0, description="torch.distributed / weight-sync timeout.")
-    max_worker_restarts: int = Field(3, ge=0)
+    max_worker_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times Ray restarts a dead rollout worker (Ray's max_restarts); it gets the current weights "
+        "before it generates again. A lost learner rank is not restarted: the job fails (continue with --resume).",
+    )
 
     @field_validator("learner_label_selector", "rollout_label_selector")
     @classmethod
     def _selector_syntax(cls, v: dict[str, str]) -> dict[str, str]:
+        """- Every key of `learner_label_selector` and `rollout_label_selector` is non-empty.
+        - Every value is `v`, `!v`, `in(a,b,...)` or `!in(a,b,...)`, each label 1 to 63 letters, digits, `_`, `.`
+          or `-`, beginning and ending with a letter or digit."""
         for key, value in v.items():
             if not key or not _LABEL_VALUE.fullmatch(value):
                 raise ValueError(f"label {key!r}: {value!r} is not 'v', '!v', 'in(a,b,...)' or '!in(a,b,...)'")
@@ -439,19 +584,66 @@ class ClusterConfig(_Section):
 
 
 class Config(_Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
-    algorithm: AlgoConfig = Field(default_factory=AlgoConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="The policy: its checkpoint, tokenizer, dtype and optional LoRA adapter.",
+    )
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="The prompts: their source and splits, their columns, and how a question becomes a prompt.",
+    )
+    rewards: RewardsConfig = Field(
+        default_factory=RewardsConfig, description="The reward functions scoring each completion, and their weights."
+    )
+    algorithm: AlgoConfig = Field(
+        default_factory=AlgoConfig,
+        description="Group size, policy loss, advantages, KL penalty and sampling; read by the engines and the learner.",
+    )
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig,
+        description="The rollout workers: one vLLM engine each, its memory and timeouts, and multi-turn episodes.",
+    )
+    learner: LearnerConfig = Field(
+        default_factory=LearnerConfig,
+        description="The DeepSpeed learner group: ranks, batch split, optimizer, reference model and weight sync.",
+    )
+    trainer: TrainerConfig = Field(
+        default_factory=TrainerConfig,
+        description="The training loop: steps, prompts per step, weight sync and staleness, evaluation, seed, "
+        "run directory.",
+    )
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="When checkpoints are saved, where, and how many are kept."
+    )
+    logging: LoggingConfig = Field(
+        default_factory=LoggingConfig,
+        description="What a run records and shows: metrics files, TensorBoard, progress bar, Ray metrics, samples.",
+    )
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig,
+        description="The Ray cluster: its address, resources per actor, node labels, placement, timeouts and restarts.",
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        """- The rows of a step, `trainer.prompts_per_step * algorithm.num_generations`, divide evenly by
+          `learner.num_ranks * learner.micro_batch_size * learner.optimizer_steps_per_batch` (without
+          `learner.micro_batch_size` when `learner.max_tokens_per_micro_batch` is set).
+        - `learner.max_tokens_per_micro_batch`, when set, and `rollout.max_model_len`, when set, hold the longest
+          possible row: `data.max_prompt_length + algorithm.max_completion_length`, plus
+          `rollout.multi_turn.max_turns * rollout.multi_turn.max_env_tokens_per_turn` with multi-turn episodes.
+        - `trainer.sync_every - 1` is at most `trainer.max_staleness`.
+        - `algorithm.dynamic_sampling` needs `trainer.max_staleness: 0`.
+        - With `rollout.tensor_parallel_size` above 1 or any GPU per rollout worker, `cluster.num_gpus_per_rollout`
+          equals `rollout.tensor_parallel_size` (whole GPUs, one per engine process).
+        - On CPU (`cluster.num_gpus_per_rollout: 0`), `rollout.block_size`, when set, is a multiple of 32.
+        - `cluster.num_gpus_per_learner` is 0 or 1.
+        - The learner and the rollout workers are both on GPU or both on CPU.
+        - With `model.lora` and `sync: adapter`, `model.lora.rank` is at most `rollout.max_lora_rank`.
+        - `learner.ref_sync_every` is not set with `model.lora`, nor with `algorithm.beta: 0`.
+        - `model.gradient_checkpointing` needs `learner.shared_prompt_forward: false`.
+        - With `rollout.multi_turn`, `rollout.generate_timeout_s` is above `rollout.multi_turn.episode_timeout_s`.
+        - `rewards.functions` lists at least one function, unless `rollout.multi_turn.env` gives the rewards."""
         rows = self.trainer.prompts_per_step * self.algorithm.num_generations
         ln = self.learner
         # A token budget packs each rank's rows of a mini-batch itself: no whole row micro-batches are needed.
