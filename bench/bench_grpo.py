@@ -5,7 +5,7 @@
     python -m bench.bench_grpo [--config deploy/configs/tiny_cpu.yaml] [--steps 6] [--warmup 2]
                                [--workers 1 2] [--modes on-policy async] [--set k=v ...] [--trl] [--out FILE]
 
-The real model, as the README's first performance table (SmolLM2-135M-Instruct on GSM8K):
+The real model, as the first table of docs/performance.md (SmolLM2-135M-Instruct on GSM8K):
 
     grpo-dist get-model smollm2-135m-instruct --out runs/smollm2
     python -m bench.bench_grpo --config deploy/configs/smollm2_gsm8k_cpu.yaml \

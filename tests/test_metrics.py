@@ -1,6 +1,6 @@
 """The metric declaration (grpo_dist/metrics.py) against what produces and reads metrics: the
 learner's packed keys and grpo_loss, the rollout worker's batch metrics, the Grafana dashboard's
-queries and the README. The keys the driver loop writes to metrics.jsonl: tests/test_driver.py;
+queries, the README and the docs pages. The keys the driver loop writes to metrics.jsonl: tests/test_driver.py;
 the learner actor's and the Ray cluster's keys (Ray needed): tests/test_e2e.py."""
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ def test_every_series_the_dashboard_queries_is_declared():
             assert s.removeprefix("ray_grpo_reward_") in REWARDS, s
 
 
-def test_the_series_the_readme_names_are_declared():
-    named = re.findall(r"\bray_grpo_[A-Za-z0-9_]+", (ROOT / "README.md").read_text())
+def test_the_series_the_readme_and_docs_name_are_declared():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    named = re.findall(r"\bray_grpo_[A-Za-z0-9_]+", "\n".join(p.read_text() for p in pages))
     assert named and [s for s in named if metric_for_series(s) is None] == []
