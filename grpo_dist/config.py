@@ -187,9 +187,15 @@ class RolloutCorrectionConfig(_Section):
     @model_validator(mode="after")
     def _bounds(self) -> RolloutCorrectionConfig:
         """- At least one of `max` and `min` is set (with neither the correction changes nothing).
+        - `level: sequence` has a `max`: a product over hundreds of tokens overflows to inf.
         - With both set, `min` is below `max`."""
         if self.max is None and self.min is None:
             raise ValueError("algorithm.rollout_correction needs max or min (with neither it changes nothing)")
+        if self.level == "sequence" and self.max is None:
+            raise ValueError(
+                "algorithm.rollout_correction.level=sequence needs a max: the product of a long row's weights "
+                "overflows (a 0.05 log-gap over 2,000 tokens is e^100); or use level=geometric"
+            )
         if self.max is not None and self.min is not None and self.min >= self.max:
             raise ValueError(f"algorithm.rollout_correction.min={self.min:g} must be below max={self.max:g}")
         return self
@@ -283,24 +289,35 @@ class AlgoConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data: Any) -> Any:
-        """- `algorithm.tis_cap` is refused; it was `rollout_correction: {level: token, mode: truncate, max: <tis_cap>}`."""
-        if isinstance(data, dict) and "tis_cap" in data:
+        """- `algorithm.tis_cap` is refused; it was `rollout_correction: {level: token, mode: truncate, max: <tis_cap>}`.
+        `tis_cap: null` (off, as configs saved before it was replaced hold it) is read as the default, off."""
+        if not isinstance(data, dict) or "tis_cap" not in data:
+            return data
+        if data["tis_cap"] is not None:
             raise ValueError(
                 f"algorithm.tis_cap was replaced by algorithm.rollout_correction; tis_cap={data['tis_cap']} is "
                 f"rollout_correction: {{level: token, mode: truncate, max: {data['tis_cap']}}}"
             )
-        return data
+        return {k: v for k, v in data.items() if k != "tis_cap"}
 
     @model_validator(mode="after")
     def _combinations(self) -> AlgoConfig:
         """- `importance_sampling_level: sequence` does not go with `policy_loss: cispo` (GSPO is `clip` with it).
         - `epsilon_low`, `epsilon_high` and `clip_ratio_c` keep their defaults unless `policy_loss` is `clip`.
+        - `clip_ratio_c` is above `1 + epsilon_high` (below it, negative-advantage tokens inside the clip range
+          would lose their gradient).
         - `cispo_max_ratio` keeps its default unless `policy_loss` is `cispo`.
         - `sapo_temperature_pos` and `sapo_temperature_neg` keep their defaults unless `policy_loss` is `sapo`."""
         if self.importance_sampling_level == "sequence" and self.policy_loss == "cispo":
             raise ValueError(
-                "algorithm.importance_sampling_level=sequence with policy_loss=cispo: CISPO weights each token's "
-                "log-prob by that token's own clipped ratio; a sequence ratio has no meaning there (use clip for GSPO)"
+                "algorithm.importance_sampling_level=sequence with policy_loss=cispo is not supported: CISPO weights "
+                "each token's log-prob by that token's own clipped ratio (MiniMax-M1); for a sequence ratio use "
+                "policy_loss=clip (GSPO)"
+            )
+        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1 + self.epsilon_high:
+            raise ValueError(
+                f"algorithm.clip_ratio_c={self.clip_ratio_c:g} must be above 1 + epsilon_high = {1 + self.epsilon_high:g}: "
+                "the dual clip bounds negative-advantage tokens beyond the clip range, not inside it"
             )
         # By value, not by "was it given": a dumped config (submit, checkpoints) holds every field.
         for field, loss in _LOSS_ONLY_FIELDS.items():

@@ -28,8 +28,9 @@ Every policy loss has GRPO's gradient ``-A grad log pi`` at ``pi = pi_old`` (tok
   policy term is weighted by ``pi_old / pi_vllm`` of the sampled tokens (``sampling_logp_BT``) per
   token, per row (the product) or per row geometrically (``exp`` of the mean log-ratio), truncated to
   ``[min, max]`` or masked to 0 outside it (``rollout_correction_weights``; TRL's
-  ``vllm_importance_sampling_mode``). A masked token or row keeps its place in the denominator of
-  the aggregation, as in TRL: the denominators are the step totals fixed before training (below).
+  ``vllm_importance_sampling_mode``). A masked token or row loses its policy gradient (not the KL's
+  or the entropy bonus's) and keeps its place in the denominator of the aggregation, as in TRL: the
+  denominators are the step totals fixed before training (below).
 - ``KL_t`` estimates KL(pi || pi_ref) from the sampled token (``d = ref_logp - logp``):
   ``k1 = -d``, ``k2 = d**2 / 2``, ``k3 = exp(d) - d - 1`` (default; non-negative, unbiased).
   Skipped when ``beta == 0`` or ``ref_logp_BT is None``. Not reweighted by ``w_t``.
@@ -335,7 +336,8 @@ def rollout_correction_weights(
         w_BT = torch.exp(log_w_BT.sum(1, keepdim=True))
     else:
         w_BT = torch.exp(log_w_BT.sum(1, keepdim=True) / mask_BT.sum(1, keepdim=True).clamp(min=1))
-    w_BT = w_BT.expand_as(log_w_BT)
+    # Positions outside the mask get weight 1: no inf there can turn into a nan gradient (0 * inf).
+    w_BT = torch.where(mask_BT > 0, w_BT.expand_as(log_w_BT), torch.ones_like(log_w_BT))
     if rc.mode == "truncate":
         return w_BT.clamp(min=rc.min, max=rc.max), torch.zeros_like(w_BT)
     rejected_BT = torch.zeros_like(w_BT, dtype=torch.bool)
@@ -391,17 +393,23 @@ def per_token_loss(
 
 
 # One signature: fn(loss_BT, mask_BT, *, max_completion_length, num_sequences_total, num_tokens_total).
+# Masked entries are selected away, not multiplied by 0: a non-finite value at a padding or
+# environment position (inf * 0 = nan) cannot reach the loss or the gradient.
+def _masked(loss_BT, mask_BT):
+    return torch.where(mask_BT > 0, loss_BT * mask_BT, torch.zeros_like(loss_BT))
+
+
 def _seq_mean(loss_BT, mask_BT, *, max_completion_length, num_sequences_total, num_tokens_total):
-    per_seq_B = (loss_BT * mask_BT).sum(dim=1) / mask_BT.sum(dim=1).clamp(min=1)
+    per_seq_B = _masked(loss_BT, mask_BT).sum(dim=1) / mask_BT.sum(dim=1).clamp(min=1)
     return per_seq_B.sum() / (num_sequences_total or loss_BT.shape[0])
 
 
 def _token_mean(loss_BT, mask_BT, *, max_completion_length, num_sequences_total, num_tokens_total):
-    return (loss_BT * mask_BT).sum() / (num_tokens_total or mask_BT.sum().clamp(min=1))
+    return _masked(loss_BT, mask_BT).sum() / (num_tokens_total or mask_BT.sum().clamp(min=1))
 
 
 def _const_norm(loss_BT, mask_BT, *, max_completion_length, num_sequences_total, num_tokens_total):
-    return (loss_BT * mask_BT).sum() / ((num_sequences_total or loss_BT.shape[0]) * max_completion_length)
+    return _masked(loss_BT, mask_BT).sum() / ((num_sequences_total or loss_BT.shape[0]) * max_completion_length)
 
 
 AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {

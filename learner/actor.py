@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -443,7 +443,7 @@ class LearnerActor:
     # ---- training ----------------------------------------------------------------------------
 
     def _forward(
-        self, module: torch.nn.Module, t: dict[str, torch.Tensor], rows: slice, entropy: bool = False
+        self, module: torch.nn.Module, t: dict[str, torch.Tensor], rows: slice, entropy: bool | Literal["grad"] = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logp_BT, ent_BT)`` of the completion tokens of ``rows`` (``ent_BT`` zeros unless
         ``entropy``): each unique prompt forwarded once (``learner.shared_prompt_forward``) or every

@@ -273,7 +273,7 @@ def _loss(W, rows, data, cfg, **totals):
 SPLIT_VARIANTS = {
     "clip": (0, dict(epsilon_high=0.28, rollout_correction={"max": 1.5})),
     "gspo": (0, dict(importance_sampling_level="sequence")),
-    "dual_clip": (3, dict(clip_ratio_c=1.2)),
+    "dual_clip": (3, dict(clip_ratio_c=1.25)),
     "cispo": (0, dict(policy_loss="cispo", cispo_max_ratio=1.2)),
     "sapo": (0, dict(policy_loss="sapo")),
     "correction_sequence_mask": (

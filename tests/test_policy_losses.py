@@ -289,7 +289,7 @@ def test_only_model_tokens_enter_any_loss(loss_type, variant):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        (dict(policy_loss="cispo", importance_sampling_level="sequence"), "a sequence ratio has no meaning"),
+        (dict(policy_loss="cispo", importance_sampling_level="sequence"), "is not supported: CISPO weights each token"),
         (dict(policy_loss="cispo", epsilon_high=5.0), "CISPO's cap is algorithm.cispo_max_ratio"),
         (dict(policy_loss="sapo", clip_ratio_c=3.0), "only policy_loss=clip reads it"),
         (dict(cispo_max_ratio=3.0), "only policy_loss=cispo reads it"),
@@ -298,11 +298,35 @@ def test_only_model_tokens_enter_any_loss(loss_type, variant):
         (dict(rollout_correction={"max": None}), "needs max or min"),
         (dict(rollout_correction={"min": 2.0, "max": 1.0}), "must be below max"),
         (dict(clip_ratio_c=1.0), "greater than 1"),
+        (dict(clip_ratio_c=1.2), "must be above 1 \\+ epsilon_high = 1.2"),
+        (dict(rollout_correction={"level": "sequence", "max": None, "min": 0.5}), "level=sequence needs a max"),
     ],
 )
 def test_meaningless_combinations_are_refused(fields, message):
     with pytest.raises(ValidationError, match=message.replace("{", r"\{").replace("}", r"\}")):
         AlgoConfig(**fields)
+
+
+def test_a_config_saved_before_rollout_correction_loads_with_tis_cap_off():
+    assert AlgoConfig(tis_cap=None) == AlgoConfig()
+
+
+def test_non_finite_weights_outside_the_mask_cannot_reach_the_loss_or_gradient():
+    # A padding position whose engine log-prob is -1e4 would get weight e^1e4 = inf (no max set);
+    # the loss and every gradient stay finite and equal those of the row without it.
+    cfg = AlgoConfig(beta=0.0, loss_type="grpo", rollout_correction={"min": 0.5, "max": None})
+    logp = t([[-1.0, -2.0, 0.0]])
+    mask = t([[1, 1, 0]])
+    sampling = t([[-1.1, -2.0, -1e4]])
+
+    def loss_of(x, s):
+        return grpo_loss(x, None, None, t([1.0]), mask, cfg, sampling_logp_BT=s)[0]
+
+    g = grad_of(lambda x: loss_of(x, sampling), logp)
+    assert torch.isfinite(g).all() and math.isfinite(loss_of(logp, sampling).item())
+    clean = sampling.clone()
+    clean[0, 2] = 0.0
+    assert loss_of(logp, sampling).item() == loss_of(logp, clean).item()
 
 
 def test_a_dumped_config_with_a_non_clip_loss_loads_again():
