@@ -100,6 +100,30 @@ def step_flops(
     return n_params * (6 * train_tokens + 2 * forward_passes * train_tokens + 2 * (generated + unique_prompt_tokens))
 
 
+# Overrides every benchmark run takes: nothing written or shown that is not measured.
+QUIET = [
+    "checkpoint.save_every=null",
+    "checkpoint.save_at_end=false",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "logging.log_completions=0",
+]
+
+
+def run_job(config: str, overrides: list[str], out_dir: Path, what: str) -> list[dict]:
+    """One `grpo-dist run` of ``config`` with ``QUIET``, ``overrides`` and ``out_dir`` as its output
+    directory; its metrics.jsonl rows. Exits naming ``what`` if the run fails."""
+    cmd = [sys.executable, "-m", "grpo_dist.cli", "run", config]
+    for o in [*QUIET, *overrides, f"trainer.output_dir={out_dir}"]:
+        cmd += ["--set", o]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.stderr.write(res.stderr[-5000:])
+        raise SystemExit(f"grpo-dist run failed for {what}")
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def run_grpo(config: str, steps: int, workers: int, staleness: int, sets: list[str], out_dir: Path) -> list[dict]:
     overrides = [
         f"trainer.steps={steps}",
@@ -107,23 +131,9 @@ def run_grpo(config: str, steps: int, workers: int, staleness: int, sets: list[s
         f"trainer.max_staleness={staleness}",
         "trainer.eval_every=null",
         "trainer.eval_num_prompts=1",
-        "checkpoint.save_every=null",
-        "checkpoint.save_at_end=false",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        "logging.log_completions=0",
-        f"trainer.output_dir={out_dir}",
         *sets,
     ]
-    cmd = [sys.executable, "-m", "grpo_dist.cli", "run", config]
-    for o in overrides:
-        cmd += ["--set", o]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.stderr.write(res.stderr[-5000:])
-        raise SystemExit(f"grpo-dist run failed for workers={workers} staleness={staleness}")
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_job(config, overrides, out_dir, f"workers={workers} staleness={staleness}")
 
 
 def med(rows: list[dict], key: str) -> float:

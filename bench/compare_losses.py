@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.bench_grpo import run_job
+
 DEFAULT_LOSSES = [
     "clip:",
     "gspo:algorithm.importance_sampling_level=sequence;algorithm.loss_type=grpo",
@@ -35,29 +33,9 @@ DEFAULT_LOSSES = [
 
 
 def run(config: str, steps: int, sets: list[str], out_dir: Path) -> tuple[list[dict], dict, float]:
-    overrides = [
-        f"trainer.steps={steps}",
-        "trainer.eval_every=null",
-        "checkpoint.save_every=null",
-        "checkpoint.save_at_end=false",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        "logging.log_completions=0",
-        f"trainer.output_dir={out_dir}",
-        *sets,
-    ]
-    cmd = [sys.executable, "-m", "grpo_dist.cli", "run", config]
-    for o in overrides:
-        cmd += ["--set", o]
     t0 = time.perf_counter()
-    res = subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, capture_output=True, text=True
-    )
+    rows = run_job(config, [f"trainer.steps={steps}", "trainer.eval_every=null", *sets], out_dir, " ".join(sets))
     wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        sys.stderr.write(res.stderr[-5000:])
-        raise SystemExit(f"grpo-dist run failed with {sets}")
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return rows, json.loads((out_dir / "summary.json").read_text()), wall
 
 
