@@ -84,6 +84,7 @@ def _model_problems(cfg: Config, cuda: bool) -> tuple[list[str], list[str]]:
                 problems.append(
                     f"model.path={cfg.model.path!r} has head_dim {hd}; vLLM-CPU supports {list(VLLM_CPU_HEAD_SIZES)}"
                 )
+            problems += _contradictions(cfg, path)
             if cfg.model.lora is not None and (why := _lora_problem(cfg)):
                 problems.append(why)
             if cfg.learner.shared_prompt_forward and (why := _shared_prompt_problem(cfg)):
@@ -111,6 +112,45 @@ def _model_problems(cfg: Config, cuda: bool) -> tuple[list[str], list[str]]:
     elif cfg.model.tokenizer_path and not is_hub_id(cfg.model.tokenizer_path):
         problems.append(f"model.tokenizer_path={cfg.model.tokenizer_path!r} does not exist")
     return problems, notes
+
+
+def _contradictions(cfg: Config, model_dir: Path) -> list[str]:
+    """What the config asks that the model's config.json or tokenizer rules out; each otherwise fails
+    only inside a rollout worker's engine start (vLLM's own checks) or as an index error in training."""
+    problems = []
+    mc = json.loads((model_dir / "config.json").read_text())
+    mc = mc.get("text_config", mc)  # multimodal configs nest the language model's
+    limit, rope = mc.get("max_position_embeddings"), mc.get("rope_parameters") or mc.get("rope_scaling") or {}
+    # With rope scaling the engine derives a longer context; only the plain case is checked here.
+    scaled = rope.get("rope_type", rope.get("type", "default")) not in ("default", None)
+    if limit and not scaled and cfg.max_model_len > limit:
+        how = (
+            "rollout.max_model_len"
+            if cfg.rollout.max_model_len
+            else f"data.max_prompt_length + {cfg._completion_terms}"
+        )
+        problems.append(
+            f"{how} = {cfg.max_model_len} is beyond the {limit} positions of model.path={cfg.model.path!r} "
+            "(max_position_embeddings in its config.json)"
+        )
+    heads, tp = mc.get("num_attention_heads"), cfg.rollout.tensor_parallel_size
+    if heads and heads % tp:
+        problems.append(
+            f"rollout.tensor_parallel_size={tp} does not divide the {heads} attention heads of "
+            f"model.path={cfg.model.path!r} (num_attention_heads in its config.json)"
+        )
+    vocab, tok_dir = mc.get("vocab_size"), Path(cfg.model.tokenizer_path or cfg.model.path)
+    if vocab and tok_dir.is_dir() and any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        size = len(AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.model.trust_remote_code))
+        if size > vocab:
+            field = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
+            problems.append(
+                f"the tokenizer at {field}={str(tok_dir)!r} has {size} tokens but model.path={cfg.model.path!r} "
+                f"embeds {vocab} (vocab_size in its config.json): token ids beyond {vocab - 1} have no embedding"
+            )
+    return problems
 
 
 def _lora_problem(cfg: Config) -> str | None:

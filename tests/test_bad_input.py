@@ -71,6 +71,16 @@ def sliding_window_model(tiny: Path, tmp_path: Path, window: int) -> Path:
     return d
 
 
+def small_vocab_model(tiny: Path, tmp_path: Path) -> Path:
+    """The tiny model's files with a config.json that embeds fewer tokens than its tokenizer has."""
+    d = tmp_path / "small-vocab"
+    shutil.copytree(tiny, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vocab_size"] = 200
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
 def rewriting_template_model(tiny: Path, tmp_path: Path) -> Path:
     """The tiny model with a chat template that drops <think>...</think> from earlier assistant turns
     (as Qwen3's does): not append-only."""
@@ -210,6 +220,27 @@ def cases(tmp_path: Path, tiny: Path) -> dict:
             ["run", str(ok), "--set", "algorithm.tis_cap=2"],
             "algorithm.tis_cap was replaced by algorithm.rollout_correction",
         ),
+        "a context beyond the model's positions": (
+            ["run", str(ok), "--set", "rollout.max_model_len=4096"],
+            "rollout.max_model_len = 4096 is beyond the 2048 positions of model.path=",
+        ),
+        "tensor parallelism that does not divide the attention heads": (
+            [
+                "run",
+                str(ok),
+                "--set",
+                "rollout.tensor_parallel_size=3",
+                "--set",
+                "cluster.num_gpus_per_rollout=3",
+                "--set",
+                "cluster.num_gpus_per_learner=1",
+            ],
+            "rollout.tensor_parallel_size=3 does not divide the 4 attention heads of model.path=",
+        ),
+        "a tokenizer larger than the model's vocabulary": (
+            ["run", str(write_config(tmp_path, small_vocab_model(tiny, tmp_path), "small-vocab.yaml"))],
+            "has 265 tokens but model.path=",
+        ),
         "resume with another model": ("resume", "--resume from"),
         "output directory held by a running job": ("locked", "is in use by pid"),
         "scale to a cluster that is not there": (
@@ -248,6 +279,9 @@ CASES = [
     "multi-turn limits beyond the context",
     "a sequence-level ratio for CISPO",
     "the removed tis_cap",
+    "a context beyond the model's positions",
+    "tensor parallelism that does not divide the attention heads",
+    "a tokenizer larger than the model's vocabulary",
     "resume with another model",
     "output directory held by a running job",
     "scale to a cluster that is not there",
