@@ -53,6 +53,10 @@ def model_head_dim(model_dir: Path) -> int | None:
     return None
 
 
+def has_tokenizer_files(tok_dir: Path) -> bool:
+    return any((tok_dir / f).is_file() for f in TOKENIZER_FILES)
+
+
 def has_chat_template(tok_dir: Path) -> bool:
     """Whether the tokenizer directory carries a chat template (its own file or in its config)."""
     if (tok_dir / "chat_template.jinja").is_file() or (tok_dir / "chat_template.json").is_file():
@@ -99,7 +103,7 @@ def _model_problems(cfg: Config, cuda: bool) -> tuple[list[str], list[str]]:
     field = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
     tok = Path(cfg.model.tokenizer_path or cfg.model.path)
     if tok.is_dir():
-        if not any((tok / f).is_file() for f in TOKENIZER_FILES):
+        if not has_tokenizer_files(tok):
             problems.append(
                 f"{field}={str(tok)!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
                 "save the tokenizer there or set model.tokenizer_path"
@@ -140,7 +144,7 @@ def _contradictions(cfg: Config, model_dir: Path) -> list[str]:
             f"model.path={cfg.model.path!r} (num_attention_heads in its config.json)"
         )
     vocab, tok_dir = mc.get("vocab_size"), Path(cfg.model.tokenizer_path or cfg.model.path)
-    if vocab and tok_dir.is_dir() and any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
+    if vocab and tok_dir.is_dir() and has_tokenizer_files(tok_dir):
         from transformers import AutoTokenizer
 
         size = len(AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.model.trust_remote_code))
