@@ -505,7 +505,7 @@ class TrainerConfig(_Section):
     )
     output_dir: str = Field(
         "runs/default",
-        description="Run directory: config.yaml, metrics.jsonl, eval.jsonl, summary.json, training.png, "
+        description="Run directory: config.yaml, metrics.jsonl, prompts.jsonl, eval.jsonl, summary.json, training.png, "
         "grpo-dist.log, tensorboard/ and by default checkpoints/; one job at a time (a lock file).",
     )
 

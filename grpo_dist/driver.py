@@ -165,53 +165,61 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, cfg.logging, record=cluster.record_metrics)
 
     # ---- data --------------------------------------------------------------------------
-    def _draw(self) -> tuple[list[dict], dict]:
-        """Next unique prompts, and the sampler position after them (what a checkpoint records
-        once this draw is trained on, so prompts still in flight are regenerated on resume)."""
-        rows = [self.train_rows[i] for i in self.sampler.next_indices()]
-        return rows, self.sampler.state_dict()
+    def _draw(self) -> tuple[list[dict], dict, list[int]]:
+        """Next unique prompts, the sampler position after them (what a checkpoint records once
+        this draw is trained on, so prompts still in flight are regenerated on resume), and their
+        data indices."""
+        indices = self.sampler.next_indices()
+        return [self.train_rows[i] for i in indices], self.sampler.state_dict(), indices
 
-    def _generate(self, timer: PhaseTimer) -> RolloutBatch:
-        rows, position = self._draw()
+    def _generate(self, timer: PhaseTimer) -> tuple[RolloutBatch, list[int]]:
+        rows, position, indices = self._draw()
         batch = timer.time("generate", lambda: self.cluster.rollout.generate(rows))
+        check_groups(batch, rows, self.cfg.algorithm.num_generations)
         self.trained_position = position
-        return batch
+        return batch, indices
 
-    def _dynamic_top_up(self, batch: RolloutBatch, timer: PhaseTimer) -> RolloutBatch:
+    def _dynamic_top_up(
+        self, batch: RolloutBatch, indices: list[int], timer: PhaseTimer
+    ) -> tuple[RolloutBatch, list[int]]:
         """DAPO dynamic sampling: replace zero-variance groups with fresh ones (bounded rounds).
 
-        On-policy only (the config enforces it), so every extra batch has the same weight version."""
+        On-policy only (the config enforces it), so every extra batch has the same weight version.
+        Returns the batch and the data index of each of its groups."""
         G = self.cfg.algorithm.num_generations
         want = self.cfg.trainer.prompts_per_step
 
-        def informative(b: RolloutBatch) -> RolloutBatch:
+        def informative(b: RolloutBatch, idx: list[int]) -> tuple[RolloutBatch, list[int]]:
             zero = zero_variance_groups(b.rewards_tensor(), G).tolist()
             self.counters["groups_dropped_zero_variance"] += sum(zero)
-            return b.select([g * G + j for g, z in enumerate(zero) if not z for j in range(G)])
+            keep = [g for g, z in enumerate(zero) if not z]
+            return b.select([g * G + j for g in keep for j in range(G)]), [idx[g] for g in keep]
 
-        kept = informative(batch)
+        kept, kept_idx = informative(batch, indices)
         for _ in range(4):  # bounded: a task the policy always (or never) solves cannot stall the run
             if kept.num_groups >= want:
                 break
             self.counters["extra_generate_calls"] += 1
-            kept = RolloutBatch.concat([kept, informative(self._generate(timer))])
+            more, more_idx = informative(*self._generate(timer))
+            kept, kept_idx = RolloutBatch.concat([kept, more]), kept_idx + more_idx
         if kept.num_groups < want:
             # Still short: pad with zero-variance groups (zero advantage: no signal, but the batch keeps
             # the shape the learner's batch arithmetic needs).
             zero = [g for g, z in enumerate(zero_variance_groups(batch.rewards_tensor(), G).tolist()) if z]
-            filler = batch.select([g * G + j for g in zero[: want - kept.num_groups] for j in range(G)])
-            kept = RolloutBatch.concat([kept, filler])
-        return kept.select(list(range(want * G)))
+            filler = zero[: want - kept.num_groups]
+            kept = RolloutBatch.concat([kept, batch.select([g * G + j for g in filler for j in range(G)])])
+            kept_idx += [indices[g] for g in filler]
+        return kept.select(list(range(want * G))), kept_idx[:want]
 
-    def _start_generate(self) -> tuple[Any, dict]:
-        rows, position = self._draw()
-        return self.cluster.rollout.start_generate(rows), position
+    def _start_generate(self) -> tuple[Any, dict, list[dict], list[int]]:
+        rows, position, indices = self._draw()
+        return self.cluster.rollout.start_generate(rows), position, rows, indices
 
     # ---- one step ----------------------------------------------------------------------
-    def _train_on(self, batch: RolloutBatch, timer: PhaseTimer) -> dict[str, float]:
+    def _train_on(self, batch: RolloutBatch, indices: list[int], timer: PhaseTimer) -> dict[str, float]:
         G = self.cfg.algorithm.num_generations
         if self.cfg.algorithm.dynamic_sampling:
-            batch = self._dynamic_top_up(batch, timer)
+            batch, indices = self._dynamic_top_up(batch, indices, timer)
         batch.advantages = compute_advantages(batch.rewards_tensor(), G, self.cfg.algorithm).tolist()
         metrics = batch_metrics(batch, G)
         metrics["staleness"] = float(self.learner_weight_version - batch.weight_version)
@@ -219,6 +227,7 @@ class Trainer:
         t0 = time.perf_counter()
         learner_metrics = self.cluster.learner.train_step(batch)
         train_wall = time.perf_counter() - t0
+        self.logger.log_prompts(self.step + 1, batch.weight_version, indices)
         # The learner reports how long its reference/old log-prob passes took; the rest is training.
         ref = float(learner_metrics.get("time/ref_logp", 0.0)) + float(learner_metrics.get("time/old_logp", 0.0))
         timer.add("ref_logp", min(ref, train_wall))
@@ -296,14 +305,15 @@ class Trainer:
             upkeep = timer.time("weight_sync", lambda: self.cluster.maintain(self.learner_weight_version))
             self.num_workers = int(upkeep.get("rollout/num_workers", self.num_workers))
             if staleness == 0:
-                batch = self._generate(timer)
+                batch, indices = self._generate(timer)
             else:
                 drops = 0
                 while True:
                     if not pending:
                         pending.append(self._start_generate())
-                    handle, position = pending.popleft()
+                    handle, position, rows, indices = pending.popleft()
                     batch = timer.time("generate", partial(self.cluster.rollout.collect, handle))
+                    check_groups(batch, rows, cfg.algorithm.num_generations)
                     self.trained_position = position
                     # Keep the engines busy while the learner trains on this batch.
                     while len(pending) < staleness and self.step + len(pending) + 1 < cfg.trainer.steps:
@@ -320,7 +330,7 @@ class Trainer:
                         )
                     timer.time("weight_sync", lambda: self.cluster.maintain(self.learner_weight_version))
             completions += len(batch)
-            metrics = self._train_on(batch, timer)
+            metrics = self._train_on(batch, indices, timer)
             metrics.update(upkeep)
             self.learner_weight_version += 1
             self.step += 1
@@ -345,7 +355,7 @@ class Trainer:
             self.logger.log_step(self.step, metrics, batch)
             progress.update(1)
         progress.close()
-        for handle, _ in pending:  # drain so no generation is left running on the workers
+        for handle, *_ in pending:  # drain so no generation is left running on the workers
             self.cluster.rollout.collect(handle)
         if cfg.checkpoint.save_at_end and (not cfg.checkpoint.save_every or self.step % cfg.checkpoint.save_every):
             self.totals.time("checkpoint", self.save)
@@ -367,6 +377,21 @@ class Trainer:
         }
         self.logger.finish(summary)
         return summary
+
+
+def check_groups(batch: RolloutBatch, rows: list[dict], group_size: int) -> None:
+    """Refuse a batch that does not hold each drawn prompt's whole group exactly once, in draw order.
+
+    The rollout side promises it (a lost chunk is generated again whole, from the start); this is the
+    driver's own check that no prompt is lost, duplicated or cut short before the learner sees it."""
+    want = [str(r.get("prompt", "")) for r in rows for _ in range(group_size)]
+    groups = [g for g in range(len(rows)) for _ in range(group_size)]
+    if batch.prompts != want or batch.group_ids != groups:
+        got = len(batch.prompts)
+        raise RuntimeError(
+            f"the rollout batch does not hold the {len(rows)} drawn prompts x {group_size} completions in order "
+            f"({got} rows, {batch.num_groups} groups): refusing to train on it"
+        )
 
 
 def _tuple_state(obj: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Run-directory logging: metrics.jsonl (one object per step), TensorBoard, a progress bar with
+"""Run-directory logging: metrics.jsonl (one object per step), prompts.jsonl (the data rows each step
+trained on), TensorBoard, a progress bar with
 ETA, sample completions, and at the end summary.json, a before/after table and a PNG plot.
 
 Cluster-side metrics (Ray's ``ray.util.metrics``, shown in the dashboard) are recorded through
@@ -58,6 +59,13 @@ class RunLogger:
         from tqdm import tqdm
 
         return tqdm(total=total, initial=initial, desc="grpo steps", unit="step", dynamic_ncols=True)
+
+    def log_prompts(self, step: int, weight_version: int, indices: list[int]) -> None:
+        """The training-data indices of the groups ``step`` trained on, in batch order. A resumed run
+        appends the steps it trains again; the last line of a step is the one its checkpoints hold."""
+        if self.cfg.jsonl:
+            with open(self.run_dir / "prompts.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "weight_version": weight_version, "indices": indices}) + "\n")
 
     def log_step(self, step: int, metrics: dict[str, float], batch: RolloutBatch | None = None) -> None:
         row = {"step": step, **{k: (float(v) if _finite(v) else None) for k, v in metrics.items()}}

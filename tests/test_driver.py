@@ -14,7 +14,8 @@ import torch
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.checkpoint import CheckpointWriteError, latest_checkpoint, save_checkpoint
 from grpo_dist.config import Config
-from grpo_dist.driver import Trainer, zero_variance_groups
+from grpo_dist.data import PromptSampler
+from grpo_dist.driver import Trainer, check_groups, zero_variance_groups
 
 
 def make_cfg(tmp_path: Path, **trainer) -> Config:
@@ -63,7 +64,7 @@ class FakeRollout:
             reward_components={"accuracy": list(rewards)},
             group_ids=[i // G for i in range(B)],
             weight_version=self.weight_version,
-            prompts=[r["question"] for r in rows],
+            prompts=[r["prompt"] for r in rows],
             completions=comps,
             answers=[r["answer"] for r in rows],
         )
@@ -179,6 +180,31 @@ def test_resume_follows_the_same_data_order(tmp_path):
     order = [b.prompts for b in straight.learner.trained]
     resumed = [b.prompts for b in first.learner.trained + second.learner.trained]
     assert resumed == order
+    # prompts.jsonl: the data rows of every step, the sampler's stream, also across the resume.
+    replay = PromptSampler(7, 2, make_cfg(tmp_path).trainer.seed)
+    want = [{"step": s, "weight_version": s - 1, "indices": replay.next_indices()} for s in range(1, 7)]
+    for run in ("a", "b"):
+        lines = (tmp_path / run / "run" / "prompts.jsonl").read_text().splitlines()
+        assert [json.loads(ln) for ln in lines] == want
+
+
+@pytest.mark.parametrize(
+    "rows_of",
+    [
+        lambda b, G: list(range(G, 2 * G)),  # a group lost
+        lambda b, G: list(range(G)) * 2,  # a group twice
+        lambda b, G: list(range(G - 1)) + list(range(G, 2 * G)),  # a group cut short
+        lambda b, G: list(range(G, 2 * G)) + list(range(G)),  # groups out of draw order
+    ],
+    ids=["lost", "twice", "cut", "reordered"],
+)
+def test_a_batch_that_loses_duplicates_or_cuts_a_group_is_refused(rows_of):
+    drawn = rows(2)
+    batch = FakeRollout().generate(drawn)
+    check_groups(batch, drawn, 4)
+    bad = batch.select(rows_of(batch, 4))
+    with pytest.raises(RuntimeError, match="does not hold the 2 drawn prompts x 4 completions in order"):
+        check_groups(bad, drawn, 4)
 
 
 def test_dynamic_sampling_drops_zero_variance_groups(tmp_path):
