@@ -122,7 +122,9 @@ class RayCluster:
         self.control = JobControl.options(
             name="grpo-control", namespace=NAMESPACE, get_if_exists=True, **on_head
         ).remote(cfg.rollout.num_workers)
-        self._actor_nodes: dict[str, str] = {}
+        # Learner ranks and the control actors never move (a lost learner rank fails the job); rollout
+        # workers do (Ray restarts them elsewhere) and are asked of the rollout manager each time.
+        self._fixed_nodes: dict[str, str] = {}
         self.counters = dict.fromkeys(counter_names("cluster"), 0)  # count/<name> in grpo_dist.metrics
 
     def start(self) -> None:
@@ -141,13 +143,16 @@ class RayCluster:
     def placement(self) -> dict[str, str]:
         """Actor name -> node id, for every actor of the job (the last node each was seen on)."""
         for name, where in self.learner.placement().items():
-            self._actor_nodes[name] = where["node_id"]
-        self._actor_nodes.update(self.rollout.placement())
+            self._fixed_nodes[name] = where["node_id"]
         rpc = self.cfg.cluster.rpc_timeout_s
         for name, actor in (("grpo-control", self.control), ("grpo-metrics", self._metrics)):
             if actor is not None:
-                self._actor_nodes[name] = ray.get(actor.node_id.remote(), timeout=rpc)
-        return dict(self._actor_nodes)
+                self._fixed_nodes[name] = ray.get(actor.node_id.remote(), timeout=rpc)
+        return self._actor_nodes()
+
+    def _actor_nodes(self) -> dict[str, str]:
+        """Where each actor is now, as last seen: a restarted rollout worker on its new node."""
+        return {**self._fixed_nodes, **self.rollout.placement()}
 
     def sync_weights(self, version: int) -> dict[str, float]:
         """Broadcast the learner's weights (tagged `version`) to every rollout engine.
@@ -265,7 +270,6 @@ class RayCluster:
             )
             self.counters["worker_restarts_repushed"] += len(behind)
             self.sync_weights(version)
-            self._actor_nodes.update(self.rollout.placement())
         states = self.rollout.states()
         counters = {COUNT + k: v for k, v in self.counters.items()} | {
             ROLLOUT_COUNT + k: v for k, v in self.rollout.counters.items()
@@ -300,7 +304,7 @@ class RayCluster:
     def lost_nodes(self) -> str | None:
         """One line naming each dead node that hosted actors of this job, with those actors."""
         try:
-            return lost_nodes(self._actor_nodes, ray.nodes())
+            return lost_nodes(self._actor_nodes(), ray.nodes())
         except RayError:
             return None
 

@@ -109,3 +109,23 @@ def test_the_grafana_dashboard_is_a_dashboard_of_grpo_series():
     assert board["uid"] == "grpo-dist-job" and len(board["panels"]) >= 12
     assert all(re.search(r"ray_grpo_", e) for e in exprs), exprs
     assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+
+
+def test_a_job_failure_names_a_restarted_workers_new_node_not_the_one_it_lost_earlier(monkeypatch):
+    """Found by bench/chaos.py: rollout-0's node was removed at step 39 and Ray restarted it on a new
+    node; when the learner's node went at step 150 the failure line said rollout-0 was dead with its
+    old node too. Rollout workers are where the rollout manager last saw them."""
+    import ray
+
+    from deploy.job import RayCluster
+
+    class Rollout:
+        def placement(self):
+            return {"rollout-0": ROLL2["NodeID"]}
+
+    ROLL2 = {**ROLL, "NodeID": "dddddddd" * 7, "NodeManagerAddress": "10.0.0.4"}
+    cluster = RayCluster.__new__(RayCluster)  # only the bookkeeping: no Ray actors
+    cluster._fixed_nodes = {"learner-0": LEARN["NodeID"], "learner-1": LEARN["NodeID"]}
+    cluster.rollout = Rollout()
+    monkeypatch.setattr(ray, "nodes", lambda: [HEAD, {**LEARN, "Alive": False}, {**ROLL, "Alive": False}, ROLL2])
+    assert cluster.lost_nodes() == "node bbbbbbbb (10.0.0.2) is dead, and with it learner-0, learner-1"
