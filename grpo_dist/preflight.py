@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from grpo_dist.config import Config, ConfigError
-from grpo_dist.errors import UserError, one_line
+from grpo_dist.errors import UserError, first_line, one_line
 
 # vLLM's CPU attention backend only has kernels for these head sizes.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -65,6 +65,16 @@ def has_chat_template(tok_dir: Path) -> bool:
     return tc.is_file() and bool(json.loads(tc.read_text()).get("chat_template"))
 
 
+def cpu_fp16_supported() -> bool:
+    """DeepSpeed's CPU accelerator's own test (``is_fp16_supported``): oneDNN float16 on this CPU."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:
+        return False
+
+
 def _model_problems(cfg: Config, cuda: bool) -> tuple[list[str], list[str]]:
     problems: list[str] = []
     notes: list[str] = []
@@ -84,15 +94,21 @@ def _model_problems(cfg: Config, cuda: bool) -> tuple[list[str], list[str]]:
             )
         else:
             hd = model_head_dim(path)
-            if not cuda and hd is not None and hd not in VLLM_CPU_HEAD_SIZES and hd < 128:
+            # The engines run on CPU where this machine has no CUDA and the config gives them no GPU.
+            if not (cuda or cfg.cluster.num_gpus_per_rollout) and hd and hd not in VLLM_CPU_HEAD_SIZES and hd < 128:
                 problems.append(
                     f"model.path={cfg.model.path!r} has head_dim {hd}; vLLM-CPU supports {list(VLLM_CPU_HEAD_SIZES)}"
                 )
             problems += _contradictions(cfg, path)
-            if cfg.model.lora is not None and (why := _lora_problem(cfg)):
+            hf, why = _hf_config(cfg)
+            if why:
                 problems.append(why)
-            if cfg.learner.shared_prompt_forward and (why := _shared_prompt_problem(cfg)):
-                problems.append(why)
+            else:
+                problems += _tokenizer_problems(cfg)
+                if cfg.model.lora is not None or cfg.model.gradient_checkpointing:
+                    problems += _meta_model_problems(cfg, hf)
+                if cfg.learner.shared_prompt_forward and (why := _shared_prompt_problem(cfg, hf)):
+                    problems.append(why)
     elif is_hub_id(cfg.model.path):
         notes.append(f"model.path={cfg.model.path!r} is not a local directory; it is resolved as a hub id")
     else:
@@ -118,69 +134,199 @@ def _model_problems(cfg: Config, cuda: bool) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
+# Where vLLM reads a model's context (vllm/transformers_utils/model_arch_config_convertor.py,
+# derive_max_model_len_and_key): the smallest of these keys, unless config.json sets model_max_length.
+_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_target_positions")
+_LENGTH_KEYS += ("max_sequence_length", "max_seq_length", "seq_len")
+# Model types vLLM refuses to run in float16 (vllm/config/model.py, _FLOAT16_NOT_SUPPORTED_MODELS).
+VLLM_NO_FLOAT16 = ("gemma2", "gemma3", "gemma3_text", "glm4")
+# Mixture-of-experts models (these config.json keys): their intermediate_size is not checked against TP.
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def _model_json(model_dir: Path) -> tuple[dict, dict]:
+    """config.json and its language model's part (multimodal configs nest it as text_config)."""
+    top = json.loads((model_dir / "config.json").read_text())
+    return top, top.get("text_config", top)
+
+
 def _contradictions(cfg: Config, model_dir: Path) -> list[str]:
-    """What the config asks that the model's config.json or tokenizer rules out; each otherwise fails
-    only inside a rollout worker's engine start (vLLM's own checks) or as an index error in training."""
+    """What the config asks that the model's config.json rules out; each otherwise fails only inside
+    a rollout worker's engine start (vLLM's own checks and asserts)."""
     problems = []
-    mc = json.loads((model_dir / "config.json").read_text())
-    mc = mc.get("text_config", mc)  # multimodal configs nest the language model's
-    limit, rope = mc.get("max_position_embeddings"), mc.get("rope_parameters") or mc.get("rope_scaling") or {}
+    top, mc = _model_json(model_dir)
+    where = f"model.path={cfg.model.path!r}"
+    rope = mc.get("rope_parameters") or mc.get("rope_scaling") or {}
     # With rope scaling the engine derives a longer context; only the plain case is checked here.
     scaled = rope.get("rope_type", rope.get("type", "default")) not in ("default", None)
-    if limit and not scaled and cfg.max_model_len > limit:
+    limits = [(mc["model_max_length"], "model_max_length")] if mc.get("model_max_length") else []
+    limits = limits or sorted((mc[k], k) for k in _LENGTH_KEYS if isinstance(mc.get(k), int))
+    if limits and not scaled and cfg.max_model_len > limits[0][0]:
         how = (
             "rollout.max_model_len"
             if cfg.rollout.max_model_len
             else f"data.max_prompt_length + {cfg._completion_terms}"
         )
         problems.append(
-            f"{how} = {cfg.max_model_len} is beyond the {limit} positions of model.path={cfg.model.path!r} "
-            "(max_position_embeddings in its config.json)"
+            f"{how} = {cfg.max_model_len} is beyond the {limits[0][0]} positions of {where} "
+            f"({limits[0][1]} in its config.json)"
         )
-    heads, tp = mc.get("num_attention_heads"), cfg.rollout.tensor_parallel_size
+    heads, kv, tp = mc.get("num_attention_heads"), mc.get("num_key_value_heads"), cfg.rollout.tensor_parallel_size
     if heads and heads % tp:
         problems.append(
             f"rollout.tensor_parallel_size={tp} does not divide the {heads} attention heads of "
-            f"model.path={cfg.model.path!r} (num_attention_heads in its config.json)"
+            f"{where} (num_attention_heads in its config.json)"
         )
-    vocab, tok_dir = mc.get("vocab_size"), Path(cfg.model.tokenizer_path or cfg.model.path)
-    if vocab and tok_dir.is_dir() and has_tokenizer_files(tok_dir):
-        from transformers import AutoTokenizer
-
-        size = len(AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.model.trust_remote_code))
-        if size > vocab:
-            field = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
-            problems.append(
-                f"the tokenizer at {field}={str(tok_dir)!r} has {size} tokens but model.path={cfg.model.path!r} "
-                f"embeds {vocab} (vocab_size in its config.json): token ids beyond {vocab - 1} have no embedding"
-            )
+    # vLLM splits the key/value heads over the ranks, or replicates each over tp/kv of them.
+    if kv and (kv % tp if tp < kv else tp % kv):
+        problems.append(
+            f"rollout.tensor_parallel_size={tp} neither divides nor is a multiple of the {kv} key/value heads of "
+            f"{where} (num_key_value_heads in its config.json)"
+        )
+    inter = mc.get("intermediate_size")
+    if isinstance(inter, int) and inter % tp and not any(k in mc for k in _MOE_KEYS):
+        problems.append(
+            f"rollout.tensor_parallel_size={tp} does not divide the {inter} MLP channels of {where} "
+            "(intermediate_size in its config.json)"
+        )
+    no_fp16 = sorted({top.get("model_type"), mc.get("model_type")} & set(VLLM_NO_FLOAT16))
+    if cfg.model.dtype == "float16" and no_fp16:
+        problems.append(
+            f"model.dtype=float16 but {where} is a {no_fp16[0]!r} model (model_type in its config.json), which "
+            "vLLM refuses to run in float16 (numerically unstable); use bfloat16 or float32"
+        )
     return problems
 
 
-def _lora_problem(cfg: Config) -> str | None:
-    """Target modules the model does not have, found on a meta-device copy (no weights loaded)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from grpo_dist.lora import check_target_modules
-
-    model_cfg = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_cfg, trust_remote_code=cfg.model.trust_remote_code)
-    try:
-        check_target_modules(model, cfg.model.lora, f"model.path={cfg.model.path!r}")
-    except ValueError as e:
-        return str(e)
-    return None
+def _load_refusal(field: str, value: str, file: str, e: Exception, trust: bool) -> str:
+    f = Path(value) / file
+    if not trust and f.is_file() and "auto_map" in json.loads(f.read_text()):
+        return (
+            f"model.trust_remote_code=false but {field}={value!r} ships its own code (auto_map in its {file}), "
+            "which transformers and vLLM run only with model.trust_remote_code=true (set it if you trust that code)"
+        )
+    return f"{field}={value!r}: transformers cannot load its {file}: {first_line(e)}"
 
 
-def _shared_prompt_problem(cfg: Config) -> str | None:
+def _hf_config(cfg: Config):
+    """(transformers' config of model.path, None), or (None, why it does not load)."""
     from transformers import AutoConfig
 
+    trust = cfg.model.trust_remote_code
+    try:
+        return AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=trust), None
+    except Exception as e:  # custom code, a model type this transformers lacks, a broken file
+        return None, _load_refusal("model.path", cfg.model.path, "config.json", e, trust)
+
+
+def _tokenizer_problems(cfg: Config) -> list[str]:
+    """The tokenizer loads, fits the model's embedding, has a token the learner pads rows with, and
+    its chat template renders the prompts the data will build (else: learner start, first step, data)."""
+    tok_dir, trust = Path(cfg.model.tokenizer_path or cfg.model.path), cfg.model.trust_remote_code
+    if not (tok_dir.is_dir() and has_tokenizer_files(tok_dir)):
+        return []  # _model_problems names what is missing
+    from transformers import AutoTokenizer
+
+    field = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
+    where = f"the tokenizer at {field}={str(tok_dir)!r}"
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust)
+    except Exception as e:
+        return [_load_refusal(field, str(tok_dir), "tokenizer_config.json", e, trust)]
+    problems = []
+    vocab, size = _model_json(Path(cfg.model.path))[1].get("vocab_size"), len(tok)
+    if vocab and size > vocab:
+        problems.append(
+            f"{where} has {size} tokens but model.path={cfg.model.path!r} embeds {vocab} (vocab_size in its "
+            f"config.json): token ids beyond {vocab - 1} have no embedding"
+        )
+    if tok.pad_token_id is None and tok.eos_token_id is None:
+        problems.append(
+            f"{where} has neither a pad token nor an eos token (pad_token, eos_token in its tokenizer_config.json), "
+            "and the learner pads rows with one; set pad_token there"
+        )
+    if not (cfg.data.use_chat_template and getattr(tok, "chat_template", None)):
+        return problems
+    # The messages of grpo_dist.data.build_prompt: a system message when one is configured (or lists the tools).
+    mt, system = cfg.rollout.multi_turn, cfg.data.system_prompt
+    tools_system = mt is not None and bool(mt.tools) and mt.tools_prompt == "system"
+    messages = [{"role": "system", "content": system or ""}] if system is not None or tools_system else []
+    messages.append({"role": "user", "content": cfg.data.prompt_template.format(question="What is 2 + 3?")})
+    try:
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja's TemplateError, e.g. raise_exception('System role not supported')
+        if system is not None:
+            side, fix = f"data.system_prompt={system!r}", "set data.system_prompt=null"
+        elif tools_system:
+            side, fix = (
+                "rollout.multi_turn.tools_prompt=system (the tools in a system message)",
+                "use tools_prompt=template",
+            )
+        else:
+            side, fix = "data.use_chat_template=true", "set data.use_chat_template=false"
+        what = "a system message" if messages[0]["role"] == "system" else "a user turn"
+        problems.append(f"{side} but the chat template of {where} cannot render {what} ({first_line(e)}); {fix}")
+    return problems
+
+
+def _meta_model_problems(cfg: Config, hf) -> list[str]:
+    """Gradient checkpointing and the LoRA targets against the model's modules, on a meta-device copy
+    (no weights loaded); each otherwise fails at learner start or, for some targets, never syncs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from grpo_dist.lora import check_target_modules, wrap
+
+    # The layer types PEFT's LoRA takes (peft/tuners/lora/model.py: "Target module ... is not supported").
+    nn = torch.nn
+    peft_layers = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
+    where, lora = f"model.path={cfg.model.path!r}", cfg.model.lora
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf, trust_remote_code=cfg.model.trust_remote_code)
+    arch, problems = type(model).__name__, []
+    if cfg.model.gradient_checkpointing and not model.supports_gradient_checkpointing:
+        problems.append(
+            f"model.gradient_checkpointing=true but {where} ({arch}) does not support it (transformers' "
+            "supports_gradient_checkpointing); set model.gradient_checkpointing=false"
+        )
+    if lora is None:
+        return problems
+    try:
+        check_target_modules(model, lora, where)
+    except ValueError as e:
+        return [*problems, str(e)]
+    named = [(n.rsplit(".", 1)[-1], m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in lora.target_modules]
+    # PEFT keeps an embedding's adapter as lora_embedding_A/B, which the weight sync (lora_A/B) never sends.
+    if emb := sorted({t for t, m in named if isinstance(m, torch.nn.Embedding)}):
+        problems.append(
+            f"model.lora.target_modules: {emb} are embeddings in {where} ({arch}); grpo-dist syncs adapters of "
+            "linear layers only: drop them"
+        )
+    head, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = [t for t, m in named if m is head and head is not None and head.weight is inputs.weight]
+    if tied and lora.sync == "merged":
+        problems.append(
+            f"model.lora.target_modules: {tied[0]!r} with model.lora.sync=merged, but {where} ties it to its input "
+            f"embedding (tie_word_embeddings): the merged sync sends that shared weight once, without the adapter's "
+            f"delta; drop {tied[0]!r}"
+        )
+    try:
+        wrap(model, lora, cfg.model.path)
+    except ValueError as e:  # PEFT: "Target module ... is not supported"
+        odd = sorted({f"{t!r} ({type(m).__name__})" for t, m in named if not isinstance(m, peft_layers)})
+        fit = sorted({t for t, m in named if isinstance(m, peft_layers)})
+        problems.append(
+            f"model.lora.target_modules: {', '.join(odd) or first_line(e)} in {where} ({arch}) cannot take a LoRA "
+            f"adapter (PEFT adapts linear, embedding and convolution layers); of the targets, {fit} can"
+        )
+    return problems
+
+
+def _shared_prompt_problem(cfg: Config, hf) -> str | None:
     from grpo_dist.forward import shared_prompt_refusal
 
-    model_cfg = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    return shared_prompt_refusal(model_cfg, cfg.data.max_prompt_length + cfg.max_completion_tokens, cfg.model.path)
+    return shared_prompt_refusal(hf, cfg.data.max_prompt_length + cfg.max_completion_tokens, cfg.model.path)
 
 
 def _writable_dir_problem(field: str, value: str) -> str | None:
@@ -228,7 +374,9 @@ def _template_problems(cfg: Config) -> list[str]:
     from grpo_dist.transcript import check_append_only, env_suffix_ids, template_takes_tools
 
     mt = cfg.rollout.multi_turn
-    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+    tok = AutoTokenizer.from_pretrained(
+        cfg.model.tokenizer_path or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
+    )
     if not getattr(tok, "chat_template", None) or not cfg.data.use_chat_template:
         return ["rollout.multi_turn needs the tokenizer's chat template (and data.use_chat_template=true)"]
     problems = []
@@ -290,6 +438,11 @@ def preflight(cfg: Config, cuda: bool, where: Literal["local", "submit"] = "loca
                 notes.append("rollout.multi_turn: the chat template of a hub tokenizer is not checked before launch")
         if not cuda and (cfg.cluster.num_gpus_per_rollout or cfg.cluster.num_gpus_per_learner):
             notes.append("GPUs requested per actor but this machine has no CUDA: the cluster must provide them")
+        elif not cuda and cfg.model.dtype == "float16" and not cpu_fp16_supported():
+            problems.append(
+                "model.dtype=float16 but the learner runs on CPU (no CUDA here, cluster.num_gpus_per_learner=0) and "
+                "DeepSpeed refuses fp16 on this CPU (oneDNN has no float16 on it); use float32 or bfloat16"
+            )
         if cfg.data.source in ("gsm8k", "hf") and cfg.data.path and not Path(cfg.data.path).exists():
             if cfg.data.source == "hf" and is_hub_id(cfg.data.path):
                 notes.append(f"data.path={cfg.data.path!r} is not a local path; it is loaded from the hub")

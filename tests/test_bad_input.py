@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from grpo_dist.checkpoint import save_checkpoint
 from grpo_dist.config import load_config
 from grpo_dist.lock import LOCK_NAME
+from grpo_dist.preflight import cpu_fp16_supported
 from tests.test_e2e import cli_env, ray_daemon_pids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +43,8 @@ def write_config(tmp_path: Path, model: Path, name: str = "c.yaml", **sections) 
         "learner": {"num_ranks": 2, "micro_batch_size": 4},
         "trainer": {"steps": 2, "prompts_per_step": 4, "output_dir": str(tmp_path / "out")},
     }
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -96,6 +98,38 @@ def rewriting_template_model(tiny: Path, tmp_path: Path) -> Path:
     tc["chat_template"] = template
     (d / "tokenizer_config.json").write_text(json.dumps(tc))
     return d
+
+
+def edited_model(tiny: Path, tmp_path: Path, name: str, template: str | None = None, **files: dict) -> Path:
+    """The tiny model's files with keys of its JSON files replaced (``config={...}``,
+    ``tokenizer_config={...}``) and, when given, another chat template."""
+    d = tmp_path / name
+    shutil.copytree(tiny, d)
+    for stem, changes in files.items():
+        f = d / f"{stem}.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+    if template is not None:
+        (d / "chat_template.jinja").write_text(template)
+    return d
+
+
+def tp_on_gpus(tp: int) -> list[str]:
+    """Overrides that run each engine with tensor parallelism ``tp`` on as many GPUs (a config
+    the schema takes; preflight checks it against the model on a CPU machine too)."""
+    sets = [
+        f"rollout.tensor_parallel_size={tp}",
+        f"cluster.num_gpus_per_rollout={tp}",
+        "cluster.num_gpus_per_learner=1",
+    ]
+    return [a for s in sets for a in ("--set", s)]
+
+
+# A chat template that, like Gemma's, refuses a system message.
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def two_argument_factory(row, difficulty):
@@ -241,6 +275,134 @@ def cases(tmp_path: Path, tiny: Path) -> dict:
             ["run", str(write_config(tmp_path, small_vocab_model(tiny, tmp_path), "small-vocab.yaml"))],
             "has 265 tokens but model.path=",
         ),
+        "a model that ships its own code without trust_remote_code": (
+            [
+                "run",
+                str(
+                    write_config(
+                        tmp_path,
+                        edited_model(
+                            tiny,
+                            tmp_path,
+                            "custom-code",
+                            config={
+                                "model_type": "tinycustom",
+                                "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig"},
+                            },
+                        ),
+                        "custom-code.yaml",
+                    )
+                ),
+            ],
+            "model.trust_remote_code=false but model.path=",
+        ),
+        "a context beyond the model's n_positions": (
+            [
+                "run",
+                str(
+                    write_config(
+                        tmp_path, edited_model(tiny, tmp_path, "n-pos", config={"n_positions": 64}), "n-pos.yaml"
+                    )
+                ),
+                "--set",
+                "rollout.max_model_len=128",
+            ],
+            "rollout.max_model_len = 128 is beyond the 64 positions of model.path=",
+        ),
+        "tensor parallelism that splits the key/value heads unevenly": (
+            [
+                "run",
+                str(
+                    write_config(
+                        tmp_path,
+                        edited_model(
+                            tiny, tmp_path, "kv-heads", config={"num_attention_heads": 12, "num_key_value_heads": 4}
+                        ),
+                        "kv-heads.yaml",
+                    )
+                ),
+                *tp_on_gpus(6),
+            ],
+            "rollout.tensor_parallel_size=6 neither divides nor is a multiple of the 4 key/value heads of model.path=",
+        ),
+        "tensor parallelism that does not divide the MLP": (
+            [
+                "run",
+                str(
+                    write_config(
+                        tmp_path, edited_model(tiny, tmp_path, "mlp", config={"intermediate_size": 513}), "mlp.yaml"
+                    )
+                ),
+                *tp_on_gpus(2),
+            ],
+            "rollout.tensor_parallel_size=2 does not divide the 513 MLP channels of model.path=",
+        ),
+        "float16 for a model type vLLM refuses in float16": (
+            [
+                "run",
+                str(
+                    write_config(
+                        tmp_path, edited_model(tiny, tmp_path, "gemma2", config={"model_type": "gemma2"}), "g.yaml"
+                    )
+                ),
+                "--set",
+                "model.dtype=float16",
+            ],
+            "is a 'gemma2' model (model_type in its config.json), which vLLM refuses to run in float16",
+        ),
+        "float16 on a CPU without float16": (
+            ["run", str(ok), "--set", "model.dtype=float16"],
+            "model.dtype=float16 but the learner runs on CPU",
+        ),
+        "LoRA on a module that is not a layer": (
+            ["run", str(ok), "--set", "model.lora.target_modules=[q_proj, mlp]"],
+            "model.lora.target_modules: 'mlp' (Qwen2MLP) in model.path=",
+        ),
+        "LoRA on the input embedding": (
+            ["run", str(ok), "--set", "model.lora.target_modules=[q_proj, embed_tokens]"],
+            "model.lora.target_modules: ['embed_tokens'] are embeddings in model.path=",
+        ),
+        "merged LoRA on a tied LM head": (
+            ["run", str(ok), "--set", "model.lora={target_modules: [q_proj, lm_head], sync: merged}"],
+            "model.lora.target_modules: 'lm_head' with model.lora.sync=merged, but model.path=",
+        ),
+        "gradient checkpointing on a model without it": (
+            [
+                "run",
+                str(
+                    write_config(
+                        tmp_path, edited_model(tiny, tmp_path, "jetmoe", config={"model_type": "jetmoe"}), "jetmoe.yaml"
+                    )
+                ),
+                "--set",
+                "model.gradient_checkpointing=true",
+                "--set",
+                "learner.shared_prompt_forward=false",
+            ],
+            "(JetMoeForCausalLM) does not support it",
+        ),
+        "a system prompt the chat template refuses": (
+            [
+                "run",
+                str(write_config(tmp_path, edited_model(tiny, tmp_path, "no-system", NO_SYSTEM_TEMPLATE), "ns.yaml")),
+                "--set",
+                "data.system_prompt=Be brief.",
+            ],
+            "data.system_prompt='Be brief.' but the chat template of the tokenizer at model.path=",
+        ),
+        "a tokenizer without a pad or eos token": (
+            [
+                "run",
+                str(
+                    write_config(
+                        tmp_path,
+                        edited_model(tiny, tmp_path, "no-pad", tokenizer_config={"pad_token": None, "eos_token": None}),
+                        "no-pad.yaml",
+                    )
+                ),
+            ],
+            "has neither a pad token nor an eos token",
+        ),
         "resume with another model": ("resume", "--resume from"),
         "output directory held by a running job": ("locked", "is in use by pid"),
         "scale to a cluster that is not there": (
@@ -282,6 +444,18 @@ CASES = [
     "a context beyond the model's positions",
     "tensor parallelism that does not divide the attention heads",
     "a tokenizer larger than the model's vocabulary",
+    "a model that ships its own code without trust_remote_code",
+    "a context beyond the model's n_positions",
+    "tensor parallelism that splits the key/value heads unevenly",
+    "tensor parallelism that does not divide the MLP",
+    "float16 for a model type vLLM refuses in float16",
+    "float16 on a CPU without float16",
+    "LoRA on a module that is not a layer",
+    "LoRA on the input embedding",
+    "merged LoRA on a tied LM head",
+    "gradient checkpointing on a model without it",
+    "a system prompt the chat template refuses",
+    "a tokenizer without a pad or eos token",
     "resume with another model",
     "output directory held by a running job",
     "scale to a cluster that is not there",
@@ -304,6 +478,8 @@ def run_cli(argv: list[str]) -> tuple[subprocess.CompletedProcess, float]:
 
 @pytest.mark.parametrize("name", CASES)
 def test_bad_input_fails_in_one_line(name, tmp_path, tiny_model_dir):
+    if name == "float16 on a CPU without float16" and (torch.cuda.is_available() or cpu_fp16_supported()):
+        pytest.skip("this machine runs a float16 learner (CUDA, or oneDNN float16 on its CPU)")
     argv, fragment = cases(tmp_path, tiny_model_dir)[name]
     out_dir = tmp_path / "out"
     if argv == "resume":
