@@ -322,7 +322,9 @@ def load_run_rows(cfg: Config, train: bool = True) -> tuple[list[dict], list[dic
     ``train=False`` (evaluation only) leaves the train split unread: ``([], test rows)``."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+    tok = AutoTokenizer.from_pretrained(
+        cfg.model.tokenizer_path or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
+    )
     tools = prompt_tools(cfg)
     train_split, test_split = cfg.data.train_split, cfg.data.test_split
     rows = load_split(cfg.data, tok, train_split, min_rows=cfg.trainer.prompts_per_step, tools=tools) if train else []
