@@ -211,7 +211,6 @@ def run_once(mode: str, chaos: bool, args: argparse.Namespace, work: Path) -> di
         t_start = time.monotonic()
         while True:
             lines_before = len(read_jsonl(run / "metrics.jsonl"))
-            t0 = time.monotonic()
             job = start_job(cfg, work, plan if chaos else None, resume)
             lost_learner = False
             try:
@@ -237,7 +236,7 @@ def run_once(mode: str, chaos: bool, args: argparse.Namespace, work: Path) -> di
             finally:
                 if job.poll() is None:
                     os.killpg(job.pid, signal.SIGKILL)
-            segments.append({"lines_before": lines_before, "code": job.returncode, "seconds": time.monotonic() - t0})
+            segments.append({"lines_before": lines_before})
             if job.returncode == 0:
                 break
             if not lost_learner:
@@ -259,7 +258,6 @@ def run_once(mode: str, chaos: bool, args: argparse.Namespace, work: Path) -> di
         "metrics": read_jsonl(run / "metrics.jsonl"),
         "prompts": read_jsonl(run / "prompts.jsonl"),
         "evals": read_jsonl(run / "eval.jsonl"),
-        "log": (run / "grpo-dist.log").read_text() if (run / "grpo-dist.log").exists() else "",
         "stderr": (work / "job.stderr").read_text(),
         "samples": samples,
     }

@@ -1,6 +1,6 @@
 """Run-directory logging: metrics.jsonl (one object per step), prompts.jsonl (the data rows each step
-trained on), TensorBoard, a progress bar with
-ETA, sample completions, and at the end summary.json, a before/after table and a PNG plot.
+trained on), TensorBoard, a progress bar with ETA, sample completions, and at the end summary.json,
+a before/after table and a PNG plot.
 
 Cluster-side metrics (Ray's ``ray.util.metrics``, shown in the dashboard) are recorded through
 the ``record`` callback that ``deploy/`` passes in, so this module stays free of ray. Every key is
