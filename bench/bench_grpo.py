@@ -174,6 +174,12 @@ def summarize(all_rows: list[dict], warmup: int, drain: int = 0) -> dict[str, fl
         "sync_bytes": med(rows, "sync/bytes"),
         "sync_MB_per_s": med(rows, "sync/bytes") / 1e6 / sync_s if sync_s > 0 else float("nan"),
         "idle_s": med(rows, "time/idle"),
+        # Streaming runs (rollout.streaming) report the engines' occupancy and idle time themselves;
+        # engine_busy_frac is every run's engine seconds over its step (the engine's share of the wall).
+        "engine_occupancy": med(rows, "rollout/engine_occupancy"),
+        "engine_idle_frac": med(rows, "rollout/engine_idle_fraction"),
+        "engine_busy_frac": statistics.median(e / st for st, e, _ in per_step),
+        "sync_wait_s": med(rows, "sync/wait_seconds"),
         "prompt_tokens_per_step": statistics.mean(r.get("rollout/prompt_tokens") or 0.0 for r in rows),
         "generated_tokens_per_step": statistics.mean(r.get("rollout/generated_tokens") or 0.0 for r in rows),
         "overhead_frac": statistics.median(max(st - e - t, 0.0) / st for st, e, t in per_step),
@@ -208,8 +214,12 @@ def table(results: dict[str, dict[str, float]]) -> str:
         "score_s",
         "ref_logp_s",
         "weight_sync_s",
+        "sync_wait_s",
         "sync_MB_per_s",
         "idle_s",
+        "engine_busy_frac",
+        "engine_occupancy",
+        "engine_idle_frac",
         "overhead_frac",
         "step_over_max",
     ]

@@ -179,7 +179,12 @@ class RayCluster:
                 sent = self._sync_once(version)
             except (RayError, TimeoutError, RuntimeError) as second:
                 raise RuntimeError(f"weight sync v{version} failed twice; first: {first}; retry: {second}") from second
-        return {"seconds": time.perf_counter() - t0, "bytes": float(sent.get("bytes", 0)), "version": version}
+        return {
+            "seconds": time.perf_counter() - t0,
+            "bytes": float(sent.get("bytes", 0)),
+            "version": version,
+            "wait_seconds": sent["wait_seconds"],
+        }
 
     def _sync_once(self, version: int) -> dict:
         # Half the learner group's collective timeout: while learner rank 0 joins the sync group (and
@@ -222,9 +227,10 @@ class RayCluster:
             raise TimeoutError(
                 f"weight sync v{version}: rollout workers {late} did not finish loading within {timeout:.0f}s"
             )
+        waits = [0.0]
         for name, ref in zip(names, recv_refs):
             try:
-                ray.get(ref, timeout=rpc)
+                waits.append(ray.get(ref, timeout=rpc)["wait_seconds"])
             except RayError as e:
                 raise RuntimeError(f"weight sync v{version}: {name} failed while receiving: {first_line(e)}") from e
         versions = self.rollout.weight_versions()
@@ -232,7 +238,7 @@ class RayCluster:
         if stale:
             raise RuntimeError(f"weight sync v{version}: workers still report {stale}")
         self.rollout.mark_synced(version)
-        return sent
+        return {**sent, "wait_seconds": max(waits)}
 
     def _push_current_weights(self) -> None:
         """The rollout manager's hook for a restarted worker: serve the learner's weights again."""

@@ -28,7 +28,7 @@ class RolloutBatch:
     rewards: list[float]  # combined reward per row; NaN = no usable reward
     reward_components: dict[str, list[float]]  # per reward function, NaN where missing
     group_ids: list[int]  # equal for rows of the same prompt; consecutive
-    weight_version: int  # learner step whose weights generated this batch
+    weight_version: int  # learner step whose weights generated this batch (streaming: its oldest token's)
     prompts: list[str] = field(default_factory=list)  # prompt text per row (logging, rewards)
     completions: list[str] = field(default_factory=list)  # decoded completion per row
     answers: list[str] = field(default_factory=list)  # reference answer per row
@@ -40,6 +40,10 @@ class RolloutBatch:
     # Multi-turn rows: model turns, and why the episode stopped (STOP_REASONS).
     num_turns: list[int] | None = None
     stop_reasons: list[str] | None = None
+    # Streaming rows (rollout.streaming): the weight version that sampled each completion token (a row
+    # spans two or more when an update landed while it was generated). None: every token is
+    # ``weight_version``'s.
+    token_versions: list[list[int]] | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds, by phase
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. reward failures by function/kind
 
@@ -61,6 +65,13 @@ class RolloutBatch:
         unknown = set(self.stop_reasons or ()) - set(STOP_REASONS)
         if unknown:
             raise ValueError(f"RolloutBatch.stop_reasons has {sorted(unknown)}; known: {list(STOP_REASONS)}")
+        if self.token_versions is not None:
+            if len(self.token_versions) != n or any(
+                len(c) != len(v) for c, v in zip(self.completion_ids, self.token_versions)
+            ):
+                raise ValueError("RolloutBatch.token_versions must hold one version per completion token of every row")
+            if any(v < self.weight_version for vs in self.token_versions for v in vs):
+                raise ValueError("RolloutBatch.weight_version must be its oldest token's version")
         if self.loss_mask is not None:
             if len(self.loss_mask) != n:
                 raise ValueError(f"RolloutBatch.loss_mask has {len(self.loss_mask)} rows, expected {n}")
@@ -96,7 +107,11 @@ class RolloutBatch:
         if not batches:
             raise ValueError("cannot concatenate zero batches")
         versions = {b.weight_version for b in batches}
-        if len(versions) != 1:
+        per_token = [b.token_versions is not None for b in batches]
+        if any(per_token) and not all(per_token):
+            raise ValueError("refusing to mix streaming rows (per-token versions) with batch rows")
+        # Streaming rows carry each token's version, so their batches may mix; others are one version each.
+        if len(versions) != 1 and not all(per_token):
             raise ValueError(f"refusing to mix weight versions {sorted(versions)} in one batch")
         out: dict[str, Any] = {}
         for f in fields(RolloutBatch):
@@ -132,7 +147,9 @@ class RolloutBatch:
                         acc[k] = acc.get(k, 0.0) + x
                 out[f.name] = acc
             elif f.name == "weight_version":
-                out[f.name] = vals[0]
+                out[f.name] = min(vals)
+            elif f.name == "token_versions":
+                out[f.name] = None if vals[0] is None else [x for v in vals for x in v]
             else:
                 out[f.name] = [x for v in vals for x in v]
         return RolloutBatch(**out)

@@ -422,6 +422,20 @@ class RolloutConfig(_Section):
         "failure get a fresh one), and on starting an engine; past it the run fails.",
     )
     multi_turn: MultiTurnConfig | None = Field(None, description="Multi-turn episodes with an environment or tools.")
+    streaming: bool = Field(
+        False,
+        description="Continuous generation: each worker keeps its engine full from a queue of groups (stepping vLLM's "
+        "engine itself instead of one blocking call per batch) and a step trains on the first "
+        "trainer.prompts_per_step groups to complete, in completion order; the driver keeps up to "
+        "(trainer.max_staleness + 1) * trainer.prompts_per_step groups in flight. Needs trainer.max_staleness >= 1.",
+    )
+    in_flight_updates: bool = Field(
+        True,
+        description="With streaming: a weight update is applied between two engine steps and the running requests "
+        "continue under the new weights (their KV cache recomputed), each token recording the version that "
+        "sampled it. False: an update waits for the running requests, which finish on the version they started "
+        "with (one version per row), and no request starts meanwhile.",
+    )
 
 
 class LearnerConfig(_Section):
@@ -660,7 +674,9 @@ class Config(_Section):
         - `learner.ref_sync_every` is not set with `model.lora`, nor with `algorithm.beta: 0`.
         - `model.gradient_checkpointing` needs `learner.shared_prompt_forward: false`.
         - With `rollout.multi_turn`, `rollout.generate_timeout_s` is above `rollout.multi_turn.episode_timeout_s`.
-        - `rewards.functions` lists at least one function, unless `rollout.multi_turn.env` gives the rewards."""
+        - `rewards.functions` lists at least one function, unless `rollout.multi_turn.env` gives the rewards.
+        - `rollout.streaming` needs `trainer.max_staleness` of at least 1, single-turn rows (no
+          `rollout.multi_turn`) and full-weight sync (not `model.lora.sync: adapter`)."""
         rows = self.trainer.prompts_per_step * self.algorithm.num_generations
         ln = self.learner
         # A token budget packs each rank's rows of a mini-batch itself: no whole row micro-batches are needed.
@@ -690,6 +706,21 @@ class Config(_Section):
             )
         if self.algorithm.dynamic_sampling and self.trainer.max_staleness:
             raise ValueError("algorithm.dynamic_sampling tops batches up on-policy; it needs trainer.max_staleness=0")
+        if self.rollout.streaming:
+            if self.trainer.max_staleness < 1:
+                raise ValueError(
+                    "rollout.streaming trains on groups as they complete, while later ones are generated: it needs "
+                    "trainer.max_staleness >= 1 (the oldest token a trained row may hold, in weight versions)"
+                )
+            if self.rollout.multi_turn is not None:
+                raise ValueError("rollout.streaming generates single-turn rows; it cannot run rollout.multi_turn")
+            if self.model.lora is not None and self.model.lora.sync == "adapter":
+                # A running vLLM request keeps the adapter it started with: in-flight updates would label
+                # tokens with a version that did not sample them.
+                raise ValueError(
+                    "rollout.streaming needs full-weight sync: with model.lora.sync=adapter a running request keeps "
+                    "the adapter it started with; use model.lora.sync: merged"
+                )
         tp, gpus = self.rollout.tensor_parallel_size, self.cluster.num_gpus_per_rollout
         # A fraction of a GPU would put two engines (and two ranks of one NCCL weight-sync group,
         # which NCCL refuses) on one device.

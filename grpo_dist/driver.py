@@ -33,6 +33,7 @@ from grpo_dist.data import PromptSampler
 from grpo_dist.metrics import COUNT, counter_names
 from grpo_dist.monitoring import RunLogger
 from grpo_dist.rewards import REWARDS
+from grpo_dist.streaming import GroupStream, token_age_metrics
 
 log = logging.getLogger("grpo_dist.driver")
 
@@ -163,6 +164,11 @@ class Trainer:
         self.counters = dict.fromkeys(counter_names("driver"), 0)  # count/<name> in grpo_dist.metrics
         self.totals = PhaseTimer()
         self.logger = RunLogger(self.run_dir, cfg.logging, record=cluster.record_metrics)
+        self.stream = (
+            GroupStream(cfg, cluster.rollout, train_rows, self.sampler.next_indices, self.counters)
+            if cfg.rollout.streaming
+            else None
+        )
 
     # ---- data --------------------------------------------------------------------------
     def _draw(self) -> tuple[list[dict], dict, list[int]]:
@@ -223,6 +229,8 @@ class Trainer:
         batch.advantages = compute_advantages(batch.rewards_tensor(), G, self.cfg.algorithm).tolist()
         metrics = batch_metrics(batch, G)
         metrics["staleness"] = float(self.learner_weight_version - batch.weight_version)
+        if batch.token_versions is not None:
+            metrics.update(token_age_metrics(batch, self.learner_weight_version))
         metrics["rollout/weight_version"] = float(batch.weight_version)
         t0 = time.perf_counter()
         learner_metrics = self.cluster.learner.train_step(batch)
@@ -257,6 +265,8 @@ class Trainer:
         self.step = state["step"]
         self.learner_weight_version = state["weight_version"]
         self.counters.update(state.get("counters", {}))
+        if self.stream is not None:
+            self.stream.queued = list(state.get("in_flight", []))
         random.setstate(_tuple_state(state["rng"]["python"]))
         torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
         # A restarted job's rollout workers serve the initial checkpoint: push the resumed weights first.
@@ -270,6 +280,7 @@ class Trainer:
             "weight_version": self.learner_weight_version,
             "sampler": self.trained_position,
             "counters": self.counters,
+            **({"in_flight": self.stream.pending_indices()} if self.stream is not None else {}),
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state().tolist()},
             "config": self.cfg.model_dump(mode="json"),
         }
@@ -304,7 +315,11 @@ class Trainer:
             # Scale requests and restarted workers are handled between steps, before any generation.
             upkeep = timer.time("weight_sync", lambda: self.cluster.maintain(self.learner_weight_version))
             self.num_workers = int(upkeep.get("rollout/num_workers", self.num_workers))
-            if staleness == 0:
+            if self.stream is not None:
+                self.stream.fill(cfg.trainer.steps - self.step)
+                batch, indices = self.stream.take(self.learner_weight_version, partial(timer.time, "generate"))
+                self.trained_position = self.sampler.state_dict()
+            elif staleness == 0:
                 batch, indices = self._generate(timer)
             else:
                 drops = 0

@@ -35,6 +35,7 @@ COUNT = "count/"  # cumulative counters (over the run; a resumed run continues t
 ROLLOUT_COUNT = COUNT + "rollout_"  # the rollout manager's counters, as the cluster reports them
 _PART = re.compile(r"<[a-z_]+>")
 MT = "rollout.multi_turn"
+STREAM = "rollout.streaming"
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,43 @@ METRICS: dict[str, Metric] = _declare(
     Metric("count/batches_dropped_stale", "batches", "batches dropped for exceeding trainer.max_staleness", "driver"),
     Metric("count/groups_dropped_zero_variance", "groups", "zero-variance groups dynamic sampling dropped", "driver"),
     Metric("count/extra_generate_calls", "calls", "extra generations dynamic sampling made to fill a batch", "driver"),
+    Metric(
+        "count/groups_dropped_stale",
+        "groups",
+        "streamed groups dropped (and generated again) for a token older than trainer.max_staleness",
+        "driver",
+        only_with=STREAM,
+    ),
+    # -- streaming (rollout.streaming): the trained rows' per-token weight versions and the engines' load
+    Metric(
+        "rollout/token_age_mean",
+        "versions",
+        "learner version minus the version that sampled each trained token, mean over tokens",
+        "driver",
+        only_with=STREAM,
+    ),
+    Metric("rollout/token_age_max", "versions", "the oldest trained token's age", "driver", only_with=STREAM),
+    Metric(
+        "rollout/mixed_version_rows",
+        "rows",
+        "trained rows whose tokens were sampled by two or more weight versions (an update landed mid-row)",
+        "driver",
+        only_with=STREAM,
+    ),
+    Metric(
+        "rollout/engine_occupancy",
+        "fraction",
+        "mean running sequences per engine step over the engine's max_num_seqs, mean over the workers",
+        "rollout",
+        only_with=STREAM,
+    ),
+    Metric(
+        "rollout/engine_idle_fraction",
+        "fraction",
+        "wall time an engine took no step (nothing to generate, or a weight load), mean over the workers",
+        "rollout",
+        only_with=STREAM,
+    ),
     # -- held-out evaluation (grpo_dist.driver.eval_rows), on trainer.eval_every steps; eval.jsonl has them unprefixed
     Metric("eval/accuracy", "fraction", "held-out mean accuracy reward", "driver"),
     Metric("eval/format_reward", "reward", "held-out mean format reward", "driver"),
@@ -288,6 +326,13 @@ METRICS: dict[str, Metric] = _declare(
     ),
     Metric("sync/bytes", "bytes", "bytes the weight sync broadcast", "cluster"),
     Metric("sync/version", "version", "weight version the sync pushed", "cluster"),
+    Metric(
+        "sync/wait_seconds",
+        "s",
+        "longest wait of a worker's weight load for its engine thread (a generate call in flight, or one engine "
+        "step when streaming)",
+        "cluster",
+    ),
 )
 
 # Ray metric names (tags worker, node); the description each is created with is its meaning.

@@ -45,6 +45,7 @@ from grpo_dist.config import AlgoConfig, ClusterConfig, ModelConfig, RewardsConf
 from grpo_dist.errors import first_line
 from grpo_dist.metrics import ROLLOUT_COUNT, counter_names
 from grpo_dist.weight_sync import ParamSpec
+from rollout_server.feed import StreamFeed
 from rollout_server.worker import DEFAULT_BUCKET_BYTES, RolloutWorker, WorkerRestarted
 from rollout_server.worker_placement import (
     cpu_bind_ranges,
@@ -141,6 +142,7 @@ class RolloutManager:
         self._lost_nodes: set[str] = set()
         self.synced_weight_version = 0  # what the pool is meant to serve: the last version pushed
         self._workers: list[_Worker] = []
+        self._feed: StreamFeed | None = None
         self._next_id = 0
         # Core ids this driver may use; CPU workers are bound to disjoint slices of them.
         self._cores = (
@@ -679,6 +681,34 @@ class RolloutManager:
             w.handle.receive_weights.remote(manifest_ref, version, host, port, rank, size, timeout_s, bucket_bytes)
             for w, rank in zip(pool, offsets)
         ]
+
+    # ------------------------------------------------------------ streaming (rollout.streaming)
+
+    def serving_workers(self) -> list[_Worker]:
+        """The serving workers (polled once when none serves)."""
+        if not self._serving():
+            self.refresh()
+        return self._serving()
+
+    def mark_down(self, name: str, why: str) -> None:
+        self._mark_down(name, why)
+
+    @property
+    def feed(self) -> StreamFeed:
+        if self._feed is None:
+            self._feed = StreamFeed(self)
+        return self._feed
+
+    def stream_submit(self, groups: list[tuple[int, dict]]) -> None:
+        """Queue ``(uid, row)`` groups of G completions each on the serving workers (``rollout_server.feed``)."""
+        self.feed.submit(groups)
+
+    def stream_take(self, want: int, timeout_s: float | None = None) -> tuple[RolloutBatch, list[int]]:
+        """The first ``want`` groups to finish, in completion order, and their uids."""
+        return self.feed.take(want, self.rollout_cfg.generate_timeout_s if timeout_s is None else timeout_s)
+
+    def stream_in_flight(self) -> int:
+        return self.feed.in_flight
 
     def mark_synced(self, version: int) -> None:
         """Every reachable worker loaded ``version``: they all serve it from now on."""

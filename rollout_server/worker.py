@@ -5,7 +5,10 @@ during a long generate. Every engine call (start-up, generate, weight load) runs
 dedicated engine thread (a single-thread executor): that serialises generate against
 ``receive_weights`` (no request ever runs on half-loaded weights) and keeps all torch/OpenMP
 work on one OS thread, which inherits the core binding. Reward scoring runs after the engine
-returns, outside the engine thread, so a weight load can proceed while a batch is scored.
+returns, outside the engine thread, so a weight load can proceed while a batch is scored. With
+``rollout.streaming`` the engine thread is ``rollout_server.stream.EngineLoop``: the same one thread,
+which steps the engine for the queued groups itself and runs weight loads between two steps
+(``stream_submit`` / ``stream_take``; a blocking ``generate`` joins the running groups).
 
 Engine process model. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set by the manager through the
 actor's ``runtime_env``) keeps vLLM's engine core inside the actor process; with the default
@@ -53,6 +56,7 @@ from grpo_dist.rewards import add_component, build_reward_fns, score
 from grpo_dist.weight_sync import ParamSpec, check_manifest, spec_of
 from rollout_server.episodes import TOOL_COUNTERS, EpisodeRunner
 from rollout_server.seeds import request_seeds
+from rollout_server.stream import EngineLoop, StreamGroup, token_versions
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +192,9 @@ def reward_columns(rows: list[dict], n: int, completion_ids: list[list[int]]) ->
     return cols
 
 
-def extract_outputs(request_outputs: list[Any], n: int) -> list[dict[str, Any]]:
-    """Plain per-completion records from vLLM ``RequestOutput``s, G consecutive per prompt."""
+def extract_outputs(request_outputs: list[Any], n: int, default_version: int | None = None) -> list[dict[str, Any]]:
+    """Plain per-completion records from vLLM ``RequestOutput``s, G consecutive per prompt. With
+    ``default_version`` (streaming) each record also holds its tokens' weight versions."""
     out = []
     for p, req in enumerate(request_outputs):
         comps = sorted(req.outputs, key=lambda c: c.index)
@@ -200,7 +205,10 @@ def extract_outputs(request_outputs: list[Any], n: int) -> list[dict[str, Any]]:
             if c.logprobs is None or len(c.logprobs) != len(ids):
                 raise RuntimeError(f"vLLM returned no per-token log-probs for prompt {p} (logprobs=0 requested)")
             logp = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
-            out.append({"group": p, "ids": ids, "logp": logp, "truncated": c.finish_reason == "length", "text": c.text})
+            rec = {"group": p, "ids": ids, "logp": logp, "truncated": c.finish_reason == "length", "text": c.text}
+            if default_version is not None:
+                rec["versions"] = token_versions(c.weight_versions, len(ids), default_version)
+            out.append(rec)
     return out
 
 
@@ -231,7 +239,16 @@ def generate_records(
 
 def repeat_records(records: list[dict[str, Any]], times: int) -> list[dict[str, Any]]:
     """Each record ``times`` times in a row (independent copies), keeping groups consecutive."""
-    return [{**r, "ids": list(r["ids"]), "logp": list(r["logp"])} for r in records for _ in range(times)]
+    return [
+        {
+            **r,
+            "ids": list(r["ids"]),
+            "logp": list(r["logp"]),
+            **({"versions": list(r["versions"])} if "versions" in r else {}),
+        }
+        for r in records
+        for _ in range(times)
+    ]
 
 
 def failure_metrics(failures: dict[str, int]) -> dict[str, float]:
@@ -279,6 +296,7 @@ def build_batch(
         for key in sorted({k for c in completions for k in c["info"]} | set(TOOL_COUNTERS)):
             name = key if key in TOOL_COUNTERS else f"env/{key}"
             metrics[name] = float(sum(c["info"].get(key, 0.0) for c in completions))
+    versions = [c["versions"] for c in completions] if "versions" in completions[0] else None
     return RolloutBatch(
         prompt_ids=prompt_ids,
         completion_ids=ids,
@@ -296,6 +314,7 @@ def build_batch(
         loss_mask=[c["loss_mask"] for c in completions] if episodes else None,
         num_turns=[c["turns"] for c in completions] if episodes else None,
         stop_reasons=[c["stop"] for c in completions] if episodes else None,
+        token_versions=versions,
     )
 
 
@@ -329,7 +348,13 @@ class RolloutWorker:
         self._gauges = _WorkerGauges(name, self.where["node_id"])
         self._gauges.set_weight_version(self.weight_version, self.awaiting_weights)
         self._engine_failure: str | None = None  # set once the engine raised inside generate
-        self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-engine")
+        self._streaming = rollout_cfg.streaming
+        self._channels = itertools.count()  # one per blocking generate call in streaming mode
+        self._engine: Any = (
+            EngineLoop(name, rollout_cfg.in_flight_updates)
+            if self._streaming
+            else ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-engine")
+        )
         t0 = time.perf_counter()
         # Bounded here by generate_timeout_s and from outside by RolloutManager.start's timeout.
         self._llm = self._on_engine(self._start_engine, rollout_cfg.generate_timeout_s)
@@ -349,10 +374,12 @@ class RolloutWorker:
         self._thread_info = self._on_engine(_thread_info, 60.0)
         log.info("%s: engine ready in %.1f s (%s)", name, self.start_seconds, self._thread_info)
 
-    def _on_engine(self, fn, timeout_s: float, *args):
-        """Run ``fn`` on the engine thread and wait at most ``timeout_s`` (queueing included)."""
+    def _on_engine(self, fn, timeout_s: float, *args, park: bool = False):
+        """Run ``fn`` on the engine thread and wait at most ``timeout_s`` (queueing included);
+        ``park`` (streaming): a weight load (``rollout_server.stream``)."""
         try:
-            return self._engine.submit(fn, *args).result(timeout=timeout_s)
+            fut = self._engine.submit(fn, *args, park=park) if self._streaming else self._engine.submit(fn, *args)
+            return fut.result(timeout=timeout_s)
         except FutureTimeoutError:
             raise TimeoutError(
                 f"{self.name}: {fn.__name__} did not finish within {timeout_s:.0f}s (the engine thread may be "
@@ -380,7 +407,12 @@ class RolloutWorker:
     def _start_engine(self):
         from vllm import LLM
 
-        return LLM(**self._engine_kwargs)
+        llm = LLM(**self._engine_kwargs)
+        # vLLM labels every sampled token with the label current at that step (streaming rows carry them).
+        llm.llm_engine.set_weight_version(str(self.weight_version))
+        if self._streaming:
+            self._engine.attach(llm)
+        return llm
 
     # ------------------------------------------------------------ cheap queries (never blocked)
 
@@ -432,7 +464,9 @@ class RolloutWorker:
         base = self.rollout_cfg.seed if seed_override is None else int(seed_override)
         seeds = request_seeds(base, call, len(prompts), n)
         t0 = time.perf_counter()
-        if self._episodes is not None:
+        if self._streaming:
+            completions, version = self._stream_generate(prompts, kw, seeds)
+        elif self._episodes is not None:
             completions, version = self._on_engine(
                 self._run_episodes, self.rollout_cfg.generate_timeout_s, prompts, kw, seeds
             )
@@ -447,6 +481,81 @@ class RolloutWorker:
         gen_seconds = time.perf_counter() - t0
         self._gauges.generated(len(prompts) * n, gen_seconds)
         return build_batch(prompts, n, completions, version, self._rewards, self.rewards_cfg.timeout_s, gen_seconds)
+
+    def _stream_generate(self, rows: list[dict], kw: dict[str, Any], seeds: list[int]):
+        """``generate`` on a streaming engine: the rows join the running groups on a channel of
+        their own and this call waits for all of them; records in row order, and the oldest
+        token's version."""
+        self._check_serving()
+        n = kw["n"]
+        engine_n = 1 if kw["temperature"] == 0 else n  # as engine_requests: greedy samples are identical
+        channel = f"call{next(self._channels)}"
+        self._engine.add(
+            [
+                StreamGroup(uid=i, row=r, params={**kw, "n": engine_n, "seed": s}, channel=channel)
+                for i, (r, s) in enumerate(zip(rows, seeds))
+            ]
+        )
+        got: list = []
+        deadline = time.monotonic() + self.rollout_cfg.generate_timeout_s
+        while len(got) < len(rows):
+            self._check_stream()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"{self.name}: {len(rows) - len(got)} of {len(rows)} prompts did not finish within "
+                    f"{self.rollout_cfg.generate_timeout_s:.0f}s"
+                )
+            got += self._engine.take(channel, len(rows), min(left, 5.0))
+        got.sort(key=lambda go: go[0].uid)
+        records = self._stream_records(got, engine_n, n)
+        return records, min((v for r in records for v in r["versions"]), default=self.weight_version)
+
+    def _stream_records(self, done: list, engine_n: int, n: int) -> list[dict[str, Any]]:
+        """Completion records of finished groups (group index = position in ``done``)."""
+        records = []
+        for p, (_, out) in enumerate(done):
+            for rec in repeat_records(extract_outputs([out], engine_n, self.weight_version), n // engine_n):
+                records.append({**rec, "group": p})
+        return records
+
+    def _check_stream(self) -> None:
+        if self._engine.failure is not None:
+            raise EngineFailure(self._engine.failure)
+        self._check_serving()
+
+    def stream_submit(self, rows: list[dict], uids: list[int]) -> None:
+        """Queue one group of G = num_generations completions per row (``rollout.streaming``);
+        ``uids`` name them in ``stream_take``'s answers. Returns at once."""
+        if not self._streaming:
+            raise RuntimeError(f"{self.name}: stream_submit needs rollout.streaming")
+        check_rows(rows)
+        self._check_stream()
+        kw = sampling_kwargs(self.algo_cfg, self.algo_cfg.num_generations, None)
+        kw.pop("seed")
+        seeds = request_seeds(self.rollout_cfg.seed, next(self._calls), len(rows), kw["n"])
+        self._engine.add([StreamGroup(uid=u, row=r, params={**kw, "seed": s}) for r, u, s in zip(rows, uids, seeds)])
+
+    def stream_take(self, max_groups: int, wait_s: float) -> dict[str, Any]:
+        """Up to ``max_groups`` finished groups in completion order, scored, as one batch (None if
+        none finished within ``wait_s``), with their uids, the uids this worker still holds, and the
+        engine's occupancy since the last call. A restarted worker (or one whose engine failed)
+        raises: the groups it held are gone and the manager re-issues them."""
+        self._check_stream()
+        done = self._engine.take("train", max_groups, wait_s)
+        self._check_stream()
+        stats = self._engine.stats()
+        batch = None
+        if done:
+            n = self.algo_cfg.num_generations
+            records = self._stream_records(done, n, n)
+            oldest = min((v for r in records for v in r["versions"]), default=self.weight_version)
+            busy = stats["busy_seconds"]
+            batch = build_batch(
+                [g.row for g, _ in done], n, records, oldest, self._rewards, self.rewards_cfg.timeout_s, busy
+            )
+            self._gauges.generated(len(records), busy)
+        return {"batch": batch, "uids": [g.uid for g, _ in done], "held": self._engine.held(), "stats": stats}
 
     def _run_engine(self, prompt_ids: list[list[int]], kw: dict[str, Any], seeds: list[int]):
         self._check_serving()
@@ -512,13 +621,29 @@ class RolloutWorker:
         first. A manifest mismatch is refused before joining: the old weights keep serving."""
         self.check_manifest(manifest)
         wait_s = self.rollout_cfg.generate_timeout_s + 2 * timeout_s
+        called = time.perf_counter()
         return self._on_engine(
-            self._load_weights, wait_s, manifest, version, host, port, rank, sync_group_size, timeout_s, bucket_bytes
+            self._load_weights,
+            wait_s,
+            manifest,
+            version,
+            host,
+            port,
+            rank,
+            sync_group_size,
+            timeout_s,
+            bucket_bytes,
+            called,
+            park=True,
         )
 
-    def _load_weights(self, manifest, version, host, port, rank, sync_group_size, timeout_s, bucket_bytes):
+    def _load_weights(self, manifest, version, host, port, rank, sync_group_size, timeout_s, bucket_bytes, called):
+        """On the engine thread; ``called``: when the update arrived (the wait for the engine thread
+        is reported as ``wait_seconds``)."""
         if self._adapter:
-            return self._load_adapter(manifest, version, host, port, rank, sync_group_size, timeout_s, bucket_bytes)
+            return self._load_adapter(
+                manifest, version, host, port, rank, sync_group_size, timeout_s, bucket_bytes, called
+            )
         t0 = time.perf_counter()
         try:
             stats = self._llm.collective_rpc(
@@ -539,11 +664,15 @@ class RolloutWorker:
             else:
                 state = f"no tensor was loaded, still serving version {self.weight_version}"
             raise RuntimeError(f"{self.name}: weight update to version {version} failed: {e} ({state})") from e
-        return self._adopt(version, t0, stats)
+        return self._adopt(version, t0, stats, called)
 
-    def _adopt(self, version: int, t0: float, stats: list[dict]) -> dict[str, float]:
-        """Serve ``version`` from the next batch on (its cached prefixes are the old weights')."""
-        self._llm.reset_prefix_cache()
+    def _adopt(self, version: int, t0: float, stats: list[dict], called: float) -> dict[str, float]:
+        """Serve ``version`` from the next batch on (its cached prefixes are the old weights'). A
+        streaming engine with requests running preempts them: they resume by recomputing their
+        KV cache under these weights (``rollout_server.stream``)."""
+        engine = self._llm.llm_engine
+        engine.reset_prefix_cache(reset_running_requests=self._streaming)
+        engine.set_weight_version(str(version))
         self.weight_version = version
         self.awaiting_weights = False
         self._gauges.set_weight_version(version, False)
@@ -553,9 +682,10 @@ class RolloutWorker:
             "bytes": stats[0]["bytes"],
             "join_seconds": max(s["join_seconds"] for s in stats),
             "load_seconds": max(s["load_seconds"] for s in stats),
+            "wait_seconds": t0 - called,
         }
 
-    def _load_adapter(self, manifest, version, host, port, rank, sync_group_size, timeout_s, bucket_bytes):
+    def _load_adapter(self, manifest, version, host, port, rank, sync_group_size, timeout_s, bucket_bytes, called):
         """Receive the adapter into a new vLLM LoRA slot (id = version + 1, ids start at 1) and
         serve it from the next batch on; the base weights are never written, so a failed update
         leaves the previous adapter serving and nothing needs a restart."""
@@ -575,7 +705,7 @@ class RolloutWorker:
             ) from e
         # vLLM never reads the path of an adapter it already holds; it names the source in its logs.
         self._lora_request = LoRARequest(f"grpo-v{version}", lora_id, lora_path=f"grpo-dist:in-memory/v{version}")
-        return self._adopt(version, t0, stats)
+        return self._adopt(version, t0, stats, called)
 
 
 def _thread_info() -> dict[str, Any]:
@@ -619,5 +749,8 @@ class _WorkerGauges:
         self._awaiting.set(float(awaiting), tags=self._tags)
 
     def generated(self, completions: int, seconds: float) -> None:
-        self._completions.inc(completions, tags=self._tags)
-        self._seconds.inc(seconds, tags=self._tags)
+        # Ray's Counter.inc refuses 0 (a streaming take can find groups finished before its window).
+        if completions > 0:
+            self._completions.inc(completions, tags=self._tags)
+        if seconds > 0:
+            self._seconds.inc(seconds, tags=self._tags)

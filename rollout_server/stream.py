@@ -1,0 +1,237 @@
+"""The engine thread of a streaming rollout worker (``rollout.streaming``).
+
+One thread owns the vLLM engine, as in batch mode; instead of one blocking ``generate`` per batch
+it runs a loop: run the queued commands (start-up, weight loads, queries), admit queued groups
+while the engine has room, take one engine step, hand the groups whose G completions all finished
+to ``take``. So the engine is never idle while groups wait, a long group never holds back a short
+one, and a weight load waits for one engine step, not for a batch.
+
+Weight updates. In-flight (``rollout.in_flight_updates``, the default), a load runs between two
+steps and the running requests are preempted (vLLM's ``reset_prefix_cache(reset_running_requests=
+True)``): they resume by recomputing their KV cache under the new weights, so every token after
+the switch is the new weights' own sample and its log-prob is exact. vLLM labels each output
+token with the weight version current when it was sampled (``CompletionOutput.weight_versions``);
+the rows carry those labels per token. Without in-flight updates a load is parked: no group is
+admitted, the running ones finish on their start version, then it runs (one version per row).
+
+Thread safety: commands and groups enter through locked queues; the loop is the only code that
+touches the engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpo_dist.errors import first_line
+
+log = logging.getLogger(__name__)
+
+# Longest the loop sleeps when it has nothing to do (it wakes at once on a command or group).
+_IDLE_WAIT_S = 0.5
+
+
+@dataclass
+class StreamGroup:
+    """One prompt's G completions, as the driver submitted them."""
+
+    uid: int  # the driver's id of this group (unique in the job)
+    row: dict  # the prompt row (prompt_ids, prompt, answer, ...)
+    params: dict[str, Any]  # SamplingParams keywords of its one vLLM request, seed included
+    channel: str = "train"  # whose ``take`` gets it: the driver's stream, or one blocking ``generate`` call
+    submitted: float = field(default_factory=time.monotonic)
+
+
+def engine_load(windows: list[dict[str, float]]) -> dict[str, float]:
+    """``rollout/engine_occupancy`` (running sequences per step over the most a step may run) and
+    ``rollout/engine_idle_fraction`` (wall time without a step) over ``stats`` windows of one or more
+    engines; occupancy is left out when no window held a step."""
+    wall = sum(w["wall_seconds"] for w in windows)
+    out = {"engine_idle_fraction": max(0.0, 1.0 - sum(w["busy_seconds"] for w in windows) / wall)} if wall > 0 else {}
+    steps = sum(w["steps"] for w in windows)
+    if steps:
+        out["engine_occupancy"] = sum(w["running_seqs"] / w["max_seqs"] for w in windows) / steps
+    return out
+
+
+def token_versions(spans: list[Any] | None, num_tokens: int, default: int) -> list[int]:
+    """Per-token weight versions from vLLM's ``WeightVersionSpan`` list (labels are the version's
+    decimal string); ``default`` for tokens no span covers (none, when every load set a label)."""
+    out = [default] * num_tokens
+    for s in spans or ():
+        for t in range(s.start, min(s.end, num_tokens)):
+            out[t] = int(s.version)
+    return out
+
+
+class EngineLoop:
+    """Owns the engine thread (module docstring). ``submit(fn, *args)`` runs ``fn`` on it between
+    engine steps and returns a Future, like the batch worker's single-thread executor."""
+
+    def __init__(self, name: str, in_flight_updates: bool) -> None:
+        self.name = name
+        self.in_flight_updates = in_flight_updates
+        self.llm: Any = None  # set by ``attach`` (the start-up command)
+        self.max_running_seqs = 1
+        self.failure: str | None = None  # the engine raised: nothing more is generated
+        self._lock = threading.Condition()
+        self._commands: collections.deque = collections.deque()
+        self._parked: tuple | None = None  # a weight load waiting for the running groups to finish
+        self._queued: collections.deque[StreamGroup] = collections.deque()
+        self._running: dict[str, StreamGroup] = {}  # vLLM request id -> group
+        self._done: dict[str, collections.deque[tuple[StreamGroup, Any]]] = collections.defaultdict(collections.deque)
+        self._requests = 0  # vLLM request ids are unique per engine even when a uid is sent twice
+        self._steps = 0
+        self._occupied = 0.0  # sum over steps of running sequences
+        self._busy_s = 0.0
+        self._since = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"{name}-engine", daemon=True)
+        self._thread.start()
+
+    def attach(self, llm: Any) -> None:
+        """Serve ``llm`` (called on the engine thread once it is built)."""
+        self.max_running_seqs = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        self.llm = llm
+
+    # ------------------------------------------------------------ called from other threads
+
+    def submit(self, fn, *args, park: bool = False) -> Future:
+        """Run ``fn(*args)`` on the engine thread between steps; ``park``: a weight load, which in
+        one-version mode waits until no group runs and admits none meanwhile."""
+        fut: Future = Future()
+        with self._lock:
+            self._commands.append((fn, args, fut, park))
+            self._lock.notify_all()
+        return fut
+
+    def add(self, groups: list[StreamGroup]) -> None:
+        with self._lock:
+            self._queued.extend(groups)
+            self._lock.notify_all()
+
+    def take(self, channel: str, max_groups: int, wait_s: float) -> list[tuple[StreamGroup, Any]]:
+        """Up to ``max_groups`` finished groups of ``channel`` (group, vLLM RequestOutput), in
+        completion order; waits at most ``wait_s`` for the first one."""
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            done = self._done[channel]
+            while not done and self.failure is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._lock.wait(left)
+            return [done.popleft() for _ in range(min(max_groups, len(done)))]
+
+    def held(self) -> list[int]:
+        """Uids of the groups queued, running or finished and not yet taken."""
+        with self._lock:
+            return (
+                [g.uid for g in self._queued]
+                + [g.uid for g in self._running.values()]
+                + [g.uid for g, _ in self._done["train"]]
+            )
+
+    def stats(self) -> dict[str, float]:
+        """Engine steps, running sequences summed over them, seconds in steps and wall seconds since
+        the last call, and the most sequences a step may run (``engine_load`` turns them into
+        occupancy and idle fraction)."""
+        with self._lock:
+            now = time.monotonic()
+            out = {
+                "steps": float(self._steps),
+                "running_seqs": self._occupied,
+                "busy_seconds": self._busy_s,
+                "wall_seconds": now - self._since,
+                "max_seqs": float(self.max_running_seqs),
+            }
+            self._steps, self._occupied, self._busy_s, self._since = 0, 0.0, 0.0, now
+            return out
+
+    # ------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._commands or self._running or self._parked or (self._queued and self._may_admit())):
+                    self._lock.wait(_IDLE_WAIT_S)
+                commands = list(self._commands)
+                self._commands.clear()
+            for cmd in commands:
+                if cmd[3] and not self.in_flight_updates and self._running:
+                    self._parked = cmd  # one-version mode: the running groups finish first
+                else:
+                    self._execute(cmd)
+            if self._parked is not None and not self._running:
+                cmd, self._parked = self._parked, None
+                self._execute(cmd)
+            if self.llm is None or self.failure is not None:
+                continue
+            try:
+                self._admit()
+                if self._running:
+                    self._step()
+            except Exception as e:
+                # The scheduler's state is undefined after an exception inside the engine: this engine
+                # generates nothing more; ``take`` raises and the manager re-issues what it held.
+                log.exception("%s: vLLM engine failed while streaming", self.name)
+                with self._lock:
+                    self.failure = (
+                        f"{self.name}: vLLM engine failed while streaming {len(self._running)} groups: {first_line(e)}"
+                    )
+                    self._lock.notify_all()
+
+    def _may_admit(self) -> bool:
+        return self.llm is not None and self.failure is None and self._parked is None
+
+    def _execute(self, cmd: tuple) -> None:
+        fn, args, fut, _park = cmd
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # handed to the caller
+            fut.set_exception(e)
+
+    def _admit(self) -> None:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        if not self._may_admit():
+            return
+        engine = self.llm.llm_engine
+        while True:
+            with self._lock:
+                if not self._queued:
+                    return
+                g = self._queued[0]
+                if self._running and engine.get_num_unfinished_requests() + g.params["n"] > self.max_running_seqs:
+                    return
+                self._queued.popleft()
+            rid = f"{g.channel}-{g.uid}-{self._requests}"
+            self._requests += 1
+            # One request per group (vLLM fans out the n samples); FINAL_ONLY: one output, when all n finished.
+            params = SamplingParams(**g.params, output_kind=RequestOutputKind.FINAL_ONLY)
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=list(g.row["prompt_ids"])), params)
+            self._running[rid] = g
+
+    def _step(self) -> None:
+        engine = self.llm.llm_engine
+        running = engine.get_num_unfinished_requests()
+        t0 = time.monotonic()
+        outs = engine.step()
+        dt = time.monotonic() - t0
+        with self._lock:
+            self._steps += 1
+            self._occupied += running
+            self._busy_s += dt
+            for out in outs:
+                if out.finished:
+                    g = self._running.pop(out.request_id)
+                    self._done[g.channel].append((g, out))
+            if any(o.finished for o in outs):
+                self._lock.notify_all()
