@@ -500,7 +500,12 @@ class TrainerConfig(_Section):
     steps: int = Field(20, ge=1, description="GRPO steps (one rollout batch each).")
     prompts_per_step: int = Field(16, ge=1, description="Unique prompts per step; rows = prompts_per_step * G.")
     sync_every: int = Field(1, ge=1, description="Broadcast weights to rollout workers every N steps.")
-    max_staleness: int = Field(0, ge=0, description="0 = on-policy; k >= 1 = async, batches at most k versions old.")
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="0 = on-policy; k >= 1 = async, batches at most k versions old (with rollout.streaming: every "
+        "trained token sampled at most k versions before the learner's).",
+    )
     eval_every: int | None = Field(
         None,
         ge=1,

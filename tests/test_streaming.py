@@ -172,6 +172,7 @@ def test_a_worker_killed_mid_stream_loses_no_group(ray_session, tiny_model_dir, 
         m.shutdown()
 
 
+@pytest.mark.e2e
 def test_streaming_run_trains_every_drawn_prompt_once_within_the_staleness_bound(tmp_path, tiny_model_dir):
     steps, per_step = 4, 4
     cfg = config(
