@@ -87,7 +87,9 @@ class RolloutBatch:
         return len(set(self.group_ids))
 
     def select(self, rows: list[int]) -> RolloutBatch:
-        """A new batch holding ``rows`` (in that order)."""
+        """A new batch holding ``rows`` (in that order). Its ``metrics`` and ``timings`` are copies of
+        this batch's (the producer's counts, not recounted); with per-token versions its
+        ``weight_version`` is the selected rows' oldest token's."""
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -97,8 +99,12 @@ class RolloutBatch:
                 out[f.name] = [v[i] for i in rows]
             elif isinstance(v, list) and not v:
                 out[f.name] = []
+            elif isinstance(v, dict):
+                out[f.name] = dict(v)
             else:
                 out[f.name] = v
+        if self.token_versions is not None:
+            out["weight_version"] = min((v for r in out["token_versions"] for v in r), default=self.weight_version)
         return replace(self, **out)
 
     @staticmethod
@@ -201,3 +207,18 @@ class RolloutBatch:
         if self.advantages is not None:
             out["adv_B"] = torch.tensor(self.advantages, dtype=torch.float32)
         return {k: v.to(device) for k, v in out.items()}
+
+
+def check_groups(batch: RolloutBatch, rows: list[dict], group_size: int) -> None:
+    """Refuse a batch that does not hold each of ``rows``' whole group exactly once, in that order.
+
+    The rollout side promises it (a lost group is generated again whole, from the start); this is the
+    driver's own check that no prompt is lost, duplicated or cut short before the learner sees it."""
+    want = [str(r.get("prompt", "")) for r in rows for _ in range(group_size)]
+    groups = [g for g in range(len(rows)) for _ in range(group_size)]
+    if batch.prompts != want or batch.group_ids != groups:
+        got = len(batch.prompts)
+        raise RuntimeError(
+            f"the rollout batch does not hold the {len(rows)} drawn prompts x {group_size} completions in order "
+            f"({got} rows, {batch.num_groups} groups): refusing to train on it"
+        )

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from grpo_dist.advantages import compute_advantages
-from grpo_dist.batch import STOP_REASONS, RolloutBatch
+from grpo_dist.batch import STOP_REASONS, RolloutBatch, check_groups
 from grpo_dist.checkpoint import latest_checkpoint, save_checkpoint
 from grpo_dist.config import Config, dump_config
 from grpo_dist.data import PromptSampler
@@ -267,6 +267,11 @@ class Trainer:
         self.counters.update(state.get("counters", {}))
         if self.stream is not None:
             self.stream.queued = list(state.get("in_flight", []))
+        elif state.get("in_flight"):
+            raise ValueError(
+                f"checkpoint {path} was written by a streaming run with {len(state['in_flight'])} prompts in flight; "
+                "resume it with rollout.streaming: true, or they would never be trained"
+            )
         random.setstate(_tuple_state(state["rng"]["python"]))
         torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
         # A restarted job's rollout workers serve the initial checkpoint: push the resumed weights first.
@@ -364,7 +369,9 @@ class Trainer:
                 metrics[f"time/{k}"] = v
             metrics["time/step"] = step_time
             loop_seconds += step_time - timer.totals.get("eval", 0.0) - timer.totals.get("checkpoint", 0.0)
-            metrics["rollout/queue_depth"] = float(len(pending))
+            metrics["rollout/queue_depth"] = (
+                len(self.stream.in_flight) / cfg.trainer.prompts_per_step if self.stream else float(len(pending))
+            )
             metrics.update({COUNT + k: float(v) for k, v in self.counters.items()})
             metrics["rollout/completions_per_second"] = len(batch) / step_time
             self.logger.log_step(self.step, metrics, batch)
@@ -392,21 +399,6 @@ class Trainer:
         }
         self.logger.finish(summary)
         return summary
-
-
-def check_groups(batch: RolloutBatch, rows: list[dict], group_size: int) -> None:
-    """Refuse a batch that does not hold each drawn prompt's whole group exactly once, in draw order.
-
-    The rollout side promises it (a lost chunk is generated again whole, from the start); this is the
-    driver's own check that no prompt is lost, duplicated or cut short before the learner sees it."""
-    want = [str(r.get("prompt", "")) for r in rows for _ in range(group_size)]
-    groups = [g for g in range(len(rows)) for _ in range(group_size)]
-    if batch.prompts != want or batch.group_ids != groups:
-        got = len(batch.prompts)
-        raise RuntimeError(
-            f"the rollout batch does not hold the {len(rows)} drawn prompts x {group_size} completions in order "
-            f"({got} rows, {batch.num_groups} groups): refusing to train on it"
-        )
 
 
 def _tuple_state(obj: Any) -> Any:

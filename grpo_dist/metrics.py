@@ -103,7 +103,12 @@ METRICS: dict[str, Metric] = _declare(
     Metric("rollout/weight_version", "version", "weight version the trained batch was generated with", "driver"),
     Metric("rollout/engine_seconds", "s", "engine generate time inside the workers, per worker", "driver"),
     Metric("rollout/score_seconds", "s", "reward scoring time inside the workers, per worker", "driver"),
-    Metric("rollout/queue_depth", "batches", "generations still in flight after the step (async mode)", "driver"),
+    Metric(
+        "rollout/queue_depth",
+        "batches",
+        "generations still in flight after the step (async mode; streaming: groups in flight / prompts_per_step)",
+        "driver",
+    ),
     Metric(
         "rollout/completions_per_second", "completions/s", "trained completions over the step's wall time", "driver"
     ),
@@ -125,7 +130,6 @@ METRICS: dict[str, Metric] = _declare(
         "groups",
         "streamed groups dropped (and generated again) for a token older than trainer.max_staleness",
         "driver",
-        only_with=STREAM,
     ),
     # -- streaming (rollout.streaming): the trained rows' per-token weight versions and the engines' load
     Metric(
@@ -146,14 +150,15 @@ METRICS: dict[str, Metric] = _declare(
     Metric(
         "rollout/engine_occupancy",
         "fraction",
-        "mean running sequences per engine step over the engine's max_num_seqs, mean over the workers",
+        "unfinished sequences (running, waiting or preempted) per engine step over the engine's max_num_seqs, "
+        "over the step's takes",
         "rollout",
         only_with=STREAM,
     ),
     Metric(
         "rollout/engine_idle_fraction",
         "fraction",
-        "wall time an engine took no step (nothing to generate, or a weight load), mean over the workers",
+        "wall time an engine took no step (nothing to generate, or a weight load), over the step's takes",
         "rollout",
         only_with=STREAM,
     ),
@@ -329,8 +334,8 @@ METRICS: dict[str, Metric] = _declare(
     Metric(
         "sync/wait_seconds",
         "s",
-        "longest wait of a worker's weight load for its engine thread (a generate call in flight, or one engine "
-        "step when streaming)",
+        "longest wait of a worker's weight load for its engine thread: batch mode, the generate call in flight; "
+        "streaming, one engine step (in_flight_updates=false: the running groups)",
         "cluster",
     ),
 )

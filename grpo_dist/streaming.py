@@ -14,14 +14,20 @@ first, so no prompt is lost or trained twice across a restart.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
-from grpo_dist.batch import RolloutBatch
+from grpo_dist.batch import RolloutBatch, check_groups
 from grpo_dist.config import Config
 
 log = logging.getLogger(__name__)
+
+# Times one prompt may be dropped as stale before the run stops (a group that can never finish
+# within max_staleness syncs would otherwise be regenerated forever).
+_MAX_DROPS = 3
+ENGINE_LOAD = ("engine_occupancy", "engine_idle_fraction")  # rollout_server.stream.engine_load's keys
 
 
 class StreamingRollout(Protocol):
@@ -52,13 +58,22 @@ def token_age_metrics(batch: RolloutBatch, learner_version: int) -> dict[str, fl
 def check_stream_groups(batch: RolloutBatch, uids: list[int], rows: dict[int, dict], group_size: int) -> None:
     """Refuse a streamed batch unless it holds each of ``uids``' whole group once, in that order, each
     the prompt that uid was submitted with (``rows``)."""
-    want = [str(rows[u].get("prompt", "")) for u in uids for _ in range(group_size)]
-    groups = [g for g in range(len(uids)) for _ in range(group_size)]
-    if len(set(uids)) != len(uids) or batch.prompts != want or batch.group_ids != groups:
-        raise RuntimeError(
-            f"the streamed batch does not hold the {len(uids)} finished groups x {group_size} completions once each "
-            f"({len(batch)} rows, {batch.num_groups} groups, {len(set(uids))} distinct uids): refusing to train on it"
-        )
+    if len(set(uids)) != len(uids):
+        raise RuntimeError(f"the streamed batch holds a group twice (uids {uids}): refusing to train on it")
+    check_groups(batch, [rows[u] for u in uids], group_size)
+
+
+def recount(batch: RolloutBatch) -> dict[str, float]:
+    """The per-row counts of a single-turn batch (the keys ``rollout_server.worker.build_batch``
+    writes), over the rows it holds: a streamed step trains a selection of what the workers returned."""
+    return {
+        "prompts": float(batch.num_groups),
+        "completions": float(len(batch)),
+        "generated_tokens": float(sum(len(c) for c in batch.completion_ids)),
+        "prompt_tokens": float(sum(len(p) for p in batch.prompt_ids)),
+        "truncated_completions": float(sum(batch.truncated)),
+        "nan_rewards": float(sum(math.isnan(r) for r in batch.rewards)),
+    }
 
 
 class GroupStream:
@@ -80,6 +95,7 @@ class GroupStream:
         self.in_flight: dict[int, int] = {}  # uid -> data index, submitted and not yet trained
         self.queued: list[int] = []  # data indices drawn (or restored from a checkpoint) and not yet submitted
         self.next_uid = 0
+        self.drops: dict[int, int] = {}  # uid -> times its prompt was dropped as stale before it
 
     def pending_indices(self) -> list[int]:
         """Data indices drawn and not trained yet, in submission order (what a checkpoint records)."""
@@ -112,10 +128,12 @@ class GroupStream:
         want = self.cfg.trainer.prompts_per_step
         limit = self.cfg.trainer.max_staleness
         parts: list[RolloutBatch] = []
+        load: list[dict[str, float]] = []
         kept: list[int] = []
         while len(kept) < want:
             batch, uids = timed(partial(self.rollout.stream_take, want - len(kept)))
             check_stream_groups(batch, uids, {u: self.train_rows[self.in_flight[u]] for u in uids}, G)
+            load.append({k: batch.metrics[k] for k in ENGINE_LOAD if k in batch.metrics})
             fresh = [g for g, oldest in enumerate(group_oldest(batch, G)) if learner_version - oldest <= limit]
             stale = [uids[g] for g in range(len(uids)) if g not in fresh]
             if stale:
@@ -123,6 +141,15 @@ class GroupStream:
                 log.warning("dropped %d streamed group(s) holding tokens over %d versions old", len(stale), limit)
                 again = []
                 for uid in stale:
+                    drops = self.drops.pop(uid, 0) + 1
+                    if drops > _MAX_DROPS:
+                        raise RuntimeError(
+                            f"prompt {self.in_flight[uid]} was dropped {drops} times for a token more than "
+                            f"trainer.max_staleness={limit} versions old: its group takes longer than {limit} "
+                            "weight syncs to generate; raise trainer.max_staleness or lower "
+                            "algorithm.max_completion_length"
+                        )
+                    self.drops[self.next_uid] = drops
                     again.append((self.next_uid, self.in_flight.pop(uid)))
                     self.next_uid += 1
                 self._submit(again)
@@ -130,4 +157,13 @@ class GroupStream:
                 parts.append(batch.select([g * G + j for g in fresh for j in range(G)]))
                 kept += [uids[g] for g in fresh]
         batch = RolloutBatch.concat(parts)
+        # Counts over the trained rows only; the engines' load as the mean over this step's takes.
+        batch.metrics.update(recount(batch))
+        for key in ENGINE_LOAD:
+            vals = [x[key] for x in load if key in x]
+            batch.metrics.pop(key, None)
+            if vals:
+                batch.metrics[key] = sum(vals) / len(vals)
+        for u in kept:
+            self.drops.pop(u, None)
         return batch, [self.in_flight.pop(u) for u in kept]

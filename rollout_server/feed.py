@@ -7,8 +7,9 @@ uid on the worker that holds it, so none is lost or returned twice:
 
 - a worker that fails, restarts, is removed or stops serving loses what it held: those groups are
   generated again, whole and from the start, on the serving workers (``prompts_reissued``);
-- a worker that answers but no longer holds a group it was given (its engine started over) has
-  lost that group, which is re-issued the same way;
+- a worker that answers but no longer holds a group it was given (Ray restarted it and the job
+  pushed it weights before the feed asked it again) has lost that group, which is re-issued the
+  same way;
 - a group that comes back from a worker it is no longer tracked on (it was re-issued meanwhile)
   is dropped, so each uid is trained on once.
 
@@ -27,7 +28,6 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from grpo_dist.batch import RolloutBatch
 from grpo_dist.errors import first_line
 from rollout_server.stream import engine_load
-from rollout_server.worker import EngineFailure, WorkerRestarted
 
 if TYPE_CHECKING:
     from rollout_server.manager import RolloutManager
@@ -93,6 +93,7 @@ class StreamFeed:
                     ray.get(ref, timeout=self.m.cluster_cfg.rpc_timeout_s)
                     self.on.setdefault(name, set()).update(plan[name])
                 except (RayActorError, GetTimeoutError, RuntimeError) as e:
+                    self.m.counters["worker_failures"] += 1
                     self.m.mark_down(name, first_line(e))
                     pending += plan[name]
 
@@ -107,8 +108,10 @@ class StreamFeed:
     def _reclaim(self) -> None:
         """Re-issue what workers that no longer serve (down, restarting, removed) held."""
         serving = {w.name for w in self.m.serving_workers()}
+        registered = self.m.states()
         for name in [n for n in self.on if n not in serving and self.on[n]]:
-            self.m.counters["worker_failures"] += 1
+            if name in registered:  # down or restarted; a worker removed by scaling did not fail
+                self.m.counters["worker_failures"] += 1
             self._reissue(name, set(self.on[name]), "it no longer serves")
 
     def take(self, want: int, timeout_s: float) -> tuple[RolloutBatch, list[int]]:
@@ -134,7 +137,7 @@ class StreamFeed:
                     res = ray.get(ref, timeout=0.1)
                 except GetTimeoutError:
                     continue  # it answers in a later round
-                except (RayActorError, WorkerRestarted, EngineFailure) as e:  # died, restarted, engine failed
+                except (RayActorError, RuntimeError) as e:  # died, restarted (WorkerRestarted), engine failed
                     self.m.counters["worker_failures"] += 1
                     self.m.mark_down(name, first_line(e))
                     self._reissue(name, set(self.on.get(name, ())), first_line(e))
@@ -174,6 +177,8 @@ def _first_groups(
     uids = [u for _, us in got for u in us]
     if len(uids) > want:
         G = len(batch) // len(uids)
-        feed._ready = [(batch.select(list(range(want * G, len(batch)))), uids[want:])]
+        rest = batch.select(list(range(want * G, len(batch))))
+        rest.metrics, rest.timings = {}, {}  # counted with this take's batch already
+        feed._ready = [(rest, uids[want:])]
         batch, uids = batch.select(list(range(want * G))), uids[:want]
     return batch, uids

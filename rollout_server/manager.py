@@ -707,9 +707,6 @@ class RolloutManager:
         """The first ``want`` groups to finish, in completion order, and their uids."""
         return self.feed.take(want, self.rollout_cfg.generate_timeout_s if timeout_s is None else timeout_s)
 
-    def stream_in_flight(self) -> int:
-        return self.feed.in_flight
-
     def mark_synced(self, version: int) -> None:
         """Every reachable worker loaded ``version``: they all serve it from now on."""
         for w in self._reachable():

@@ -24,8 +24,9 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from grpo_dist.errors import first_line
@@ -44,7 +45,6 @@ class StreamGroup:
     row: dict  # the prompt row (prompt_ids, prompt, answer, ...)
     params: dict[str, Any]  # SamplingParams keywords of its one vLLM request, seed included
     channel: str = "train"  # whose ``take`` gets it: the driver's stream, or one blocking ``generate`` call
-    submitted: float = field(default_factory=time.monotonic)
 
 
 def engine_load(windows: list[dict[str, float]]) -> dict[str, float]:
@@ -71,32 +71,40 @@ def token_versions(spans: list[Any] | None, num_tokens: int, default: int) -> li
 
 class EngineLoop:
     """Owns the engine thread (module docstring). ``submit(fn, *args)`` runs ``fn`` on it between
-    engine steps and returns a Future, like the batch worker's single-thread executor."""
+    engine steps and returns a Future, like the batch worker's single-thread executor.
 
-    def __init__(self, name: str, in_flight_updates: bool) -> None:
+    An exception inside the engine (``add_request`` or ``step``) is final for it: every group it held
+    and every command still waiting fail, ``on_failure`` is called once (the worker exits so Ray
+    restarts it), and the thread stops stepping."""
+
+    def __init__(self, name: str, in_flight_updates: bool, on_failure: Callable[[], None] | None = None) -> None:
         self.name = name
         self.in_flight_updates = in_flight_updates
+        self.on_failure = on_failure
         self.llm: Any = None  # set by ``attach`` (the start-up command)
         self.max_running_seqs = 1
         self.failure: str | None = None  # the engine raised: nothing more is generated
         self._lock = threading.Condition()
         self._commands: collections.deque = collections.deque()
-        self._parked: tuple | None = None  # a weight load waiting for the running groups to finish
+        self._parked: collections.deque = collections.deque()  # weight loads waiting for the running groups
         self._queued: collections.deque[StreamGroup] = collections.deque()
         self._running: dict[str, StreamGroup] = {}  # vLLM request id -> group
         self._done: dict[str, collections.deque[tuple[StreamGroup, Any]]] = collections.defaultdict(collections.deque)
+        self._dropped: set[str] = set()  # channels of blocking calls that gave up
         self._requests = 0  # vLLM request ids are unique per engine even when a uid is sent twice
         self._steps = 0
-        self._occupied = 0.0  # sum over steps of running sequences
+        self._occupied = 0.0  # sum over steps of unfinished sequences
         self._busy_s = 0.0
         self._since = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"{name}-engine", daemon=True)
         self._thread.start()
 
     def attach(self, llm: Any) -> None:
-        """Serve ``llm`` (called on the engine thread once it is built)."""
-        self.max_running_seqs = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
-        self.llm = llm
+        """Serve ``llm`` (called on the engine thread once it is built); the load statistics start here."""
+        with self._lock:
+            self.max_running_seqs = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+            self.llm = llm
+            self._since = time.monotonic()
 
     # ------------------------------------------------------------ called from other threads
 
@@ -105,13 +113,20 @@ class EngineLoop:
         one-version mode waits until no group runs and admits none meanwhile."""
         fut: Future = Future()
         with self._lock:
+            if self.failure is not None:
+                fut.set_exception(RuntimeError(self.failure))
+                return fut
             self._commands.append((fn, args, fut, park))
             self._lock.notify_all()
         return fut
 
-    def add(self, groups: list[StreamGroup]) -> None:
+    def add(self, groups: list[StreamGroup], first: bool = False) -> None:
+        """Queue ``groups``; ``first``: ahead of the queued ones (a blocking call's, e.g. evaluation)."""
         with self._lock:
-            self._queued.extend(groups)
+            if first:
+                self._queued.extendleft(reversed(groups))
+            else:
+                self._queued.extend(groups)
             self._lock.notify_all()
 
     def take(self, channel: str, max_groups: int, wait_s: float) -> list[tuple[StreamGroup, Any]]:
@@ -123,21 +138,32 @@ class EngineLoop:
             while not done and self.failure is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return []
+                    break
                 self._lock.wait(left)
-            return [done.popleft() for _ in range(min(max_groups, len(done)))]
+            out = [done.popleft() for _ in range(min(max_groups, len(done)))]
+            if channel != "train" and not done:
+                del self._done[channel]
+            return out
+
+    def drop(self, channel: str) -> None:
+        """Forget a blocking call's groups (it gave up): queued ones are not started, finished ones
+        are discarded; running ones finish and are discarded."""
+        with self._lock:
+            self._queued = collections.deque(g for g in self._queued if g.channel != channel)
+            self._done.pop(channel, None)
+            self._dropped.add(channel)
 
     def held(self) -> list[int]:
-        """Uids of the groups queued, running or finished and not yet taken."""
+        """Uids of the training groups queued, running or finished and not yet taken."""
         with self._lock:
-            return (
-                [g.uid for g in self._queued]
-                + [g.uid for g in self._running.values()]
-                + [g.uid for g, _ in self._done["train"]]
-            )
+            return [
+                g.uid
+                for g in (*self._queued, *self._running.values(), *(g for g, _ in self._done["train"]))
+                if g.channel == "train"
+            ]
 
     def stats(self) -> dict[str, float]:
-        """Engine steps, running sequences summed over them, seconds in steps and wall seconds since
+        """Engine steps, unfinished sequences summed over them, seconds in steps and wall seconds since
         the last call, and the most sequences a step may run (``engine_load`` turns them into
         occupancy and idle fraction)."""
         with self._lock:
@@ -157,41 +183,54 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not (self._commands or self._running or self._parked or (self._queued and self._may_admit())):
+                while not (
+                    self._commands or (self.failure is None and (self._running or self._parked or self._admissible()))
+                ):
                     self._lock.wait(_IDLE_WAIT_S)
                 commands = list(self._commands)
                 self._commands.clear()
             for cmd in commands:
                 if cmd[3] and not self.in_flight_updates and self._running:
-                    self._parked = cmd  # one-version mode: the running groups finish first
+                    self._parked.append(cmd)  # one-version mode: the running groups finish first
                 else:
                     self._execute(cmd)
-            if self._parked is not None and not self._running:
-                cmd, self._parked = self._parked, None
-                self._execute(cmd)
-            if self.llm is None or self.failure is not None:
+            while self._parked and not self._running:
+                self._execute(self._parked.popleft())
+            if self.failure is not None:
                 continue
             try:
                 self._admit()
                 if self._running:
                     self._step()
             except Exception as e:
-                # The scheduler's state is undefined after an exception inside the engine: this engine
-                # generates nothing more; ``take`` raises and the manager re-issues what it held.
+                # The scheduler's state is undefined after an exception inside the engine.
                 log.exception("%s: vLLM engine failed while streaming", self.name)
-                with self._lock:
-                    self.failure = (
-                        f"{self.name}: vLLM engine failed while streaming {len(self._running)} groups: {first_line(e)}"
-                    )
-                    self._lock.notify_all()
+                self._fail(
+                    f"{self.name}: vLLM engine failed while streaming {len(self._running)} groups: {first_line(e)}"
+                )
 
-    def _may_admit(self) -> bool:
-        return self.llm is not None and self.failure is None and self._parked is None
+    def _fail(self, why: str) -> None:
+        with self._lock:
+            self.failure = why
+            waiting = [c[2] for c in (*self._commands, *self._parked)]
+            self._commands.clear()
+            self._parked.clear()
+            self._queued.clear()
+            self._running.clear()
+            self._lock.notify_all()
+        for fut in waiting:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(RuntimeError(why))
+        if self.on_failure is not None:
+            self.on_failure()
+
+    def _admissible(self) -> bool:
+        return bool(self._queued) and self.llm is not None and not self._parked
 
     def _execute(self, cmd: tuple) -> None:
         fn, args, fut, _park = cmd
         if not fut.set_running_or_notify_cancel():
-            return
+            return  # its caller gave up waiting
         try:
             fut.set_result(fn(*args))
         except BaseException as e:  # handed to the caller
@@ -201,37 +240,37 @@ class EngineLoop:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-        if not self._may_admit():
-            return
         engine = self.llm.llm_engine
         while True:
             with self._lock:
-                if not self._queued:
+                if not self._admissible():
                     return
                 g = self._queued[0]
                 if self._running and engine.get_num_unfinished_requests() + g.params["n"] > self.max_running_seqs:
                     return
                 self._queued.popleft()
-            rid = f"{g.channel}-{g.uid}-{self._requests}"
-            self._requests += 1
+                rid = f"{g.channel}-{g.uid}-{self._requests}"
+                self._requests += 1
+                # Held from here on (``held`` must never miss a group between queue and engine).
+                self._running[rid] = g
             # One request per group (vLLM fans out the n samples); FINAL_ONLY: one output, when all n finished.
             params = SamplingParams(**g.params, output_kind=RequestOutputKind.FINAL_ONLY)
             engine.add_request(rid, TokensPrompt(prompt_token_ids=list(g.row["prompt_ids"])), params)
-            self._running[rid] = g
 
     def _step(self) -> None:
         engine = self.llm.llm_engine
-        running = engine.get_num_unfinished_requests()
+        unfinished = engine.get_num_unfinished_requests()
         t0 = time.monotonic()
         outs = engine.step()
         dt = time.monotonic() - t0
         with self._lock:
             self._steps += 1
-            self._occupied += running
+            self._occupied += unfinished
             self._busy_s += dt
             for out in outs:
                 if out.finished:
                     g = self._running.pop(out.request_id)
-                    self._done[g.channel].append((g, out))
+                    if g.channel not in self._dropped:
+                        self._done[g.channel].append((g, out))
             if any(o.finished for o in outs):
                 self._lock.notify_all()

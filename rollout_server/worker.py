@@ -351,7 +351,7 @@ class RolloutWorker:
         self._streaming = rollout_cfg.streaming
         self._channels = itertools.count()  # one per blocking generate call in streaming mode
         self._engine: Any = (
-            EngineLoop(name, rollout_cfg.in_flight_updates)
+            EngineLoop(name, rollout_cfg.in_flight_updates, on_failure=self._restart_soon)
             if self._streaming
             else ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-engine")
         )
@@ -377,10 +377,11 @@ class RolloutWorker:
     def _on_engine(self, fn, timeout_s: float, *args, park: bool = False):
         """Run ``fn`` on the engine thread and wait at most ``timeout_s`` (queueing included);
         ``park`` (streaming): a weight load (``rollout_server.stream``)."""
+        fut = self._engine.submit(fn, *args, park=park) if self._streaming else self._engine.submit(fn, *args)
         try:
-            fut = self._engine.submit(fn, *args, park=park) if self._streaming else self._engine.submit(fn, *args)
             return fut.result(timeout=timeout_s)
         except FutureTimeoutError:
+            fut.cancel()  # not started yet: it never runs (a weight load must not join a group long gone)
             raise TimeoutError(
                 f"{self.name}: {fn.__name__} did not finish within {timeout_s:.0f}s (the engine thread may be "
                 "busy with an earlier call)"
@@ -490,26 +491,44 @@ class RolloutWorker:
         n = kw["n"]
         engine_n = 1 if kw["temperature"] == 0 else n  # as engine_requests: greedy samples are identical
         channel = f"call{next(self._channels)}"
+        # Ahead of the queued training groups: an evaluation waits for the engine's room, not for the queue.
         self._engine.add(
             [
                 StreamGroup(uid=i, row=r, params={**kw, "n": engine_n, "seed": s}, channel=channel)
                 for i, (r, s) in enumerate(zip(rows, seeds))
-            ]
+            ],
+            first=True,
         )
         got: list = []
         deadline = time.monotonic() + self.rollout_cfg.generate_timeout_s
-        while len(got) < len(rows):
-            self._check_stream()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(
-                    f"{self.name}: {len(rows) - len(got)} of {len(rows)} prompts did not finish within "
-                    f"{self.rollout_cfg.generate_timeout_s:.0f}s"
-                )
-            got += self._engine.take(channel, len(rows), min(left, 5.0))
+        try:
+            while len(got) < len(rows):
+                self._check_stream()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"{self.name}: {len(rows) - len(got)} of {len(rows)} prompts did not finish within "
+                        f"{self.rollout_cfg.generate_timeout_s:.0f}s"
+                    )
+                got += self._engine.take(channel, len(rows), min(left, 5.0))
+        except BaseException:
+            self._engine.drop(channel)
+            raise
         got.sort(key=lambda go: go[0].uid)
         records = self._stream_records(got, engine_n, n)
-        return records, min((v for r in records for v in r["versions"]), default=self.weight_version)
+        return records, self._oldest(records)
+
+    def _oldest(self, records: list[dict[str, Any]]) -> int:
+        """The oldest token's version (this worker's version when no record has a token)."""
+        return min((v for r in records for v in r["versions"]), default=self.weight_version)
+
+    def _restart_soon(self) -> None:
+        """The streaming engine failed: exit so Ray restarts this worker (it comes back at version 0,
+        awaiting the job's weights); the manager re-issues the groups it held meanwhile."""
+        log.error(
+            "%s: streaming engine failed (%s); restarting in %.0f s", self.name, self._engine.failure, _RESTART_DELAY_S
+        )
+        threading.Timer(_RESTART_DELAY_S, os._exit, args=(1,)).start()
 
     def _stream_records(self, done: list, engine_n: int, n: int) -> list[dict[str, Any]]:
         """Completion records of finished groups (group index = position in ``done``)."""
@@ -549,7 +568,7 @@ class RolloutWorker:
         if done:
             n = self.algo_cfg.num_generations
             records = self._stream_records(done, n, n)
-            oldest = min((v for r in records for v in r["versions"]), default=self.weight_version)
+            oldest = self._oldest(records)
             busy = stats["busy_seconds"]
             batch = build_batch(
                 [g.row for g, _ in done], n, records, oldest, self._rewards, self.rewards_cfg.timeout_s, busy

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_dist.batch import RolloutBatch
+from grpo_dist.batch import RolloutBatch, check_groups
 from grpo_dist.checkpoint import CheckpointWriteError, latest_checkpoint, save_checkpoint
 from grpo_dist.config import Config
 from grpo_dist.data import PromptSampler
-from grpo_dist.driver import Trainer, check_groups, zero_variance_groups
+from grpo_dist.driver import Trainer, zero_variance_groups
 
 
 def make_cfg(tmp_path: Path, **trainer) -> Config:

@@ -20,8 +20,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from deploy.job import RayCluster  # noqa: E402
+from grpo_dist.batch import check_groups  # noqa: E402
 from grpo_dist.config import Config  # noqa: E402
-from grpo_dist.driver import check_groups  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(900)]
 

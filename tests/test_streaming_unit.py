@@ -133,10 +133,21 @@ def test_a_streamed_batch_must_hold_its_groups_whole_and_once():
     batch = group_batch(["p", "q"], [[0, 0], [0, 0]])
     rows_by_uid = {7: {"prompt": "p"}, 9: {"prompt": "q"}}
     check_stream_groups(batch, [7, 9], rows_by_uid, G)
-    with pytest.raises(RuntimeError, match="once each"):
+    with pytest.raises(RuntimeError, match="refusing to train"):
         check_stream_groups(batch, [9, 7], rows_by_uid, G)  # rows are not the uids' prompts
-    with pytest.raises(RuntimeError, match="once each"):
+    with pytest.raises(RuntimeError, match="refusing to train"):
         check_stream_groups(batch.select(list(range(G + 2))), [7, 9], rows_by_uid, G)  # a group cut short
+    with pytest.raises(RuntimeError, match="a group twice"):
+        check_stream_groups(RolloutBatch.concat([batch, batch]), [7, 9, 7, 9], rows_by_uid, G)
+
+
+def test_selecting_rows_keeps_their_own_oldest_version_and_copies_the_counts():
+    batch = group_batch(["p", "q"], [[1, 2], [3, 3]])
+    batch.metrics["completions"] = 8.0
+    fresh = batch.select(list(range(G, 2 * G)))
+    assert batch.weight_version == 1 and fresh.weight_version == 3
+    fresh.metrics["completions"] = 4.0
+    assert batch.metrics["completions"] == 8.0  # not the same dict
 
 
 @pytest.mark.parametrize(
@@ -176,6 +187,28 @@ def test_a_group_with_a_token_past_max_staleness_is_generated_again(tmp_path):
     assert Counter(trained_indices(tmp_path / "run")) == Counter(drawn)  # the dropped prompt trained once, later
     for b in cluster.learner.trained:
         assert trainer.learner_weight_version >= b.weight_version
+
+
+def test_a_prompt_that_never_finishes_within_max_staleness_stops_the_run(tmp_path):
+    class AlwaysOld(FakeStream):
+        def take(self, want):
+            batch, uids = super().take(want)
+            self.old.update(u for u, _ in self.queue)  # every group still queued will come back stale
+            return batch, uids
+
+    cluster = AlwaysOld()
+    cluster.rollout.stream_take = cluster.take
+    trainer = Trainer(stream_cfg(tmp_path, steps=8), cluster, rows(20), rows(4), tmp_path / "run")
+    with pytest.raises(RuntimeError, match="dropped 4 times"):
+        trainer.run()
+
+
+def test_a_streaming_checkpoint_is_not_resumed_without_streaming(tmp_path):
+    ckpt = {"save_every": 2, "save_at_end": False}
+    Trainer(stream_cfg(tmp_path, ckpt, steps=3), FakeStream(), rows(20), rows(4), tmp_path / "run").run()
+    batch_mode = make_cfg(tmp_path, steps=6, max_staleness=1)
+    with pytest.raises(ValueError, match="resume it with rollout.streaming: true"):
+        Trainer(batch_mode, FakeCluster(), rows(20), rows(4), tmp_path / "run").run(resume=True)
 
 
 def test_a_resumed_stream_submits_the_prompts_in_flight_first_and_loses_none(tmp_path):
