@@ -180,7 +180,7 @@ def test_streaming_run_trains_every_drawn_prompt_once_within_the_staleness_bound
         tiny_model_dir,
         algorithm={"max_completion_length": 48},
         data={"max_prompt_length": 32},
-        rollout={"num_workers": 1, "streaming": True},
+        rollout={"num_workers": 2, "streaming": True},
         trainer={"steps": steps, "prompts_per_step": per_step, "max_staleness": 1},
         checkpoint={"save_every": None},
     )
@@ -191,6 +191,8 @@ def test_streaming_run_trains_every_drawn_prompt_once_within_the_staleness_bound
     for r in metrics:
         assert 0 <= r["staleness"] <= 1 and r["rollout/token_age_max"] <= 1
         assert 0 <= r["rollout/engine_idle_fraction"] <= 1
+        # Counted over the trained rows, though two workers return more groups than a step takes.
+        assert r["rollout/completions"] == per_step * 4 and r["rollout/prompts"] == per_step
     # Occupancy is absent from a step whose groups had all finished before it asked.
     occupancy = [r["rollout/engine_occupancy"] for r in metrics if r.get("rollout/engine_occupancy") is not None]
     assert occupancy and all(0 < x <= 1 for x in occupancy)
