@@ -1,4 +1,4 @@
-"""Shared fixtures: the untrained tiny model, built once per session."""
+"""Shared fixtures: the untrained tiny model, built once per session, and its perturbed copy."""
 
 from __future__ import annotations
 
@@ -13,3 +13,19 @@ from grpo_dist.tiny_model import build_tiny_model
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory with an untrained tiny Qwen2 (config, safetensors, tokenizer.json, chat template)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tiny_model_dir):
+    """The checkpoint the engines start from, and a perturbed copy to push (embedding included:
+    it is tied to the LM head)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    new = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return {"base": base, "new": new}

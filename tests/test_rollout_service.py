@@ -67,21 +67,6 @@ def _config(model_dir) -> Config:
 
 
 @pytest.fixture(scope="module")
-def hf_models(tiny_model_dir):
-    """The checkpoint the engines start from, and a perturbed copy to push (embedding included:
-    it is tied to the LM head)."""
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    new = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in new.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return {"base": base, "new": new}
-
-
-@pytest.fixture(scope="module")
 def rows(tiny_model_dir):
     from transformers import AutoTokenizer
 

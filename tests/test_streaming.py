@@ -13,7 +13,6 @@ import signal
 from collections import Counter
 
 import pytest
-import torch
 
 ray = pytest.importorskip("ray")
 
@@ -59,19 +58,6 @@ def ray_session():
     yield
     if started:
         ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def hf_models(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    new = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in new.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return {"base": base, "new": new}
 
 
 @pytest.fixture(scope="module")

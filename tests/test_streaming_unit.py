@@ -207,7 +207,7 @@ def test_a_streaming_checkpoint_is_not_resumed_without_streaming(tmp_path):
     ckpt = {"save_every": 2, "save_at_end": False}
     Trainer(stream_cfg(tmp_path, ckpt, steps=3), FakeStream(), rows(20), rows(4), tmp_path / "run").run()
     batch_mode = make_cfg(tmp_path, steps=6, max_staleness=1)
-    with pytest.raises(ValueError, match="resume it with rollout.streaming: true"):
+    with pytest.raises(ValueError, match=r"resume it with rollout\.streaming: true"):
         Trainer(batch_mode, FakeCluster(), rows(20), rows(4), tmp_path / "run").run(resume=True)
 
 
