@@ -48,7 +48,7 @@ class StreamGroup:
 
 
 def engine_load(windows: list[dict[str, float]]) -> dict[str, float]:
-    """``rollout/engine_occupancy`` (running sequences per step over the most a step may run) and
+    """``rollout/engine_occupancy`` (unfinished sequences per step over the most a step may run) and
     ``rollout/engine_idle_fraction`` (wall time without a step) over ``stats`` windows of one or more
     engines; occupancy is left out when no window held a step."""
     wall = sum(w["wall_seconds"] for w in windows)
