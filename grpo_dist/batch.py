@@ -86,6 +86,21 @@ class RolloutBatch:
     def num_groups(self) -> int:
         return len(set(self.group_ids))
 
+    def row_counts(self, generated_tokens: int | None = None) -> dict[str, float]:
+        """The rollout side's per-row counts of these rows (batch ``metrics`` keys). ``generated_tokens``
+        defaults to the completion tokens; multi-turn rows pass the model's own tokens."""
+        return {
+            "prompts": float(self.num_groups),
+            "completions": float(len(self)),
+            "generated_tokens": float(
+                sum(len(c) for c in self.completion_ids) if generated_tokens is None else generated_tokens
+            ),
+            # Prompt tokens the engine had to read (every completion is a request of its own).
+            "prompt_tokens": float(sum(len(p) for p in self.prompt_ids)),
+            "truncated_completions": float(sum(self.truncated)),
+            "nan_rewards": float(sum(math.isnan(r) for r in self.rewards)),
+        }
+
     def select(self, rows: list[int]) -> RolloutBatch:
         """A new batch holding ``rows`` (in that order). Its ``metrics`` and ``timings`` are copies of
         this batch's (the producer's counts, not recounted); with per-token versions its

@@ -14,7 +14,6 @@ first, so no prompt is lost or trained twice across a restart.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from functools import partial
 from typing import Protocol
@@ -61,19 +60,6 @@ def check_stream_groups(batch: RolloutBatch, uids: list[int], rows: dict[int, di
     if len(set(uids)) != len(uids):
         raise RuntimeError(f"the streamed batch holds a group twice (uids {uids}): refusing to train on it")
     check_groups(batch, [rows[u] for u in uids], group_size)
-
-
-def recount(batch: RolloutBatch) -> dict[str, float]:
-    """The per-row counts of a single-turn batch (the keys ``rollout_server.worker.build_batch``
-    writes), over the rows it holds: a streamed step trains a selection of what the workers returned."""
-    return {
-        "prompts": float(batch.num_groups),
-        "completions": float(len(batch)),
-        "generated_tokens": float(sum(len(c) for c in batch.completion_ids)),
-        "prompt_tokens": float(sum(len(p) for p in batch.prompt_ids)),
-        "truncated_completions": float(sum(batch.truncated)),
-        "nan_rewards": float(sum(math.isnan(r) for r in batch.rewards)),
-    }
 
 
 class GroupStream:
@@ -157,8 +143,9 @@ class GroupStream:
                 parts.append(batch.select([g * G + j for g in fresh for j in range(G)]))
                 kept += [uids[g] for g in fresh]
         batch = RolloutBatch.concat(parts)
-        # Counts over the trained rows only; the engines' load as the mean over this step's takes.
-        batch.metrics.update(recount(batch))
+        # Counts over the trained rows only (a step trains a selection of what the workers returned);
+        # the engines' load as the mean over this step's takes.
+        batch.metrics.update(batch.row_counts())
         for key in ENGINE_LOAD:
             vals = [x[key] for x in load if key in x]
             batch.metrics.pop(key, None)

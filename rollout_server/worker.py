@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import threading
 import time
@@ -281,23 +280,14 @@ def build_batch(
     if episodes:
         result = add_component(result, "env", [c["env_reward"] for c in completions])
     score_seconds = time.perf_counter() - t0
-    metrics = {
-        "prompts": float(len(rows)),
-        "completions": float(len(completions)),
-        "generated_tokens": float(sum(len(x) for x in model_ids)),
-        # Prompt tokens the engine had to read (every completion is a request of its own).
-        "prompt_tokens": float(sum(len(p) for p in prompt_ids)),
-        "truncated_completions": float(sum(c["truncated"] for c in completions)),
-        "nan_rewards": float(sum(math.isnan(r) for r in result.combined)),
-        **failure_metrics(result.failures),
-    }
+    metrics = failure_metrics(result.failures)
     if episodes:
         metrics["env_messages_cut"] = float(sum(c["env_messages_cut"] for c in completions))
         for key in sorted({k for c in completions for k in c["info"]} | set(TOOL_COUNTERS)):
             name = key if key in TOOL_COUNTERS else f"env/{key}"
             metrics[name] = float(sum(c["info"].get(key, 0.0) for c in completions))
     versions = [c["versions"] for c in completions] if "versions" in completions[0] else None
-    return RolloutBatch(
+    batch = RolloutBatch(
         prompt_ids=prompt_ids,
         completion_ids=ids,
         sampling_logp=[c["logp"] for c in completions],
@@ -316,6 +306,8 @@ def build_batch(
         stop_reasons=[c["stop"] for c in completions] if episodes else None,
         token_versions=versions,
     )
+    batch.metrics = {**batch.row_counts(generated_tokens=sum(len(x) for x in model_ids)), **metrics}
+    return batch
 
 
 class RolloutWorker:
