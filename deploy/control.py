@@ -1,4 +1,4 @@
-"""`grpo-dist scale`: change the rollout worker count of a running job from outside it."""
+"""`grpo-dist scale`: change the rollout or reward worker counts of a running job from outside it."""
 
 from __future__ import annotations
 
@@ -13,13 +13,28 @@ AUTH_HINT = (
 )
 
 
+def parse_reward_workers(items: list[str]) -> dict[str, int]:
+    """``["judge=2", ...]`` -> ``{"judge": 2}``; UserError naming a malformed item."""
+    out: dict[str, int] = {}
+    for item in items:
+        name, _, count = item.partition("=")
+        if not name or not count.strip().lstrip("-").isdigit():
+            raise UserError(f"--reward-workers {item!r}: expected NAME=COUNT, e.g. judge=2")
+        out[name] = int(count)
+    return out
+
+
 def scale(
-    workers: int,
+    workers: int | None,
     address: str = "auto",
     namespace: str = "grpo-dist",
     timeout_s: float = 30.0,
     connect_timeout_s: float = 10.0,
+    reward_workers: dict[str, int] | None = None,
 ) -> dict:
+    """Ask the job for ``workers`` rollout workers and/or ``reward_workers`` actors per served model."""
+    if workers is None and not reward_workers:
+        raise UserError("scale: give --workers N and/or --reward-workers NAME=N")
     import ray
     from ray._private.services import get_ray_address_from_environment
 
@@ -45,7 +60,16 @@ def scale(
                 f"--address {address}: the Ray cluster runs no grpo-dist job (no 'grpo-control' actor in "
                 f"namespace {namespace!r}); start one with `grpo-dist run` or `grpo-dist submit`"
             ) from None
-        n = ray.get(control.set_desired_workers.remote(workers), timeout=timeout_s)
-        return {"desired_workers": n, "note": "applied by the job between steps; new workers get current weights first"}
+        out: dict = {}
+        try:
+            if workers is not None:
+                out["desired_workers"] = ray.get(control.set_desired_workers.remote(workers), timeout=timeout_s)
+            for name, n in (reward_workers or {}).items():
+                ray.get(control.set_desired_reward_workers.remote(name, n), timeout=timeout_s)
+                out.setdefault("desired_reward_workers", {})[name] = n
+        except ray.exceptions.RayTaskError as e:  # the job refused the count (it names why)
+            raise UserError(f"scale: {first_line(e.cause if e.cause is not None else e)}") from None
+        out["note"] = "applied by the job between steps; new rollout workers get current weights first"
+        return out
     finally:
         ray.shutdown()

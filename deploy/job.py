@@ -25,8 +25,9 @@ from grpo_dist.driver import Trainer, evaluate
 from grpo_dist.errors import UserError, first_line
 from grpo_dist.metrics import COUNT, ROLLOUT_COUNT, counter_names, prometheus_name
 from learner import LearnerGroup
+from reward_server import RewardGroup
 from rollout_server import RolloutManager
-from rollout_server.manager import death_reason
+from rollout_server.pool import death_reason
 
 log = logging.getLogger("grpo_dist.job")
 NAMESPACE = "grpo-dist"
@@ -57,8 +58,9 @@ class MetricsExporter:
 class JobControl:
     """Named actor the running job polls between steps; `grpo-dist scale` writes to it."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, reward_workers: dict[str, int] | None = None) -> None:
         self._workers = workers
+        self._reward_workers = dict(reward_workers or {})
 
     def set_desired_workers(self, n: int) -> int:
         if n < 1:
@@ -68,6 +70,17 @@ class JobControl:
 
     def desired_workers(self) -> int:
         return self._workers
+
+    def set_desired_reward_workers(self, name: str, n: int) -> int:
+        if name not in self._reward_workers:
+            raise ValueError(f"the job serves no reward model {name!r}; it serves {sorted(self._reward_workers)}")
+        if n < 1:
+            raise ValueError(f"reward model {name!r} needs at least one worker, got {n}")
+        self._reward_workers[name] = n
+        return n
+
+    def desired_reward_workers(self) -> dict[str, int]:
+        return dict(self._reward_workers)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -95,12 +108,17 @@ class RayCluster:
             max_model_len=cfg.max_model_len,
             ensure_weights=self._push_current_weights,
         )
+        self.rewards = {
+            m.name: RewardGroup(m, cfg.cluster.max_worker_restarts, cfg.cluster.rpc_timeout_s)
+            for m in cfg.rewards.models
+        }
         nodes = ray.nodes()
         problems = selector_problems(
             nodes,
             {
                 "cluster.learner_label_selector": cfg.cluster.learner_label_selector,
                 "cluster.rollout_label_selector": cfg.cluster.rollout_label_selector,
+                **{f"rewards.models[{m.name}].label_selector": m.label_selector for m in cfg.rewards.models},
             },
         )
         if problems:
@@ -121,7 +139,7 @@ class RayCluster:
         self.learner_weight_version = 0
         self.control = JobControl.options(
             name="grpo-control", namespace=NAMESPACE, get_if_exists=True, **on_head
-        ).remote(cfg.rollout.num_workers)
+        ).remote(cfg.rollout.num_workers, {m.name: m.num_workers for m in cfg.rewards.models})
         # Learner ranks and the control actors never move (a lost learner rank fails the job); rollout
         # workers do (Ray restarts them elsewhere) and are asked of the rollout manager each time.
         self._fixed_nodes: dict[str, str] = {}
@@ -131,6 +149,8 @@ class RayCluster:
         timeout = self.cfg.cluster.rpc_timeout_s
         t0 = time.perf_counter()
         self.learner.start(timeout_s=timeout)
+        for group in self.rewards.values():  # before the first batch asks them
+            group.start(timeout_s=timeout)
         self.rollout.start(timeout_s=timeout)
         log.info(
             "learner group (%d ranks) and %d rollout workers up in %.1fs",
@@ -152,7 +172,8 @@ class RayCluster:
 
     def _actor_nodes(self) -> dict[str, str]:
         """Where each actor is now, as last seen: a restarted rollout worker on its new node."""
-        return {**self._fixed_nodes, **self.rollout.placement()}
+        served = {k: v for g in self.rewards.values() for k, v in g.placement().items()}
+        return {**self._fixed_nodes, **self.rollout.placement(), **served}
 
     def sync_weights(self, version: int) -> dict[str, float]:
         """Broadcast the learner's weights (tagged `version`) to every rollout engine.
@@ -280,11 +301,29 @@ class RayCluster:
         counters = {COUNT + k: v for k, v in self.counters.items()} | {
             ROLLOUT_COUNT + k: v for k, v in self.rollout.counters.items()
         }
-        return {k: float(v) for k, v in counters.items()} | {
-            "rollout/num_workers": float(sum(s == "serving" for s in states.values())),
-            "rollout/workers_down": float(sum(s == "down" for s in states.values())),
-            "rollout/workers_starting": float(sum(s == "starting" for s in states.values())),
-        }
+        return (
+            {k: float(v) for k, v in counters.items()}
+            | self._maintain_rewards()
+            | {
+                "rollout/num_workers": float(sum(s == "serving" for s in states.values())),
+                "rollout/workers_down": float(sum(s == "down" for s in states.values())),
+                "rollout/workers_starting": float(sum(s == "starting" for s in states.values())),
+            }
+        )
+
+    def _maintain_rewards(self) -> dict[str, float]:
+        """Scale each served reward model to its requested count and poll its actors; their gauges."""
+        if not self.rewards:
+            return {}
+        want = ray.get(self.control.desired_reward_workers.remote(), timeout=self.cfg.cluster.rpc_timeout_s)
+        out: dict[str, float] = {}
+        for name, group in self.rewards.items():
+            added, removed = group.scale(want[name])
+            self.counters["reward_workers_added"] += added
+            self.counters["reward_workers_removed"] += removed
+            group.refresh()
+            out |= group.metrics()
+        return out
 
     def dead_actors(self, timeout_s: float = 5.0) -> dict[str, str]:
         """Learner ranks and rollout workers that are dead now, with Ray's reason. A busy actor (stuck in
@@ -320,7 +359,7 @@ class RayCluster:
 
     def shutdown(self) -> None:
         """Release every actor; never blocks longer than the learner's bounded shutdown (30 s)."""
-        for part in (self.rollout, self.learner):
+        for part in (self.rollout, *self.rewards.values(), self.learner):
             try:
                 part.shutdown()
             except Exception as e:  # keep releasing the rest

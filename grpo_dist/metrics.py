@@ -35,6 +35,7 @@ COUNT = "count/"  # cumulative counters (over the run; a resumed run continues t
 ROLLOUT_COUNT = COUNT + "rollout_"  # the rollout manager's counters, as the cluster reports them
 _PART = re.compile(r"<[a-z_]+>")
 MT = "rollout.multi_turn"
+SERVED = "rewards.models"
 STREAM = "rollout.streaming"
 
 
@@ -298,7 +299,8 @@ METRICS: dict[str, Metric] = _declare(
     Metric(
         "rollout/reward_failures/<reward>/<kind>",
         "calls or rows",
-        "reward function failures: kind exception, timeout, wrong_length (calls) or nan (rows)",
+        "reward failures: a function's calls by kind exception, timeout, wrong_length; a served model's attempts by "
+        "kind exception, timeout, died (its actor died or was restarting), wrong_length; nan: rows left with no score",
         "rollout",
     ),
     Metric("rollout/worker_failures", "calls", "generate calls lost to a failed worker for this batch", "rollout"),
@@ -321,6 +323,62 @@ METRICS: dict[str, Metric] = _declare(
     Metric("count/workers_added", "workers", "rollout workers started by grpo-dist scale", "cluster"),
     Metric("count/workers_removed", "workers", "rollout workers removed by grpo-dist scale", "cluster"),
     Metric("count/sync_retries", "syncs", "weight syncs retried after a failed attempt", "cluster"),
+    Metric(
+        "count/reward_workers_added",
+        "workers",
+        "reward model actors started by grpo-dist scale",
+        "cluster",
+    ),
+    Metric(
+        "count/reward_workers_removed",
+        "workers",
+        "reward model actors removed by grpo-dist scale",
+        "cluster",
+    ),
+    # -- each served reward model's actors (reward_server.group.RewardGroup.metrics, polled before each step)
+    Metric("served/<model>/workers", "workers", "actors serving the model", "cluster", only_with=SERVED),
+    Metric(
+        "served/<model>/requests",
+        "requests",
+        "requests its live actors answered since they started",
+        "cluster",
+        only_with=SERVED,
+    ),
+    Metric(
+        "served/<model>/in_flight",
+        "rows",
+        "rows inside the model at the poll, summed over actors",
+        "cluster",
+        only_with=SERVED,
+    ),
+    Metric(
+        "served/<model>/queue_depth",
+        "rows",
+        "rows waiting for the model at the poll, summed over actors",
+        "cluster",
+        only_with=SERVED,
+    ),
+    Metric(
+        "served/<model>/latency_p50",
+        "s",
+        "median seconds per request (the last 1,024 of each actor; the slowest actor's)",
+        "cluster",
+        only_with=SERVED,
+    ),
+    Metric(
+        "served/<model>/latency_p95",
+        "s",
+        "95th percentile seconds per request (as latency_p50)",
+        "cluster",
+        only_with=SERVED,
+    ),
+    Metric(
+        "served/<model>/restarts",
+        "restarts",
+        "its actors' restarts by Ray over the run",
+        "cluster",
+        only_with=SERVED,
+    ),
     Metric("rollout/num_workers", "workers", "rollout workers serving", "cluster"),
     Metric(
         "rollout/workers_down", "workers", "rollout workers down (failed, restarting or waiting for a node)", "cluster"

@@ -352,6 +352,48 @@ def _reward_problems(cfg: Config) -> list[str]:
     return []
 
 
+def _served_model_problems(cfg: Config) -> list[str]:
+    """Each served reward model's path is a local HF model; a classifier's checkpoint has a score head
+    of one label (a causal LM loaded as a classifier gets a random head); a judge's answers are one
+    token each in its tokenizer."""
+    problems = []
+    for m in cfg.rewards.models:
+        field = f"rewards.models[{m.name}].path={m.path!r}"
+        path = Path(m.path)
+        if not (path / "config.json").is_file():
+            problems.append(f"{field} is not a model directory (no config.json)")
+            continue
+        if not any(next(path.glob(g), None) for g in WEIGHT_FILES):
+            problems.append(f"{field} has config.json but no weights (*.safetensors or pytorch_model*.bin)")
+            continue
+        hf = json.loads((path / "config.json").read_text())
+        if m.kind == "classifier":
+            archs = hf.get("architectures") or []
+            if not any(a.endswith("ForSequenceClassification") for a in archs):
+                problems.append(
+                    f"{field} is a {'/'.join(archs) or 'model'} checkpoint without a score head "
+                    "(a classifier needs a *ForSequenceClassification checkpoint; loading this one would add a random head)"
+                )
+            elif (labels := len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 2)) != 1:
+                # transformers' default is 2 labels when config.json names none
+                problems.append(f"{field} has {labels} labels; a reward classifier has one (a scalar score)")
+            continue
+        if not has_tokenizer_files(path):
+            problems.append(f"{field} has no tokenizer files")
+            continue
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+        for c in m.choices:
+            ids = tok.encode(c, add_special_tokens=False)
+            if len(ids) != 1:
+                problems.append(
+                    f"rewards.models[{m.name}].choices: {c!r} is {len(ids)} tokens in {m.path}'s tokenizer; each answer "
+                    "must be one token"
+                )
+    return problems
+
+
 def _multi_turn_code_problems(cfg: Config) -> list[str]:
     """The environment factory or the tools import, and every tool has a JSON schema."""
     from grpo_dist.envs.from_config import env_factory, tool_schemas
@@ -429,7 +471,7 @@ def preflight(cfg: Config, cuda: bool, where: Literal["local", "submit"] = "loca
         notes.append("model, data, output paths and devices are checked by the job's preflight on the cluster")
     else:
         mp, mn = _model_problems(cfg, cuda)
-        problems += mp
+        problems += mp + _served_model_problems(cfg)
         notes += mn
         if cfg.rollout.multi_turn is not None and not (mp or env_problems):
             if Path(cfg.model.tokenizer_path or cfg.model.path).is_dir():

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+)
 
 from grpo_dist.synthetic import extract_answer, make_split, worked_completion
 
@@ -94,17 +101,24 @@ def model_config(tokenizer: PreTrainedTokenizerFast, size: str = "tiny") -> Qwen
     )
 
 
-def build_tiny_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write an untrained Qwen2 causal LM + tokenizer to ``out_dir``; same seed -> same bytes."""
+def build_tiny_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, classifier: bool = False) -> Path:
+    """Write an untrained Qwen2 causal LM + tokenizer to ``out_dir``; same seed -> same bytes.
+
+    ``classifier``: a ``Qwen2ForSequenceClassification`` with one label (a reward model's score head)
+    on the same body instead."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = model_config(tokenizer, size)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
-    )
+    if classifier:
+        config.num_labels = 1
+        model = Qwen2ForSequenceClassification(config)
+    else:
+        model = Qwen2ForCausalLM(config)
+        model.generation_config = GenerationConfig(
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
+        )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
@@ -275,12 +289,17 @@ def warm_start(
 _run_warm_start = warm_start  # make_tiny_model's ``warm_start`` flag shadows the function's name
 
 
-def make_tiny_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, warm_start: bool = False, **kw) -> Path:
+def make_tiny_model(
+    out_dir: str | Path, size: str = "tiny", seed: int = 0, warm_start: bool = False, classifier: bool = False, **kw
+) -> Path:
     """Build the tiny model into ``out_dir`` and, with ``warm_start=True``, warm-start it in place.
 
     ``kw`` goes to :func:`warm_start` (e.g. ``data_seed``, ``max_operand``, ``ops``, ``target_accuracy``).
+    ``classifier`` builds the reward-classifier variant (not warm-startable).
     """
-    out = build_tiny_model(out_dir, size=size, seed=seed)
+    if classifier and warm_start:
+        raise ValueError("make_tiny_model: the classifier variant has no warm start (it is not a language model)")
+    out = build_tiny_model(out_dir, size=size, seed=seed, classifier=classifier)
     if warm_start:
         _run_warm_start(out, out, seed=seed, **kw)
     elif kw:

@@ -46,6 +46,7 @@ from grpo_dist.errors import first_line
 from grpo_dist.metrics import ROLLOUT_COUNT, counter_names
 from grpo_dist.weight_sync import ParamSpec
 from rollout_server.feed import StreamFeed
+from rollout_server.pool import AWAITING, DOWN, SERVING, STARTING, STATUS_S, Member, decide, gone, poll
 from rollout_server.worker import DEFAULT_BUCKET_BYTES, RolloutWorker, WorkerRestarted
 from rollout_server.worker_placement import (
     cpu_bind_ranges,
@@ -65,22 +66,6 @@ _ACTOR_CONCURRENCY = 8
 # (one second apart) mean its restarts are exhausted (a restarting actor answers "unavailable").
 _POLL_S = 10.0
 _DEAD_ANSWERS = 3
-# How long a worker may take to answer a status query before it counts as down this round.
-_STATUS_S = 10.0
-SERVING, AWAITING, DOWN, STARTING = "serving", "awaiting", "down", "starting"
-
-
-@dataclass
-class _Worker:
-    name: str
-    handle: Any  # ray ActorHandle
-    slot: int  # placement slot: decides the CPU cores
-    num_engine_workers: int  # its engine's worker processes (tensor-parallel ranks): its weight-sync ranks
-    state: str = SERVING
-    node_id: str = ""  # where it ran when last seen
-    node_ip: str = ""
-    pid: int = 0
-    since: float = 0.0  # monotonic time of the last state change
 
 
 @dataclass
@@ -141,7 +126,7 @@ class RolloutManager:
         self.counters = dict.fromkeys(counter_names("rollout", ROLLOUT_COUNT), 0)
         self._lost_nodes: set[str] = set()
         self.synced_weight_version = 0  # what the pool is meant to serve: the last version pushed
-        self._workers: list[_Worker] = []
+        self._workers: list[Member] = []
         self._feed: StreamFeed | None = None
         self._next_id = 0
         # Core ids this driver may use; CPU workers are bound to disjoint slices of them.
@@ -172,10 +157,10 @@ class RolloutManager:
         """Worker name -> node id it was last seen on."""
         return {w.name: w.node_id for w in self._workers if w.node_id}
 
-    def _serving(self) -> list[_Worker]:
+    def _serving(self) -> list[Member]:
         return [w for w in self._workers if w.state == SERVING]
 
-    def _reachable(self) -> list[_Worker]:
+    def _reachable(self) -> list[Member]:
         return [w for w in self._workers if w.state in (SERVING, AWAITING)]
 
     def start(self, timeout_s: float | None = None) -> dict[str, dict]:
@@ -225,7 +210,7 @@ class RolloutManager:
         used = {w.slot for w in self._workers}
         return next(s for s in range(len(used) + 1) if s not in used)
 
-    def _create(self) -> _Worker:
+    def _create(self) -> Member:
         name = f"rollout-{self._next_id}"
         self._next_id += 1
         slot = self._free_slot()
@@ -252,7 +237,7 @@ class RolloutManager:
             runtime_env={"env_vars": env},
             label_selector=dict(self.cluster_cfg.rollout_label_selector) or None,
         ).remote(name, self.rollout_cfg, self.model_cfg, self.algo_cfg, self.rewards_cfg, self.max_model_len)
-        w = _Worker(
+        w = Member(
             name=name,
             handle=handle,
             slot=slot,
@@ -262,7 +247,7 @@ class RolloutManager:
         self._workers.append(w)
         return w
 
-    def _wait_ready(self, workers: list[_Worker], timeout_s: float | None) -> dict[str, dict]:
+    def _wait_ready(self, workers: list[Member], timeout_s: float | None) -> dict[str, dict]:
         timeout = self.cluster_cfg.rpc_timeout_s if timeout_s is None else timeout_s
         refs = [w.handle.info.remote() for w in workers]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
@@ -470,7 +455,7 @@ class RolloutManager:
         )
         self.ensure_weights()
 
-    def _await_alive(self, w: _Worker, timeout_s: float) -> int | None:
+    def _await_alive(self, w: Member, timeout_s: float) -> int | None:
         """``w``'s version once it answers (a restarting actor is waited for; -1, a worker about to exit
         for a restart, counts as not back yet), or None when its restarts are exhausted."""
         deadline = time.monotonic() + timeout_s
@@ -495,27 +480,14 @@ class RolloutManager:
                 died = 0
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
-    def _drop(self, w: _Worker, why: str = "restarts exhausted") -> None:
+    def _drop(self, w: Member, why: str = "restarts exhausted") -> None:
         log.error("%s is dead for good (%s); continuing without it", w.name, why)
         if w in self._workers:
             self._workers.remove(w)
             self.counters["workers_lost"] += 1
 
-    def _poll(self, workers: list[_Worker]) -> dict[str, dict | str | None]:
-        """Each worker's ``status`` within ``_STATUS_S``: a dict, None (no answer: restarting, waiting
-        for a node, or busy), or the one-line error it died with."""
-        refs = {w.name: w.handle.status.remote() for w in workers}
-        if refs:
-            ray.wait(list(refs.values()), num_returns=len(refs), timeout=_STATUS_S)
-        out: dict[str, dict | str | None] = {}
-        for name, ref in refs.items():
-            try:
-                out[name] = ray.get(ref, timeout=0.1)
-            except GetTimeoutError:
-                out[name] = None
-            except RayActorError as e:
-                out[name] = death_reason(e)
-        return out
+    def _poll(self, workers: list[Member]) -> dict[str, dict | str | None]:
+        return poll(workers)
 
     def _mark_down(self, name: str, why: str) -> None:
         w = next((w for w in self._workers if w.name == name), None)
@@ -542,36 +514,34 @@ class RolloutManager:
         alive_nodes = None
         for w in list(self._workers):
             st = statuses[w.name]
-            if isinstance(st, dict) and st["weight_version"] >= 0:
-                if w.pid and (st["pid"], st["node_id"]) != (w.pid, w.node_id):
-                    alive_nodes = self._alive_nodes() if alive_nodes is None else alive_nodes
-                    self._note_restart(w, st, alive_nodes)
-                elif w.state in (DOWN, STARTING):
-                    log.info(
-                        "%s is up on node %s (%s) after %.1fs",
-                        w.name,
-                        st["node_id"][:8],
-                        st["node_ip"],
-                        time.monotonic() - w.since,
-                    )
-                w.node_id, w.node_ip, w.pid = st["node_id"], st["node_ip"], st["pid"]
-                state = (
-                    SERVING
-                    if st["weight_version"] == self.synced_weight_version and not st["awaiting_weights"]
-                    else AWAITING
+            d = decide(
+                w.state,
+                (w.pid, w.node_id) if w.pid else None,
+                st,
+                self.synced_weight_version,
+                gone=isinstance(st, str) and gone(w.name),
+            )
+            if d.event == "dropped":
+                self._drop(w, d.why)
+                continue
+            if d.state == DOWN:
+                self._mark_down(w.name, d.why)
+                continue
+            if d.event == "restarted":
+                alive_nodes = self._alive_nodes() if alive_nodes is None else alive_nodes
+                self._note_restart(w, st, alive_nodes)
+            elif d.event == "up":
+                log.info(
+                    "%s is up on node %s (%s) after %.1fs",
+                    w.name,
+                    st["node_id"][:8],
+                    st["node_ip"],
+                    time.monotonic() - w.since,
                 )
-                if state != w.state:
-                    w.state, w.since = state, time.monotonic()
-            elif isinstance(st, str) and _gone(w):
-                self._drop(w, st)
-            elif w.state != STARTING:
-                if st is None:
-                    why = f"no answer within {_STATUS_S:.0f}s"
-                elif isinstance(st, str):
-                    why = st
-                else:  # version -1
-                    why = "a failed update broke its weights; it restarts"
-                self._mark_down(w.name, why)
+            if isinstance(st, dict):
+                w.node_id, w.node_ip, w.pid = st["node_id"], st["node_ip"], st["pid"]
+            if d.state != w.state:
+                w.state, w.since = d.state, time.monotonic()
         reachable = self._reachable()
         if reachable:
             return {w.name: statuses[w.name]["weight_version"] for w in reachable}
@@ -588,7 +558,7 @@ class RolloutManager:
             return self.refresh(timeout_s=max(1.0, deadline - time.monotonic()))
         raise RuntimeError("every rollout worker is dead and out of restarts")
 
-    def _note_restart(self, w: _Worker, st: dict, alive_nodes: set[str]) -> None:
+    def _note_restart(self, w: Member, st: dict, alive_nodes: set[str]) -> None:
         self.counters["worker_restarts"] += 1
         old_dead = w.node_id not in alive_nodes
         if old_dead and w.node_id not in self._lost_nodes:
@@ -639,7 +609,7 @@ class RolloutManager:
 
     def weight_versions(self, timeout_s: float | None = None) -> dict[str, int]:
         """Version of each reachable worker: 0 = initial checkpoint, -1 = broken by a failed update."""
-        return self._call_all("get_weight_version", timeout_s=_STATUS_S if timeout_s is None else timeout_s)
+        return self._call_all("get_weight_version", timeout_s=STATUS_S if timeout_s is None else timeout_s)
 
     def workers_info(self, timeout_s: float | None = None) -> dict[str, dict]:
         return self._call_all("info", timeout_s=timeout_s)
@@ -684,7 +654,7 @@ class RolloutManager:
 
     # ------------------------------------------------------------ streaming (rollout.streaming)
 
-    def serving_workers(self) -> list[_Worker]:
+    def serving_workers(self) -> list[Member]:
         """The serving workers (polled once when none serves)."""
         if not self._serving():
             self.refresh()
@@ -714,18 +684,3 @@ class RolloutManager:
                 log.info("%s serves the job's weights (v%d) from now on", w.name, version)
             w.state, w.since = SERVING, time.monotonic()
         self.synced_weight_version = version
-
-
-def death_reason(e: BaseException) -> str:
-    """Ray's "The actor is dead because ..." line of an actor error, else its first line."""
-    lines = [ln.strip() for ln in str(e).splitlines()]
-    return next((ln for ln in lines if ln.startswith("The actor is dead because")), first_line(e))
-
-
-def _gone(w: _Worker) -> bool:
-    """True once Ray has given up on the actor: its name is no longer registered."""
-    try:
-        ray.get_actor(w.name)
-        return False
-    except ValueError:
-        return True

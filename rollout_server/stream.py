@@ -45,6 +45,7 @@ class StreamGroup:
     row: dict  # the prompt row (prompt_ids, prompt, answer, ...)
     params: dict[str, Any]  # SamplingParams keywords of its one vLLM request, seed included
     channel: str = "train"  # whose ``take`` gets it: the driver's stream, or one blocking ``generate`` call
+    scoring: Any = None  # what ``on_finished`` started for it (the served reward models' pending scores)
 
 
 def engine_load(windows: list[dict[str, float]]) -> dict[str, float]:
@@ -77,10 +78,20 @@ class EngineLoop:
     and every command still waiting fail, ``on_failure`` is called once (the worker exits so Ray
     restarts it), and the thread stops stepping."""
 
-    def __init__(self, name: str, in_flight_updates: bool, on_failure: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        in_flight_updates: bool,
+        on_failure: Callable[[], None] | None = None,
+        on_finished: Callable[[StreamGroup, Any], Any] | None = None,
+    ) -> None:
+        """``on_finished(group, output)``, if given, runs on the engine thread as each training group
+        finishes, before ``take`` can return it; what it returns is kept as ``group.scoring`` (the worker
+        starts the served reward models' requests there, so scoring overlaps the engine's next steps)."""
         self.name = name
         self.in_flight_updates = in_flight_updates
         self.on_failure = on_failure
+        self.on_finished = on_finished
         self.llm: Any = None  # set by ``attach`` (the start-up command)
         self.max_running_seqs = 1
         self.failure: str | None = None  # the engine raised: nothing more is generated
@@ -267,10 +278,18 @@ class EngineLoop:
             self._steps += 1
             self._occupied += unfinished
             self._busy_s += dt
-            for out in outs:
-                if out.finished:
-                    g = self._running.pop(out.request_id)
-                    if g.channel not in self._dropped:
-                        self._done[g.channel].append((g, out))
-            if any(o.finished for o in outs):
+            # Still counted as running (``held``) until they are handed to ``take`` below.
+            finished = [(self._running[o.request_id], o) for o in outs if o.finished]
+        for g, out in finished:
+            if self.on_finished is not None and g.channel == "train":
+                try:
+                    g.scoring = self.on_finished(g, out)
+                except Exception as e:  # not the engine's failure: the group is scored when taken
+                    log.warning("%s: on_finished failed for group %d: %s", self.name, g.uid, first_line(e))
+        with self._lock:
+            for g, out in finished:
+                del self._running[out.request_id]
+                if g.channel not in self._dropped:
+                    self._done[g.channel].append((g, out))
+            if finished:
                 self._lock.notify_all()

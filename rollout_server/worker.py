@@ -51,10 +51,12 @@ from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, LearnerConfig, ModelConfig, RewardsConfig, RolloutConfig, resolve_dtype
 from grpo_dist.errors import first_line
 from grpo_dist.metrics import WORKER_SERIES
-from grpo_dist.rewards import add_component, build_reward_fns, score
+from grpo_dist.rewards import build_reward_fns
 from grpo_dist.weight_sync import ParamSpec, check_manifest, spec_of
-from rollout_server.episodes import TOOL_COUNTERS, EpisodeRunner
+from rollout_server.episodes import EpisodeRunner
+from rollout_server.scoring import build_batch
 from rollout_server.seeds import request_seeds
+from rollout_server.served_rewards import PendingScores, ServedRewards, served_rows
 from rollout_server.stream import EngineLoop, StreamGroup, token_versions
 
 log = logging.getLogger(__name__)
@@ -72,9 +74,6 @@ CPU_MAX_NUM_BATCHED_TOKENS = 4096
 # smallest block its attention takes.
 CPU_BLOCK_SIZE = 32
 SAMPLING_OVERRIDES = ("temperature", "top_p", "top_k", "max_tokens", "seed")
-# Row keys that are not passed to reward functions as dataset columns (multi-turn rows get the
-# whole conversation as ``messages`` instead of the prompt's).
-_NOT_COLUMNS = ("prompt", "prompt_ids", "messages")
 
 
 class EngineFailure(RuntimeError):
@@ -181,16 +180,6 @@ def check_rows(rows: list[dict]) -> None:
             )
 
 
-def reward_columns(rows: list[dict], n: int, completion_ids: list[list[int]]) -> dict[str, list]:
-    """Dataset columns per completion row (every key all rows share, except the prompt itself),
-    plus ``completion_ids`` and ``completion_lengths`` as TRL passes them."""
-    shared = [k for k in rows[0] if k not in _NOT_COLUMNS and all(k in r for r in rows)]
-    cols = {k: [r[k] for r in rows for _ in range(n)] for k in shared}
-    cols["completion_ids"] = completion_ids
-    cols["completion_lengths"] = [len(c) for c in completion_ids]
-    return cols
-
-
 def extract_outputs(request_outputs: list[Any], n: int, default_version: int | None = None) -> list[dict[str, Any]]:
     """Plain per-completion records from vLLM ``RequestOutput``s, G consecutive per prompt. With
     ``default_version`` (streaming) each record also holds its tokens' weight versions."""
@@ -250,66 +239,6 @@ def repeat_records(records: list[dict[str, Any]], times: int) -> list[dict[str, 
     ]
 
 
-def failure_metrics(failures: dict[str, int]) -> dict[str, float]:
-    return {f"reward_failures/{k}": float(v) for k, v in failures.items()}
-
-
-def build_batch(
-    rows: list[dict],
-    n: int,
-    completions: list[dict[str, Any]],
-    version: int,
-    reward_specs: list,
-    reward_timeout_s: float,
-    gen_seconds: float,
-) -> RolloutBatch:
-    """Score the completions (contained) and assemble the batch; rows of prompt p are p*n..p*n+n-1."""
-    prompt_texts = [str(rows[c["group"]].get("prompt", "")) for c in completions]
-    texts = [c["text"] for c in completions]
-    ids = [c["ids"] for c in completions]
-    prompt_ids = [list(c.get("prompt_ids") or rows[c["group"]]["prompt_ids"]) for c in completions]
-    # Multi-turn records (rollout_server.episodes): reward functions score the model's own turns and
-    # see the whole conversation as `messages`.
-    episodes = "turns" in completions[0]
-    model_ids = [c["model_ids"] for c in completions] if episodes else ids
-    columns = reward_columns(rows, n, model_ids)
-    if episodes:
-        columns["messages"] = [c["messages"] for c in completions]
-    t0 = time.perf_counter()
-    result = score(reward_specs, reward_timeout_s, prompt_texts, texts, columns)
-    if episodes:
-        result = add_component(result, "env", [c["env_reward"] for c in completions])
-    score_seconds = time.perf_counter() - t0
-    metrics = failure_metrics(result.failures)
-    if episodes:
-        metrics["env_messages_cut"] = float(sum(c["env_messages_cut"] for c in completions))
-        for key in sorted({k for c in completions for k in c["info"]} | set(TOOL_COUNTERS)):
-            name = key if key in TOOL_COUNTERS else f"env/{key}"
-            metrics[name] = float(sum(c["info"].get(key, 0.0) for c in completions))
-    versions = [c["versions"] for c in completions] if "versions" in completions[0] else None
-    batch = RolloutBatch(
-        prompt_ids=prompt_ids,
-        completion_ids=ids,
-        sampling_logp=[c["logp"] for c in completions],
-        truncated=[c["truncated"] for c in completions],
-        rewards=result.combined,
-        reward_components=result.components,
-        group_ids=[c["group"] for c in completions],
-        weight_version=version,
-        prompts=prompt_texts,
-        completions=texts,
-        answers=[str(rows[c["group"]].get("answer", "")) for c in completions],
-        timings={"generate": gen_seconds, "score": score_seconds},
-        metrics=metrics,
-        loss_mask=[c["loss_mask"] for c in completions] if episodes else None,
-        num_turns=[c["turns"] for c in completions] if episodes else None,
-        stop_reasons=[c["stop"] for c in completions] if episodes else None,
-        token_versions=versions,
-    )
-    batch.metrics = {**batch.row_counts(generated_tokens=sum(len(x) for x in model_ids)), **metrics}
-    return batch
-
-
 class RolloutWorker:
     """Ray actor body (the manager wraps it with ``ray.remote``; see the module docstring)."""
 
@@ -331,7 +260,6 @@ class RolloutWorker:
         )
         self._cuda = torch.cuda.is_available()
         self._engine_kwargs = engine_kwargs(rollout_cfg, model_cfg, max_model_len, self._cuda)
-        self._rewards = build_reward_fns(rewards_cfg.functions)
         self._calls = itertools.count()
         self.weight_version = 0
         self.where = _where()
@@ -340,10 +268,17 @@ class RolloutWorker:
         self._gauges = _WorkerGauges(name, self.where["node_id"])
         self._gauges.set_weight_version(self.weight_version, self.awaiting_weights)
         self._engine_failure: str | None = None  # set once the engine raised inside generate
+        self._rewards = build_reward_fns(rewards_cfg.functions)
+        self._served = ServedRewards(rewards_cfg.models) if rewards_cfg.models else None
         self._streaming = rollout_cfg.streaming
         self._channels = itertools.count()  # one per blocking generate call in streaming mode
         self._engine: Any = (
-            EngineLoop(name, rollout_cfg.in_flight_updates, on_failure=self._restart_soon)
+            EngineLoop(
+                name,
+                rollout_cfg.in_flight_updates,
+                on_failure=self._restart_soon,
+                on_finished=self._score_on_finish if rewards_cfg.models and rewards_cfg.score_on_finish else None,
+            )
             if self._streaming
             else ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-engine")
         )
@@ -473,7 +408,9 @@ class RolloutWorker:
             )
         gen_seconds = time.perf_counter() - t0
         self._gauges.generated(len(prompts) * n, gen_seconds)
-        return build_batch(prompts, n, completions, version, self._rewards, self.rewards_cfg.timeout_s, gen_seconds)
+        return build_batch(
+            prompts, n, completions, version, self._rewards, self.rewards_cfg.timeout_s, gen_seconds, self._served
+        )
 
     def _stream_generate(self, rows: list[dict], kw: dict[str, Any], seeds: list[int]):
         """``generate`` on a streaming engine: the rows join the running groups on a channel of
@@ -530,6 +467,12 @@ class RolloutWorker:
                 records.append({**rec, "group": p})
         return records
 
+    def _score_on_finish(self, group: StreamGroup, out: Any) -> PendingScores:
+        """Send a finished group's completions to the served reward models at once (engine thread)."""
+        texts = [c.text for c in sorted(out.outputs, key=lambda c: c.index)]
+        texts = texts * (self.algo_cfg.num_generations // len(texts))  # greedy: one sample, repeated
+        return self._served.start(served_rows([group.row], [0] * len(texts), texts))
+
     def _check_stream(self) -> None:
         if self._engine.failure is not None:
             raise EngineFailure(self._engine.failure)
@@ -562,8 +505,18 @@ class RolloutWorker:
             records = self._stream_records(done, n, n)
             oldest = self._oldest(records)
             busy = stats["busy_seconds"]
+            started = [g.scoring for g, _ in done]
+            pending = ServedRewards.join(started) if started and all(p is not None for p in started) else None
             batch = build_batch(
-                [g.row for g, _ in done], n, records, oldest, self._rewards, self.rewards_cfg.timeout_s, busy
+                [g.row for g, _ in done],
+                n,
+                records,
+                oldest,
+                self._rewards,
+                self.rewards_cfg.timeout_s,
+                busy,
+                self._served,
+                pending,
             )
             self._gauges.generated(len(records), busy)
         return {"batch": batch, "uids": [g.uid for g, _ in done], "held": self._engine.held(), "stats": stats}

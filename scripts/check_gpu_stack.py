@@ -41,7 +41,7 @@ def versions() -> str:
 
 def import_all() -> str:
     names = []
-    for pkg in ("grpo_dist", "rollout_server", "learner", "deploy"):
+    for pkg in ("grpo_dist", "rollout_server", "reward_server", "learner", "deploy"):
         mod = importlib.import_module(pkg)
         names.append(pkg)
         for info in pkgutil.walk_packages(mod.__path__, prefix=f"{pkg}."):

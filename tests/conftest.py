@@ -1,4 +1,5 @@
-"""Shared fixtures: the untrained tiny model, built once per session, and its perturbed copy."""
+"""Shared fixtures: the untrained tiny model and its classifier variant, built once per session, and a
+perturbed copy of the model."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ from grpo_dist.tiny_model import build_tiny_model
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory with an untrained tiny Qwen2 (config, safetensors, tokenizer.json, chat template)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's body with a one-label score head (a reward classifier)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-classifier"), size="tiny", seed=0, classifier=True)
 
 
 @pytest.fixture(scope="module")

@@ -127,5 +127,6 @@ def test_a_job_failure_names_a_restarted_workers_new_node_not_the_one_it_lost_ea
     cluster = RayCluster.__new__(RayCluster)  # only the bookkeeping: no Ray actors
     cluster._fixed_nodes = {"learner-0": LEARN["NodeID"], "learner-1": LEARN["NodeID"]}
     cluster.rollout = Rollout()
+    cluster.rewards = {}  # no served reward models
     monkeypatch.setattr(ray, "nodes", lambda: [HEAD, {**LEARN, "Alive": False}, {**ROLL, "Alive": False}, ROLL2])
     assert cluster.lost_nodes() == "node bbbbbbbb (10.0.0.2) is dead, and with it learner-0, learner-1"

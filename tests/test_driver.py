@@ -261,7 +261,7 @@ def test_every_key_the_loop_writes_to_metrics_jsonl_is_declared(tmp_path):
     from grpo_dist.metrics import undeclared
     from grpo_dist.rewards import REWARDS, BuiltReward
     from learner.step import pack_metrics, unpack_metrics
-    from rollout_server.worker import build_batch
+    from rollout_server.scoring import build_batch
 
     def boom(prompts, completions, **_):
         raise RuntimeError("reward exploded")

@@ -13,7 +13,7 @@ from grpo_dist.config import MultiTurnConfig
 from grpo_dist.envs import EnvError, Step, ToolEnv
 from grpo_dist.transcript import encode, prompt_ids_with, render
 from rollout_server.episodes import EpisodeRunner
-from rollout_server.worker import build_batch
+from rollout_server.scoring import build_batch
 
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "logprobs": 0}
 

@@ -24,7 +24,7 @@ from grpo_dist.metrics import (
 )
 from grpo_dist.rewards import REWARDS, BuiltReward
 from learner.step import METRIC_KEYS, pack_metrics, unpack_metrics
-from rollout_server.worker import build_batch
+from rollout_server.scoring import build_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,12 +37,16 @@ def dashboard_exprs() -> list[str]:
 
 def queried_series(expr: str) -> list[str]:
     """The series a PromQL expression names: plain names, and ``{__name__=~"prefix(a|b)suffix"}``
-    selectors expanded (the only regex form the dashboard uses; anything else fails here)."""
+    selectors expanded (the only regex form the dashboard uses; anything else fails here). A ``.+``
+    in the prefix or suffix (a pattern key's ``<name>`` part, e.g. a reward model's name) stands for
+    the name ``any``."""
     names = []
     for rx in re.findall(r'__name__=~"([^"]*)"', expr):
-        m = re.fullmatch(r"([A-Za-z0-9_]*)\(([A-Za-z0-9_|]+)\)([A-Za-z0-9_]*)", rx)
+        m = re.fullmatch(r"([A-Za-z0-9_.+]*)\(([A-Za-z0-9_|]+)\)([A-Za-z0-9_.+]*)", rx)
         assert m, f"cannot expand the selector {rx!r}"
-        names += [m.group(1) + alt + m.group(3) for alt in m.group(2).split("|")]
+        head, tail = (g.replace(".+", "any") for g in (m.group(1), m.group(3)))
+        assert not re.search(r"[.+]", head + tail), f"cannot expand the selector {rx!r}"
+        names += [head + alt + tail for alt in m.group(2).split("|")]
     rest = re.sub(r'__name__=~"[^"]*"', "", expr)
     return names + re.findall(r"\bray_grpo_[A-Za-z0-9_]+", rest)
 

@@ -14,8 +14,9 @@ from grpo_dist.data import load_split
 from grpo_dist.envs import RetryEnv
 from grpo_dist.transcript import env_suffix_ids
 from rollout_server.episodes import EpisodeRunner
+from rollout_server.scoring import build_batch
 from rollout_server.seeds import request_seeds
-from rollout_server.worker import build_batch, engine_kwargs, generate_records
+from rollout_server.worker import engine_kwargs, generate_records
 
 pytestmark = pytest.mark.vllm
 

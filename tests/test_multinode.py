@@ -8,6 +8,8 @@ cluster as a user runs it:
 - losing a rollout worker's node mid-run: the job finishes every step on the surviving worker, counts
   and logs the loss, and the worker Ray restarts on a node added later gets the current weights
   before it generates;
+- served reward models placed on their own node by label, scaled live with `grpo-dist scale
+  --reward-workers`, and a reward actor SIGKILLed mid-run: its requests are re-sent, none is lost;
 - losing the learner's node: the job fails at once with one line naming the node and its actors, and
   `--resume` continues on a cluster that has a learner node again.
 """
@@ -39,6 +41,7 @@ DASHBOARD_JSON = ROOT / "deploy" / "grafana" / "grpo-dist.json"
 SD_FILE = Path("/tmp/ray/prom_metrics_service_discovery.json")  # written by the head's dashboard
 LEARNER = {"grpo-role": "learner"}
 ROLLOUT = {"grpo-role": "rollout"}
+REWARD = {"grpo-role": "reward"}
 
 
 @contextmanager
@@ -313,6 +316,76 @@ def test_placement_scaling_onto_a_new_node_and_the_prometheus_view(tmp_path, tin
         summary = json.loads((run / "summary.json").read_text())
         assert summary["steps"] == 40 and set(summary["weight_versions"].values()) == {40}
         assert all(r["staleness"] == 0.0 for r in rows(run))
+
+
+def test_served_reward_models_are_placed_by_label_scaled_live_and_survive_a_sigkill(
+    tmp_path, tiny_model_dir, tiny_classifier_dir
+):
+    """A streaming job scoring with a served classifier and an LLM judge (both on the reward node, by
+    label; each group sent to them as it finishes): `grpo-dist scale --reward-workers rm=2` then `rm=1`
+    while it trains, and a SIGKILL of the judge's actor mid-run. Every step completes; the kill's lost
+    requests are counted as `died` and re-sent."""
+    import ray
+
+    models = [
+        {"name": "rm", "kind": "classifier", "path": str(tiny_classifier_dir), "label_selector": REWARD, "weight": 0.5},
+        {
+            "name": "judge",
+            "kind": "judge",
+            "path": str(tiny_model_dir),
+            "prompt_template": "Q: {question}\nA: {answer}\nRight? Y or N",
+            "choices": ["Y", "N"],
+            "max_model_len": 256,
+            "label_selector": REWARD,
+            "retries": 6,  # the judge's engine takes ~20 s to come back: backoff 1+2+...+32 s covers it
+        },
+    ]
+    with cluster_of((2, LEARNER), (1, ROLLOUT), (3, REWARD)) as (cluster, (_, _, reward_node)):
+        run = tmp_path / "run"
+        job = start_job(
+            job_config(
+                tmp_path,
+                tiny_model_dir,
+                cluster.address,
+                rewards={"models": models},
+                rollout={"streaming": True},  # each group is sent to the models as it finishes
+                trainer={"steps": 24, "max_staleness": 1},
+            )
+        )
+        try:
+            wait_for("step 2", lambda: len(rows(run)) >= 2, job, timeout=400)
+            where = placement(run)
+            assert where["reward-rm-0"] == where["reward-judge-0"] == reward_node.node_id[:8], where
+            out = grpo("scale", "--reward-workers", "rm=2", "--address", cluster.address)
+            assert out.returncode == 0, out.stderr
+            wait_for("two rm workers", lambda: any(r.get("served/rm/workers") == 2 for r in rows(run)), job)
+            out = grpo("scale", "--reward-workers", "nope=2", "--address", cluster.address)
+            assert out.returncode != 0 and "serves no reward model 'nope'" in out.stderr, out.stderr
+            ray.init(address=cluster.address, namespace="grpo-dist", logging_level="ERROR")
+            try:
+                pid = ray.get(ray.get_actor("reward-judge-0").status.remote(), timeout=60)["pid"]
+            finally:
+                ray.shutdown()
+            killed_at = len(rows(run))
+            os.kill(pid, signal.SIGKILL)
+            out = grpo("scale", "--reward-workers", "rm=1", "--address", cluster.address)
+            assert out.returncode == 0, out.stderr
+            wait_for("the scale-down", lambda: "scaling down: removed reward-rm-1" in log_text(run), job)
+            code, err = finish(job)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+        assert code == 0, err[-5000:]
+        all_rows = rows(run)
+        assert [r["step"] for r in all_rows] == list(range(1, 25))
+        last = all_rows[-1]
+        assert last["count/reward_workers_added"] == 1.0 and last["count/reward_workers_removed"] == 1.0
+        assert last["served/judge/restarts"] == 1.0 and last["served/rm/workers"] == 1.0
+        died = sum(r.get("rollout/reward_failures/judge/died", 0.0) for r in all_rows[killed_at:])
+        assert died >= 1, "the kill cost no request"
+        # Re-sent, not lost: no row of the run is left without a judge score.
+        assert not any(k.endswith("/nan") for r in all_rows for k in r if k.startswith("rollout/reward_failures/"))
+        assert all("reward/judge" in r and "reward/rm" in r for r in all_rows)
 
 
 def test_losing_a_rollout_node_mid_run_finishes_every_step_and_a_new_node_takes_the_worker(tmp_path, tiny_model_dir):

@@ -18,16 +18,15 @@ from grpo_dist.batch import RolloutBatch
 from grpo_dist.config import AlgoConfig, ModelConfig, RewardSpec, RolloutConfig
 from grpo_dist.rewards import build_reward_fns
 from grpo_dist.weight_sync import ParamSpec
+from rollout_server.scoring import build_batch, reward_columns
 from rollout_server.vllm_extension import refresh_tied_modules, tied_followers
 from rollout_server.worker import (
-    build_batch,
     check_rows,
     engine_kwargs,
     expected_manifest,
     extract_outputs,
     repeat_records,
     resolve_dtype,
-    reward_columns,
     sampling_kwargs,
 )
 

@@ -1,0 +1,149 @@
+"""The rollout worker's caller of the served reward models (``reward_server``).
+
+``ServedRewards.start`` sends a batch's rows to every model's actors at once and returns; the
+rollout worker runs its reward functions meanwhile and then ``finish``es. Each model's rows are
+split over its actors in contiguous chunks; a chunk whose attempt fails (the actor raised, died or
+is restarting, or the attempt timed out) is sent again to the model's next actor after a backoff,
+at most ``retries`` times (``grpo_dist.reward_models.call_with_retries``), and then its rows are
+NaN. Actors are looked up by name for every request (``reward-<name>-<i>``), so a group scaled up
+or down, or an actor Ray restarted, is used at once. Scores are placed by row index, whichever
+answer comes back first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from grpo_dist.config import RewardModelSpec
+from grpo_dist.reward_models import DIED, EXCEPTION, actor_index, call_with_retries
+from rollout_server.worker_placement import split_contiguous
+
+log = logging.getLogger(__name__)
+
+
+def actor_names(model: str) -> list[str]:
+    """The named actors (this job's namespace) serving ``model``, in index order."""
+    from ray.util import list_named_actors
+
+    found = ((actor_index(model, n), n) for n in list_named_actors())
+    return [n for i, n in sorted(x for x in found if x[0] is not None)]
+
+
+def failure_kind(e: BaseException) -> str:
+    from ray.exceptions import RayActorError
+
+    return DIED if isinstance(e, RayActorError) or "ActorUnavailable" in type(e).__name__ else EXCEPTION
+
+
+@dataclass
+class PendingScores:
+    futures: dict[str, list[tuple[int, int, Future]]]  # model -> (start, stop, future of (values, failures))
+    n: int
+
+
+class ServedRewards:
+    """One rollout worker's handle on every served reward model (module docstring)."""
+
+    def __init__(self, specs: list[RewardModelSpec], actors: RayActors | None = None) -> None:
+        """``actors`` reaches the models' actors (default: by name in Ray; tests pass a fake)."""
+        self.specs = list(specs)
+        self._actors = actors or RayActors()
+        # Chunks of every model are scored at once; each thread waits on one chunk's attempts.
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="served-rewards")
+        self._turn = itertools.count()  # spreads first attempts of successive requests over the actors
+
+    def start(self, rows: list[dict[str, str]]) -> PendingScores:
+        """Send ``rows`` (``question``, ``answer``, ``reference``, ``prompt`` each) to every model."""
+        futures: dict[str, list[tuple[int, int, Future]]] = {}
+        for spec in self.specs:
+            width = max(1, self._actors.count(spec.name))
+            offset = next(self._turn)
+            futures[spec.name] = [
+                (a, b, self._pool.submit(self._chunk, spec, rows[a:b], k + offset))
+                for k, (a, b) in enumerate(split_contiguous(len(rows), width))
+                if a < b
+            ]
+        return PendingScores(futures, len(rows))
+
+    @staticmethod
+    def join(parts: list[PendingScores]) -> PendingScores:
+        """One request's worth of scores from several started separately (rows in ``parts``' order)."""
+        futures: dict[str, list[tuple[int, int, Future]]] = {}
+        offset = 0
+        for p in parts:
+            for name, chunks in p.futures.items():
+                futures.setdefault(name, []).extend((a + offset, b + offset, f) for a, b, f in chunks)
+            offset += p.n
+        return PendingScores(futures, offset)
+
+    def finish(self, pending: PendingScores) -> tuple[dict[str, list[float]], dict[str, int]]:
+        """Each model's scores (NaN where none) and failures as ``"<model>/<kind>": count``. Never waits
+        longer than each chunk's attempts allow."""
+        scores: dict[str, list[float]] = {}
+        failures: dict[str, int] = {}
+        for name, chunks in pending.futures.items():
+            values = [math.nan] * pending.n
+            for a, b, fut in chunks:
+                got, failed = fut.result()
+                values[a:b] = got
+                for kind, count in failed.items():
+                    failures[f"{name}/{kind}"] = failures.get(f"{name}/{kind}", 0) + count
+            scores[name] = values
+        return scores, failures
+
+    def _chunk(self, spec: RewardModelSpec, rows: list[dict], first: int) -> tuple[list[float], dict[str, int]]:
+        values, failures = call_with_retries(
+            lambda attempt: self._actors.send(spec.name, first + attempt, rows),
+            len(rows),
+            spec.timeout_s,
+            spec.retries,
+            spec.backoff_s,
+            failure_kind,
+        )
+        if failures:
+            log.warning("reward model %s: %d rows, failed attempts %s", spec.name, len(rows), failures)
+        return values, failures
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RayActors:
+    """The served models' actors, found by name at every call (scaling and restarts apply at once)."""
+
+    def count(self, model: str) -> int:
+        return len(actor_names(model))
+
+    def send(self, model: str, k: int, rows: list[dict]) -> Future:
+        """One attempt on the model's ``k``-th actor (modulo their number): a future of its scores."""
+        import ray
+
+        fut: Future = Future()
+        names = actor_names(model)
+        if not names:
+            fut.set_exception(RuntimeError(f"no actor serves reward model {model!r}"))
+            return fut
+        try:
+            handle = ray.get_actor(names[k % len(names)])
+        except ValueError as e:  # removed between the listing and now
+            fut.set_exception(e)
+            return fut
+        return handle.score.remote(rows).future()
+
+
+def served_rows(rows: list[dict], groups: list[int], texts: list[str]) -> list[dict]:
+    """What a served model reads of each completion: ``texts[i]`` answers prompt row ``rows[groups[i]]``
+    (its ``prompt``, ``question`` and reference ``answer``)."""
+    return [
+        {
+            "prompt": str(rows[g].get("prompt", "")),
+            "question": str(rows[g].get("question", "")),
+            "answer": t,
+            "reference": str(rows[g].get("answer", "")),
+        }
+        for g, t in zip(groups, texts, strict=True)
+    ]
