@@ -62,6 +62,12 @@ def scale(
             ) from None
         out: dict = {}
         try:
+            served = ray.get(control.desired_reward_workers.remote(), timeout=timeout_s)
+            unknown = sorted(set(reward_workers or {}) - set(served))
+            if unknown:  # before anything is applied
+                raise UserError(
+                    f"--reward-workers: the job serves no reward model {unknown[0]!r}; it serves {sorted(served)}"
+                )
             if workers is not None:
                 out["desired_workers"] = ray.get(control.set_desired_workers.remote(workers), timeout=timeout_s)
             for name, n in (reward_workers or {}).items():
@@ -69,6 +75,8 @@ def scale(
                 out.setdefault("desired_reward_workers", {})[name] = n
         except ray.exceptions.RayTaskError as e:  # the job refused the count (it names why)
             raise UserError(f"scale: {first_line(e.cause if e.cause is not None else e)}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise UserError(f"scale: the job's control actor did not answer within {timeout_s:.0f}s") from None
         out["note"] = "applied by the job between steps; new rollout workers get current weights first"
         return out
     finally:

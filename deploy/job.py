@@ -298,12 +298,13 @@ class RayCluster:
             self.counters["worker_restarts_repushed"] += len(behind)
             self.sync_weights(version)
         states = self.rollout.states()
+        served = self._maintain_rewards()  # before the counters are read: it counts its scaling
         counters = {COUNT + k: v for k, v in self.counters.items()} | {
             ROLLOUT_COUNT + k: v for k, v in self.rollout.counters.items()
         }
         return (
             {k: float(v) for k, v in counters.items()}
-            | self._maintain_rewards()
+            | served
             | {
                 "rollout/num_workers": float(sum(s == "serving" for s in states.values())),
                 "rollout/workers_down": float(sum(s == "down" for s in states.values())),

@@ -190,7 +190,7 @@ class RewardModelSpec(_Section):
         ("Yes", "No"),
         description="The judge's yes and no answers; each must be one token of the judge's tokenizer.",
     )
-    weight: float = Field(1.0, description="Factor of this model's score in the reward sum.")
+    weight: float = Field(1.0, allow_inf_nan=False, description="Factor of this model's score in the reward sum.")
     num_workers: int = Field(1, ge=1, description="Actors serving this model (scaled live with `grpo-dist scale`).")
     max_concurrency: int = Field(
         64, ge=1, description="Rows one actor scores at once; further requests wait in its queue."
@@ -225,6 +225,12 @@ class RewardModelSpec(_Section):
                     f"rewards.models[{self.name}].prompt_template names {unknown}; it may use only "
                     f"{{question}}, {{answer}} and {{reference}}"
                 )
+            try:  # a format spec or conversion that fails on text would fail every row
+                self.prompt_template.format(question="q", answer="a", reference="r")
+            except (ValueError, KeyError, IndexError) as e:
+                raise ValueError(
+                    f"rewards.models[{self.name}].prompt_template does not format with text: {e}"
+                ) from None
         if self.kind == "judge":
             missing = [f for f in ("question", "answer") if f not in template_fields(self.prompt_template or "")]
             if missing:

@@ -367,8 +367,11 @@ def _served_model_problems(cfg: Config) -> list[str]:
             problems.append(f"{field} has config.json but no weights (*.safetensors or pytorch_model*.bin)")
             continue
         hf = json.loads((path / "config.json").read_text())
+        archs = hf.get("architectures") or []
+        if not has_tokenizer_files(path):
+            problems.append(f"{field} has no tokenizer files")
+            continue
         if m.kind == "classifier":
-            archs = hf.get("architectures") or []
             if not any(a.endswith("ForSequenceClassification") for a in archs):
                 problems.append(
                     f"{field} is a {'/'.join(archs) or 'model'} checkpoint without a score head "
@@ -378,8 +381,8 @@ def _served_model_problems(cfg: Config) -> list[str]:
                 # transformers' default is 2 labels when config.json names none
                 problems.append(f"{field} has {labels} labels; a reward classifier has one (a scalar score)")
             continue
-        if not has_tokenizer_files(path):
-            problems.append(f"{field} has no tokenizer files")
+        if archs and not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs):
+            problems.append(f"{field} is a {'/'.join(archs)} checkpoint; a judge is a causal language model")
             continue
         from transformers import AutoTokenizer
 

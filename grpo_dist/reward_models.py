@@ -74,6 +74,7 @@ def percentile(values: list[float], q: float) -> float:
 class _Pending:
     item: Any
     future: Future
+    deadline: float  # time.monotonic() after which nobody waits for it: it is failed, not scored
 
 
 @dataclass
@@ -81,6 +82,8 @@ class QueueStats:
     in_flight: int = 0  # rows handed to the model and not yet answered
     peak_in_flight: int = 0  # the most at any time since start
     rows: int = 0  # rows answered
+    requests: int = 0  # requests queued
+    expired: int = 0  # rows failed unscored: their deadline passed in the queue
     latencies: deque = field(default_factory=lambda: deque(maxlen=1024))  # seconds, per answered request
 
 
@@ -90,7 +93,9 @@ class ScoreQueue:
     Callers (the actor's request threads) ``put`` rows and wait on their futures; the model thread
     ``take``s a batch, scores it and ``finish``es it. So a request of many rows is scored in batches
     with other requests' rows (a judge is never called one row at a time), and never more than
-    ``max_in_flight`` rows are inside the model at once."""
+    ``max_in_flight`` rows are inside the model at once. A row still waiting at its deadline (its
+    caller gave up and sent it elsewhere) fails with TimeoutError instead of being scored, so
+    retries under load do not pile work onto the model."""
 
     def __init__(self, max_in_flight: int) -> None:
         if max_in_flight < 1:
@@ -100,22 +105,33 @@ class ScoreQueue:
         self._cond = threading.Condition()
         self.stats = QueueStats()
 
-    def put(self, items: list[Any]) -> list[Future]:
-        pending = [_Pending(x, Future()) for x in items]
+    def put(self, items: list[Any], timeout_s: float) -> list[Future]:
+        """Queue ``items``; each future resolves to its score, or fails (TimeoutError after ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        pending = [_Pending(x, Future(), deadline) for x in items]
         with self._cond:
             self._waiting.extend(pending)
+            self.stats.requests += 1
             self._cond.notify_all()
         return [p.future for p in pending]
 
     def take(self, wait_s: float) -> list[_Pending]:
-        """Up to ``max_in_flight - in_flight`` waiting rows (blocks up to ``wait_s`` for one)."""
+        """Up to ``max_in_flight - in_flight`` waiting rows (blocks up to ``wait_s`` for one); rows past
+        their deadline are failed on the way."""
+        expired = []
         with self._cond:
             self._cond.wait_for(lambda: self._waiting and self.stats.in_flight < self.max_in_flight, timeout=wait_s)
-            room = self.max_in_flight - self.stats.in_flight
-            out = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            now = time.monotonic()
+            out = []
+            while self._waiting and len(out) < self.max_in_flight - self.stats.in_flight:
+                p = self._waiting.popleft()
+                (expired if p.deadline <= now else out).append(p)
             self.stats.in_flight += len(out)
+            self.stats.expired += len(expired)
             self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
-            return out
+        for p in expired:
+            p.future.set_exception(TimeoutError("the caller's deadline passed while the row waited"))
+        return out
 
     def finish(self, batch: list[_Pending], values: list[float] | BaseException) -> None:
         """Answer ``batch`` with one value per row, or fail every row with an exception."""
@@ -128,6 +144,14 @@ class ScoreQueue:
                 p.future.set_exception(values)
             else:
                 p.future.set_result(float(values[i]))
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every waiting row (the model thread stopped)."""
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for p in waiting:
+            p.future.set_exception(error)
 
     def queue_depth(self) -> int:
         with self._cond:
@@ -154,8 +178,8 @@ def call_with_retries(
     for attempt in range(retries + 1):
         if attempt:
             sleep(backoff_s * 2 ** (attempt - 1))
-        fut = submit(attempt)
         try:
+            fut = submit(attempt)
             values = fut.result(timeout=timeout_s)
         except FutureTimeout:
             fut.cancel()

@@ -17,14 +17,13 @@ import ray
 
 from grpo_dist.config import RewardModelSpec
 from grpo_dist.reward_models import actor_name
-from reward_server.worker import RewardWorker
+from reward_server.worker import CONTROL, RewardWorker
 from rollout_server.pool import DOWN, SERVING, STARTING, Member, decide, gone, poll
 
 log = logging.getLogger(__name__)
 
-_RemoteRewardWorker = ray.remote(RewardWorker)
-# Threads per actor beyond its request slots: status queries answer while every slot waits.
-_SPARE_THREADS = 4
+# Health queries (status, ping) have threads of their own, apart from the request threads.
+_RemoteRewardWorker = ray.remote(concurrency_groups={CONTROL: 2})(RewardWorker)
 
 
 class RewardGroup:
@@ -59,7 +58,8 @@ class RewardGroup:
             num_gpus=self.spec.num_gpus,
             max_restarts=self.max_restarts,
             max_task_retries=0,  # the caller re-sends, to another member where there is one
-            max_concurrency=self.spec.max_concurrency + _SPARE_THREADS,
+            # Request threads (each waits for its rows; the queue bounds the rows in the model).
+            max_concurrency=self.spec.max_concurrency,
             runtime_env={"env_vars": env},
             label_selector=dict(self.spec.label_selector) or None,
         ).remote(name, self.spec)
@@ -131,7 +131,7 @@ class RewardGroup:
                 log.warning("%s is down (%s); Ray restarts it, requests go to the others", m.name, d.why)
             elif d.event == "up":
                 log.info("%s serves after %.1fs", m.name, time.monotonic() - m.since)
-            if isinstance(st, dict):
+            if d.state == SERVING:  # a good answer: where it runs now
                 m.node_id, m.node_ip, m.pid = st["node_id"], st["node_ip"], st["pid"]
                 self._last[m.name] = st
             if d.state != m.state:

@@ -26,6 +26,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import ray
 import torch
 
 from grpo_dist.config import RewardModelSpec
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 # How long the model thread waits for rows before it looks at its stop flag again.
 _IDLE_WAIT_S = 0.5
+# Consecutive failed batches after which the model counts as broken and the actor restarts.
+_BROKEN_AFTER = 3
+# Seconds between a broken model and the actor's exit (its callers get their answers first).
+_RESTART_DELAY_S = 2.0
 
 
 def _tokenizer(path: str):
@@ -78,6 +83,9 @@ class ClassifierScorer:
         dev = "cuda" if spec.num_gpus and torch.cuda.is_available() else "cpu"
         self.model = AutoModelForSequenceClassification.from_pretrained(spec.path, dtype=getattr(torch, spec.dtype))
         self.model.to(dev).eval()
+        # transformers' sequence classifiers refuse a batch of more than one row without a pad token
+        # id (they look for the last non-pad token), even when nothing is padded.
+        self._batched = self.model.config.pad_token_id is not None
         if self.model.config.num_labels != 1:
             raise ValueError(
                 f"{spec.path}: a reward classifier has one label (a scalar score), got {self.model.config.num_labels}"
@@ -87,9 +95,9 @@ class ClassifierScorer:
     def __call__(self, texts: list[str]) -> list[float]:
         ids = [self.tokenizer.encode(t)[-self.spec.max_model_len :] for t in texts]
         out = [math.nan] * len(texts)
-        by_len: dict[int, list[int]] = defaultdict(list)
+        by_len: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, x in enumerate(ids):
-            by_len[len(x)].append(i)
+            by_len[(len(x), i if not self._batched else 0)].append(i)
         dev = next(self.model.parameters()).device
         for rows in by_len.values():
             batch = torch.tensor([ids[i] for i in rows], device=dev)
@@ -137,17 +145,28 @@ class JudgeScorer:
 
 
 SCORERS = {"classifier": ClassifierScorer, "judge": JudgeScorer}
+CONTROL = "control"  # the actor's concurrency group for health queries
 
 
 class ScoreServer:
     """A scorer (texts -> scores) behind a ``ScoreQueue`` and its one model thread (module docstring)."""
 
-    def __init__(self, name: str, scorer: Callable[[list[str]], list[float]], max_concurrency: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        scorer: Callable[[list[str]], list[float]],
+        max_concurrency: int,
+        on_broken: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_broken`` is called once the model has failed ``_BROKEN_AFTER`` batches in a row (a dead
+        engine fails every batch): the actor exits there, so Ray restarts it with a fresh model."""
         self.name = name
         self._scorer = scorer
         self._queue = ScoreQueue(max_concurrency)
-        self._requests = 0
+        self._on_broken = on_broken
         self._errors = 0
+        self._errors_in_a_row = 0
+        self.broken: str | None = None  # why the model thread stopped
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"{name}-model", daemon=True)
         self._thread.start()
@@ -156,36 +175,58 @@ class ScoreServer:
         self._stop.set()
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
-            batch = self._queue.take(_IDLE_WAIT_S)
-            if not batch:
-                continue
-            try:
-                values = self._scorer([p.item for p in batch])
-                if len(values) != len(batch):
-                    raise RuntimeError(f"scorer returned {len(values)} scores for {len(batch)} rows")
-            except Exception as e:  # fail these rows (the caller retries); keep serving
-                log.warning("%s: scoring %d rows failed: %s", self.name, len(batch), e)
-                self._errors += 1
-                self._queue.finish(batch, e)
-                continue
-            self._queue.finish(batch, values)
+        batch: list = []
+        try:
+            while not self._stop.is_set():
+                batch = self._queue.take(_IDLE_WAIT_S)
+                if not batch:
+                    continue
+                try:
+                    values = self._scorer([p.item for p in batch])
+                    if len(values) != len(batch):
+                        raise RuntimeError(f"scorer returned {len(values)} scores for {len(batch)} rows")
+                except Exception as e:  # fail these rows (the caller retries elsewhere)
+                    log.warning("%s: scoring %d rows failed: %s", self.name, len(batch), e)
+                    self._errors += 1
+                    self._errors_in_a_row += 1
+                    self._queue.finish(batch, e)
+                    batch = []
+                    if self._errors_in_a_row >= _BROKEN_AFTER:
+                        raise RuntimeError(f"the model failed {self._errors_in_a_row} batches in a row: {e}") from e
+                    continue
+                self._errors_in_a_row = 0
+                self._queue.finish(batch, values)
+                batch = []
+        except BaseException as e:
+            self.broken = f"{self.name}: model thread stopped: {e}"
+            log.error("%s", self.broken)
+            if batch:
+                self._queue.finish(batch, RuntimeError(self.broken))
+            self._queue.fail_all(RuntimeError(self.broken))
+            if self._on_broken is not None:
+                self._on_broken()
 
-    def score(self, texts: list[str]) -> list[float]:
-        """One score per text, in order; raises what the scorer raised on any of them."""
-        t0 = time.perf_counter()
-        self._requests += 1
-        futures = self._queue.put(texts)
-        values = [f.result() for f in futures]  # the caller's timeout bounds the wait
-        self._queue.stats.latencies.append(time.perf_counter() - t0)
+    def score(self, texts: list[str], timeout_s: float) -> list[float]:
+        """One score per text, in order, within ``timeout_s`` (the caller's, so no row waits longer than
+        its caller does); raises what the scorer raised on any of them, or TimeoutError."""
+        if self.broken:
+            raise RuntimeError(self.broken)
+        t0 = time.monotonic()
+        futures = self._queue.put(texts, timeout_s)
+        values = [f.result(timeout=max(0.0, t0 + timeout_s - time.monotonic())) for f in futures]
+        self._queue.stats.latencies.append(time.monotonic() - t0)
         return values
 
     def status(self) -> dict[str, Any]:
-        """Load; the latencies are seconds per request over the last 1,024."""
+        """Load; the latencies are seconds per request over the last 1,024. Raises once the model
+        thread stopped (the group then counts this actor as down)."""
+        if self.broken:
+            raise RuntimeError(self.broken)
         st = self._queue.stats
         lat = list(st.latencies)
         return {
-            "requests": self._requests,
+            "requests": st.requests,
+            "expired": st.expired,
             "rows": st.rows,
             "model_errors": self._errors,
             "in_flight": st.in_flight,
@@ -197,17 +238,18 @@ class ScoreServer:
 
 
 class RewardWorker:
-    """Ray actor body (``reward_server.group`` wraps it with ``ray.remote``; module docstring)."""
+    """Ray actor body (``reward_server.group`` wraps it with ``ray.remote``; module docstring).
+
+    ``status`` and ``ping`` run in their own concurrency group (``CONTROL``): however many requests
+    wait in ``score``, the group's health poll is answered."""
 
     def __init__(self, name: str, spec: RewardModelSpec) -> None:
-        import ray
-
         self.name, self.spec = name, spec
         torch.set_num_threads(spec.cpu_threads)
         t0 = time.perf_counter()
         scorer = SCORERS[spec.kind](spec)
         self.start_seconds = time.perf_counter() - t0
-        self._server = ScoreServer(name, scorer, spec.max_concurrency)
+        self._server = ScoreServer(name, scorer, spec.max_concurrency, on_broken=self._restart_soon)
         ctx = ray.get_runtime_context()
         self.where = {
             "node_id": ctx.get_node_id(),
@@ -217,15 +259,20 @@ class RewardWorker:
         }
         log.info("%s: %s %s ready in %.1f s", name, spec.kind, spec.path, self.start_seconds)
 
-    def score(self, rows: list[dict[str, str]]) -> list[float]:
-        """One score per row (``question``, ``answer``, ``reference``, ``prompt``), in order."""
-        return self._server.score(
-            [render(self.spec, r["question"], r["answer"], r["reference"], r["prompt"]) for r in rows]
-        )
+    def _restart_soon(self) -> None:
+        log.error("%s: restarting in %.0f s so Ray loads a fresh model", self.name, _RESTART_DELAY_S)
+        threading.Timer(_RESTART_DELAY_S, os._exit, args=(1,)).start()
 
+    def score(self, rows: list[dict[str, str]], timeout_s: float) -> list[float]:
+        """One score per row (``question``, ``answer``, ``reference``, ``prompt``), in order."""
+        texts = [render(self.spec, r["question"], r["answer"], r["reference"], r["prompt"]) for r in rows]
+        return self._server.score(texts, timeout_s)
+
+    @ray.method(concurrency_group=CONTROL)
     def ping(self) -> str:
         return self.name
 
+    @ray.method(concurrency_group=CONTROL)
     def status(self) -> dict[str, Any]:
         """Load (``ScoreServer.status``) and where it runs."""
         return {**self.where, **self._server.status()}

@@ -538,7 +538,7 @@ class RolloutManager:
                     st["node_ip"],
                     time.monotonic() - w.since,
                 )
-            if isinstance(st, dict):
+            if d.state in (SERVING, AWAITING):  # a good answer: where it runs now
                 w.node_id, w.node_ip, w.pid = st["node_id"], st["node_ip"], st["pid"]
             if d.state != w.state:
                 w.state, w.since = d.state, time.monotonic()

@@ -12,17 +12,24 @@ answer comes back first.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import math
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from grpo_dist.config import RewardModelSpec
 from grpo_dist.reward_models import DIED, EXCEPTION, actor_index, call_with_retries
 from rollout_server.worker_placement import split_contiguous
 
 log = logging.getLogger(__name__)
+
+# How long an actor listing is reused (a GCS call; the engine thread makes one per finished group).
+_LIST_TTL_S = 1.0
 
 
 def actor_names(model: str) -> list[str]:
@@ -52,18 +59,25 @@ class ServedRewards:
         """``actors`` reaches the models' actors (default: by name in Ray; tests pass a fake)."""
         self.specs = list(specs)
         self._actors = actors or RayActors()
-        # Chunks of every model are scored at once; each thread waits on one chunk's attempts.
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="served-rewards")
+        # Each thread waits on one chunk's attempts; a pool per model, so a slow model never holds up
+        # another's chunks.
+        self._pools = {
+            s.name: ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"served-{s.name}") for s in self.specs
+        }
         self._turn = itertools.count()  # spreads first attempts of successive requests over the actors
 
     def start(self, rows: list[dict[str, str]]) -> PendingScores:
         """Send ``rows`` (``question``, ``answer``, ``reference``, ``prompt`` each) to every model."""
         futures: dict[str, list[tuple[int, int, Future]]] = {}
         for spec in self.specs:
-            width = max(1, self._actors.count(spec.name))
+            try:
+                width = max(1, self._actors.count(spec.name))
+            except Exception as e:  # the listing failed: one chunk, whose attempts find the actors again
+                log.warning("reward model %s: could not list its actors (%s)", spec.name, e)
+                width = 1
             offset = next(self._turn)
             futures[spec.name] = [
-                (a, b, self._pool.submit(self._chunk, spec, rows[a:b], k + offset))
+                (a, b, self._pools[spec.name].submit(self._chunk, spec, rows[a:b], k + offset))
                 for k, (a, b) in enumerate(split_contiguous(len(rows), width))
                 if a < b
             ]
@@ -97,7 +111,7 @@ class ServedRewards:
 
     def _chunk(self, spec: RewardModelSpec, rows: list[dict], first: int) -> tuple[list[float], dict[str, int]]:
         values, failures = call_with_retries(
-            lambda attempt: self._actors.send(spec.name, first + attempt, rows),
+            lambda attempt: self._actors.send(spec.name, first + attempt, rows, spec.timeout_s),
             len(rows),
             spec.timeout_s,
             spec.retries,
@@ -109,30 +123,72 @@ class ServedRewards:
         return values, failures
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class RayActors:
-    """The served models' actors, found by name at every call (scaling and restarts apply at once)."""
+    """The served models' actors by name, listed at most once per ``_LIST_TTL_S`` (scaling and restarts
+    apply within that), and only those that answered a ``ping``: an actor still loading its model (or
+    being restarted) is skipped while another is ready, instead of costing a request its timeout."""
 
-    def count(self, model: str) -> int:
-        return len(actor_names(model))
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listed: dict[str, tuple[float, list[str]]] = {}  # model -> (when, names)
+        self._ready: set[str] = set()
+        self._pings: dict[str, Any] = {}  # name -> its ping in flight
+        # Actors whose request died, filled by future callbacks: those run on Ray's own thread, which
+        # must never wait for a lock held around a Ray call (deque appends need no lock).
+        self._died: collections.deque[str] = collections.deque()
 
-    def send(self, model: str, k: int, rows: list[dict]) -> Future:
-        """One attempt on the model's ``k``-th actor (modulo their number): a future of its scores."""
+    def _names(self, model: str) -> list[str]:
         import ray
 
-        fut: Future = Future()
-        names = actor_names(model)
+        with self._lock:
+            while self._died:
+                self._ready.discard(self._died.popleft())  # pinged again before it gets more requests
+            when, names = self._listed.get(model, (-math.inf, []))
+            if time.monotonic() - when > _LIST_TTL_S:
+                names = actor_names(model)
+                self._listed[model] = (time.monotonic(), names)
+            for n in names:
+                if n not in self._ready and n not in self._pings:
+                    try:
+                        self._pings[n] = ray.get_actor(n).ping.remote()
+                    except ValueError:  # removed since the listing
+                        continue
+            if self._pings:
+                done, _ = ray.wait(list(self._pings.values()), num_returns=len(self._pings), timeout=0)
+                for n, ref in list(self._pings.items()):
+                    if ref in done:
+                        del self._pings[n]
+                        try:
+                            ray.get(ref, timeout=0)
+                            self._ready.add(n)
+                        except Exception:  # dead or failed to start: pinged again at the next listing
+                            pass
+            ready = [n for n in names if n in self._ready]
+            return ready or names  # none ready yet: the request waits in an actor's queue
+
+    def count(self, model: str) -> int:
+        return len(self._names(model))
+
+    def send(self, model: str, k: int, rows: list[dict], timeout_s: float) -> Future:
+        """One attempt on the model's ``k``-th ready actor (modulo their number): a future of its scores."""
+        import ray
+
+        names = self._names(model)
         if not names:
-            fut.set_exception(RuntimeError(f"no actor serves reward model {model!r}"))
-            return fut
-        try:
-            handle = ray.get_actor(names[k % len(names)])
-        except ValueError as e:  # removed between the listing and now
-            fut.set_exception(e)
-            return fut
-        return handle.score.remote(rows).future()
+            raise RuntimeError(f"no actor serves reward model {model!r}")
+        name = names[k % len(names)]
+        fut = ray.get_actor(name).score.remote(rows, timeout_s).future()
+
+        def forget(f: Future) -> None:
+            if not f.cancelled() and f.exception() is not None and failure_kind(f.exception()) == DIED:
+                self._died.append(name)
+
+        fut.add_done_callback(forget)
+        return fut
 
 
 def served_rows(rows: list[dict], groups: list[int], texts: list[str]) -> list[dict]:

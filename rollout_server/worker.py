@@ -469,8 +469,9 @@ class RolloutWorker:
 
     def _score_on_finish(self, group: StreamGroup, out: Any) -> PendingScores:
         """Send a finished group's completions to the served reward models at once (engine thread)."""
-        texts = [c.text for c in sorted(out.outputs, key=lambda c: c.index)]
-        texts = texts * (self.algo_cfg.num_generations // len(texts))  # greedy: one sample, repeated
+        sampled = [c.text for c in sorted(out.outputs, key=lambda c: c.index)]
+        repeat = self.algo_cfg.num_generations // len(sampled)  # greedy: one sample, repeated (repeat_records)
+        texts = [t for t in sampled for _ in range(repeat)]
         return self._served.start(served_rows([group.row], [0] * len(texts), texts))
 
     def _check_stream(self) -> None:
@@ -505,8 +506,16 @@ class RolloutWorker:
             records = self._stream_records(done, n, n)
             oldest = self._oldest(records)
             busy = stats["busy_seconds"]
-            started = [g.scoring for g, _ in done]
-            pending = ServedRewards.join(started) if started and all(p is not None for p in started) else None
+            pending = None
+            if self._served is not None:  # groups whose scoring did not start as they finished start now
+                parts = [
+                    g.scoring
+                    or self._served.start(
+                        served_rows([g.row], [0] * n, [r["text"] for r in records[p * n : (p + 1) * n]])
+                    )
+                    for p, (g, _) in enumerate(done)
+                ]
+                pending = ServedRewards.join(parts)
             batch = build_batch(
                 [g.row for g, _ in done],
                 n,

@@ -52,6 +52,8 @@ JUDGE = dict(name="judge", kind="judge", path="m", prompt_template="Q: {question
         (dict(JUDGE, backoff_s=-1), "backoff_s"),
         (dict(JUDGE, choices=("Yes", "Yes")), "two different answers"),
         (dict(JUDGE, name="bad name"), "name"),
+        (dict(JUDGE, prompt_template="{question} {answer:d}"), "does not format with text"),
+        (dict(JUDGE, weight=float("nan")), "weight"),
     ],
 )
 def test_config_refuses_bad_reward_models(bad, needle):
@@ -100,7 +102,7 @@ def test_actor_names_round_trip():
 
 def test_score_queue_bounds_rows_in_flight():
     q = ScoreQueue(3)
-    futures = q.put(list(range(7)))
+    futures = q.put(list(range(7)), timeout_s=60)
     first = q.take(0.1)
     assert [p.item for p in first] == [0, 1, 2] and q.stats.in_flight == 3
     assert q.take(0.01) == []  # full: nothing more is handed out
@@ -137,6 +139,71 @@ def test_call_with_retries_counts_each_failed_attempt_and_backs_off():
     assert sleeps == [0.5, 1.0, 2.0]
 
 
+def test_rows_whose_caller_gave_up_are_failed_unscored():
+    """A row still queued at its deadline is not scored: its caller has sent it elsewhere."""
+    q = ScoreQueue(1)
+    late = q.put(["a", "b"], timeout_s=0.0)
+    fresh = q.put(["c"], timeout_s=60)
+    batch = q.take(0.1)
+    assert [p.item for p in batch] == ["c"] and q.stats.expired == 2
+    with pytest.raises(TimeoutError):
+        late[0].result(0)
+    q.finish(batch, [1.0])
+    assert fresh[0].result(0) == 1.0
+
+
+def test_an_attempt_that_cannot_even_be_sent_is_a_counted_failure():
+    def submit(k):
+        if k == 0:
+            raise RuntimeError("listing failed")
+        return _done([1.0])
+
+    assert call_with_retries(submit, 1, 1.0, 1, 0.1, lambda e: "exception", sleep=lambda s: None) == (
+        [1.0],
+        {"exception": 1},
+    )
+
+
+def test_a_model_that_keeps_failing_stops_its_server_which_says_so():
+    broken = []
+    server = ScoreServer("bad", lambda texts: 1 / 0, max_concurrency=2, on_broken=lambda: broken.append(1))
+    for _ in range(3):
+        with pytest.raises(ZeroDivisionError):
+            server.score(["x"], timeout_s=5.0)
+    deadline = time.monotonic() + 5
+    while not broken and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert broken == [1] and "failed 3 batches in a row" in server.broken
+    with pytest.raises(RuntimeError, match="model thread stopped"):
+        server.status()
+    with pytest.raises(RuntimeError, match="model thread stopped"):
+        server.score(["x"], timeout_s=1.0)
+
+
+def test_a_classifier_without_a_pad_token_scores_rows_one_by_one(tmp_path, tiny_classifier_dir):
+    """transformers refuses a batch of 2+ rows when the checkpoint names no pad token: the scorer runs
+    such a checkpoint one row at a time, with the same scores as a lone forward."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from reward_server.worker import ClassifierScorer
+
+    path = tmp_path / "no-pad"
+    shutil.copytree(tiny_classifier_dir, path)
+    hf = json.loads((path / "config.json").read_text())
+    hf["pad_token_id"] = None
+    (path / "config.json").write_text(json.dumps(hf))
+    scorer = ClassifierScorer(RewardModelSpec(name="rm", kind="classifier", path=str(path)))
+    texts = ["abc", "xyz", "abcd"]  # two of equal length
+    got = scorer(texts)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = [model(input_ids=torch.tensor([scorer.tokenizer.encode(t)])).logits[0, 0].item() for t in texts]
+    assert got == want
+
+
 def test_call_with_retries_gives_nan_rows_when_attempts_run_out():
     values, failures = call_with_retries(
         lambda k: _done(RuntimeError("x")), 3, 1.0, 2, 0.1, lambda e: "died", sleep=lambda s: None
@@ -166,7 +233,7 @@ def test_score_server_with_a_slow_failing_scorer_bounds_concurrency_and_fails_ro
         def caller(c: int):
             texts = [f"{'bad' if c == 7 and i == 0 else 'ok'}-{c * 10 + i}" for i in range(5)]
             return call_with_retries(
-                lambda k: ThreadPoolExecutor(1).submit(server.score, texts), 5, 5.0, 1, 0.01, lambda e: "exception"
+                lambda k: ThreadPoolExecutor(1).submit(server.score, texts, 5.0), 5, 5.0, 1, 0.01, lambda e: "exception"
             )
 
         with ThreadPoolExecutor(8) as pool:
@@ -192,7 +259,7 @@ class FakeActors:
     def count(self, model: str) -> int:
         return 2
 
-    def send(self, model: str, k: int, rows: list[dict]) -> Future:
+    def send(self, model: str, k: int, rows: list[dict], timeout_s: float) -> Future:
         def run():
             with self.lock:
                 self.in_flight += 1
@@ -229,10 +296,10 @@ def test_a_missing_served_score_leaves_the_row_out_of_its_group():
     so the advantage code leaves it out of the baseline; the failures are counted per model."""
 
     class HalfBroken(FakeActors):
-        def send(self, model, k, rows):
+        def send(self, model, k, rows, timeout_s):
             if any(r["answer"] == "1" for r in rows):
                 return _done(RuntimeError("judge crashed"))
-            return super().send(model, k, rows)
+            return super().send(model, k, rows, timeout_s)
 
     spec = RewardModelSpec(name="judge", kind="judge", path="m", prompt_template=JUDGE["prompt_template"])
     spec = spec.model_copy(update={"retries": 1, "backoff_s": 0.001, "weight": 2.0})
@@ -344,6 +411,12 @@ def test_preflight_refuses_a_classifier_of_two_labels(tmp_path, tiny_model_dir, 
     cfg = _cfg(tmp_path, tiny_model_dir, name="rm", kind="classifier", path=str(two))
     with pytest.raises(ConfigError, match="has 2 labels"):
         preflight(cfg, cuda=False)
+
+
+def test_preflight_refuses_a_classifier_as_a_judge(tmp_path, tiny_model_dir, tiny_classifier_dir):
+    judge = dict(JUDGE, path=str(tiny_classifier_dir), choices=["Y", "N"])
+    with pytest.raises(ConfigError, match="a judge is a causal language model"):
+        preflight(_cfg(tmp_path, tiny_model_dir, **judge), cuda=False)
 
 
 def test_preflight_accepts_the_tiny_classifier_and_refuses_multi_token_answers(

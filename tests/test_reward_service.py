@@ -18,7 +18,7 @@ from grpo_dist.reward_models import choice_score, render
 from reward_server import RewardGroup
 from reward_server.worker import judge_prompt_ids
 from rollout_server.pool import SERVING
-from rollout_server.served_rewards import ServedRewards, actor_names
+from rollout_server.served_rewards import RayActors, ServedRewards, actor_names
 
 pytestmark = pytest.mark.ray
 
@@ -118,19 +118,24 @@ def test_scaling_a_reward_group_up_and_down_while_requests_flow(ray_session, tin
     spec = RewardModelSpec(name="rm", kind="classifier", path=str(tiny_classifier_dir), num_workers=1)
     group = RewardGroup(spec, max_restarts=0, rpc_timeout_s=120)
     group.start()
-    served = ServedRewards([spec])
+    actors = RayActors()
+    served = ServedRewards([spec], actors)
     try:
         want, _ = served.finish(served.start(rows()))
         assert group.scale(3) == (2, 0)
         _wait_serving(group, 3)
         assert actor_names("rm") == ["reward-rm-0", "reward-rm-1", "reward-rm-2"]
+        # The caller sends to an actor once it answered a ping (listings are reused for a second).
+        deadline = time.monotonic() + 30
+        while actors.count("rm") < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
         pending = served.start(rows())  # spread over all three
         assert len(pending.futures["rm"]) == 3
         scores, failures = served.finish(pending)
         assert failures == {} and scores["rm"] == pytest.approx(want["rm"], abs=1e-5)  # batch order only
         assert group.scale(1) == (0, 2)
         deadline = time.monotonic() + 30
-        while actor_names("rm") != ["reward-rm-0"] and time.monotonic() < deadline:
+        while actors.count("rm") != 1 and time.monotonic() < deadline:
             time.sleep(0.2)
         scores, failures = served.finish(served.start(rows()))
         assert failures == {} and scores["rm"] == pytest.approx(want["rm"], abs=1e-5)
