@@ -198,8 +198,8 @@ class RewardModelSpec(_Section):
     timeout_s: float = Field(30.0, gt=0, description="Bound on one request (a rollout worker's rows) per attempt.")
     retries: int = Field(2, ge=0, description="Further attempts after a failed or timed-out request, with backoff.")
     backoff_s: float = Field(1.0, gt=0, description="Wait before the first retry; doubled for each further one.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights' dtype (float32 on CPU, where bf16 matmuls are slow and lossy)."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype; `auto` is the policy's rule: bfloat16 on a GPU actor, float32 on CPU."
     )
     max_model_len: int = Field(
         2048, ge=16, description="Longest text (tokens) it scores; longer rows are cut from the left."

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo_dist.config import RewardModelSpec
+from grpo_dist.rewards import finite_or_nan
 
 # Failure kinds, counted per model (``reward_failures/<name>/<kind>``).
 TIMEOUT, EXCEPTION, DIED = "timeout", "exception", "died"
@@ -188,15 +189,7 @@ def call_with_retries(
             kind = failure_kind(e)
         else:
             if len(values) == n:
-                return [_finite(v) for v in values], failures
+                return [finite_or_nan(v) for v in values], failures
             kind = "wrong_length"
         failures[kind] = failures.get(kind, 0) + 1
     return [math.nan] * n, failures
-
-
-def _finite(v: Any) -> float:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    return x if math.isfinite(x) else math.nan

@@ -249,7 +249,8 @@ class RewardResult:
     failures: dict[str, int]  # "key/exception", "key/timeout", "key/wrong_length": calls; "key/nan": rows
 
 
-def _to_float(v: Any) -> float:
+def finite_or_nan(v: Any) -> float:
+    """``float(v)`` if that is a finite number, else NaN (a missing score)."""
     try:
         x = float(v)
     except (TypeError, ValueError):
@@ -295,7 +296,7 @@ def score(
                 got = "no sequence" if seq is None else f"{len(seq)} values"
                 log.warning("reward %s returned %s for %d completions", r.key, got, n)
             else:
-                values = [_to_float(v) for v in seq]
+                values = [finite_or_nan(v) for v in seq]
                 bad = sum(math.isnan(v) for v in values)
                 if bad:
                     failures[f"{r.key}/nan"] = bad
@@ -322,7 +323,7 @@ def add_component(result: RewardResult, key: str, values: list[float], weight: f
         raise ValueError(f"reward component {key!r} exists already")
     if len(values) != len(result.combined):
         raise ValueError(f"{len(values)} {key} rewards for {len(result.combined)} completions")
-    values = [_to_float(v) for v in values]
+    values = [finite_or_nan(v) for v in values]
     combined = [
         math.nan if math.isnan(v) else (weight * v if math.isnan(c) else c + weight * v)
         for c, v in zip(result.combined, values)

@@ -110,7 +110,8 @@ class RewardGroup:
 
     def refresh(self) -> dict[str, str]:
         """Poll every member once (bounded) and update its state; restarts are counted and logged, a
-        member Ray gave up on is dropped. Returns the states."""
+        member Ray gave up on is dropped. Returns the states; raises RuntimeError once none is left
+        (every row would go unscored)."""
         answers = poll(self._members)
         for m in list(self._members):
             st = answers[m.name]
@@ -136,6 +137,11 @@ class RewardGroup:
                 self._last[m.name] = st
             if d.state != m.state:
                 m.state, m.since = d.state, time.monotonic()
+        if not self._members:
+            raise RuntimeError(
+                f"every actor of reward model {self.spec.name!r} is dead and out of restarts "
+                f"(cluster.max_worker_restarts={self.max_restarts})"
+            )
         return self.states()
 
     def metrics(self) -> dict[str, float]:

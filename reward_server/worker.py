@@ -29,7 +29,7 @@ from typing import Any
 import ray
 import torch
 
-from grpo_dist.config import RewardModelSpec
+from grpo_dist.config import RewardModelSpec, resolve_dtype
 from grpo_dist.reward_models import ScoreQueue, choice_score, percentile, render
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ class ClassifierScorer:
 
         self.spec = spec
         self.tokenizer = _tokenizer(spec.path)
-        dev = "cuda" if spec.num_gpus and torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForSequenceClassification.from_pretrained(spec.path, dtype=getattr(torch, spec.dtype))
-        self.model.to(dev).eval()
+        cuda = bool(spec.num_gpus) and torch.cuda.is_available()
+        dtype = getattr(torch, resolve_dtype(spec.dtype, cuda))
+        self.model = AutoModelForSequenceClassification.from_pretrained(spec.path, dtype=dtype)
+        self.model.to("cuda" if cuda else "cpu").eval()
         # transformers' sequence classifiers refuse a batch of more than one row without a pad token
         # id (they look for the last non-pad token), even when nothing is padded.
         self._batched = self.model.config.pad_token_id is not None
@@ -117,7 +118,7 @@ class JudgeScorer:
         cuda = bool(spec.num_gpus) and torch.cuda.is_available()
         kw: dict[str, Any] = dict(
             model=spec.path,
-            dtype=spec.dtype,
+            dtype=resolve_dtype(spec.dtype, cuda),
             max_model_len=spec.max_model_len,
             enforce_eager=not cuda,
             seed=0,

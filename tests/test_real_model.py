@@ -211,13 +211,9 @@ def test_smollm2_served_as_a_judge_gives_the_transformers_p_yes(smollm2):
     prompt ids within 1e-4 (the kernels differ in summation order only). How often it is right is
     bench/bench_judge.py's question, not this test's."""
     import ray
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo_dist.config import load_config
-    from grpo_dist.reward_models import choice_score, render
-    from reward_server import RewardGroup
-    from reward_server.worker import judge_prompt_ids
-    from rollout_server.served_rewards import ServedRewards
+    from tests.test_reward_service import served_once, transformers_p_yes
 
     spec = load_config(JUDGE).rewards.models[0].model_copy(update={"path": str(smollm2)})
     qa = [("17+25", "42"), ("8+9", "17"), ("30+14", "44"), ("12+19", "31")]
@@ -228,25 +224,10 @@ def test_smollm2_served_as_a_judge_gives_the_transformers_p_yes(smollm2):
     ]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        group = RewardGroup(spec, max_restarts=0, rpc_timeout_s=300)
-        group.start()
-        try:
-            served = ServedRewards([spec])
-            scores, failures = served.finish(served.start(rows))
-            served.close()
-        finally:
-            group.shutdown()
+        scores, failures = served_once(spec, rows)
     finally:
         ray.shutdown()
-    tok = AutoTokenizer.from_pretrained(smollm2)
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    yes, no = (tok.encode(c, add_special_tokens=False)[0] for c in spec.choices)
-    want = []
-    with torch.no_grad():
-        for r in rows:
-            text = render(spec, r["question"], r["answer"], r["reference"], r["prompt"])
-            logp = model(torch.tensor([judge_prompt_ids(tok, text, spec.max_model_len)])).logits[0, -1].log_softmax(-1)
-            want.append(choice_score(logp[yes].item(), logp[no].item()))
+    want = transformers_p_yes(spec, rows)
     assert failures == {}
     gap = max(abs(a - b) for a, b in zip(scores["judge"], want))
     print(f"SmolLM2 judge: served vs transformers P(yes), largest gap {gap:.2e}; scores {scores['judge']}")

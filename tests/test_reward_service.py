@@ -146,14 +146,42 @@ def test_scaling_a_reward_group_up_and_down_while_requests_flow(ray_session, tin
         group.shutdown()
 
 
+def served_once(spec: RewardModelSpec, rows: list[dict]) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Scores of ``rows`` from a freshly started group of ``spec``'s actors (Ray already up)."""
+    group = RewardGroup(spec, max_restarts=0, rpc_timeout_s=300)
+    group.start()
+    try:
+        served = ServedRewards([spec])
+        try:
+            return served.finish(served.start(rows))
+        finally:
+            served.close()
+    finally:
+        group.shutdown()
+
+
+def transformers_p_yes(spec: RewardModelSpec, rows: list[dict]) -> list[float]:
+    """A judge's score of each row from a float32 transformers forward of the same prompt ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec.path)
+    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32).eval()
+    yes, no = (tok.encode(c, add_special_tokens=False)[0] for c in spec.choices)
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            text = render(spec, r["question"], r["answer"], r["reference"], r["prompt"])
+            logp = model(torch.tensor([judge_prompt_ids(tok, text, spec.max_model_len)])).logits[0, -1].log_softmax(-1)
+            out.append(choice_score(logp[yes].item(), logp[no].item()))
+    return out
+
+
 @pytest.mark.vllm
 def test_judge_on_vllm_cpu_gives_the_transformers_p_yes(ray_session, tiny_model_dir):
     """The tiny model as judge (answers 'Y'/'N', one token each in its tokenizer): the served score is
     P(Y)/(P(Y)+P(N)) at the first answer position, as a float32 transformers forward of the same
     prompt ids gives it, within 1e-4 (the issue's bound; fp32 engine and forward differ by kernel
     summation order only)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     spec = RewardModelSpec(
         name="judge",
         kind="judge",
@@ -162,23 +190,8 @@ def test_judge_on_vllm_cpu_gives_the_transformers_p_yes(ray_session, tiny_model_
         choices=("Y", "N"),
         max_model_len=512,
     )
-    group = RewardGroup(spec, max_restarts=0, rpc_timeout_s=300)
-    group.start()
-    try:
-        served = ServedRewards([spec])
-        scores, failures = served.finish(served.start(rows()))
-        served.close()
-    finally:
-        group.shutdown()
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    yes, no = (tok.encode(c, add_special_tokens=False)[0] for c in spec.choices)
-    want = []
-    with torch.no_grad():
-        for r in rows():
-            ids = judge_prompt_ids(tok, render(spec, r["question"], r["answer"], r["reference"], r["prompt"]), 512)
-            logp = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
-            want.append(choice_score(logp[yes].item(), logp[no].item()))
+    scores, failures = served_once(spec, rows())
+    want = transformers_p_yes(spec, rows())
     assert failures == {}
     assert max(abs(a - b) for a, b in zip(scores["judge"], want)) <= 1e-4
     assert len({round(w, 6) for w in want}) > 1
