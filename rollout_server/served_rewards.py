@@ -129,8 +129,10 @@ class ServedRewards:
 
 class RayActors:
     """The served models' actors by name, listed at most once per ``_LIST_TTL_S`` (scaling and restarts
-    apply within that), and only those that answered a ``ping``: an actor still loading its model (or
-    being restarted) is skipped while another is ready, instead of costing a request its timeout."""
+    apply within that). The actors of the first listing are taken as ready (the job waited for their
+    models before it started the rollout workers); one that appears later, or whose request died, gets
+    requests once it answered a ``ping``. So an actor still loading its model (or being restarted) is
+    skipped while another is ready, instead of costing a request its timeout."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -149,8 +151,11 @@ class RayActors:
                 self._ready.discard(self._died.popleft())  # pinged again before it gets more requests
             when, names = self._listed.get(model, (-math.inf, []))
             if time.monotonic() - when > _LIST_TTL_S:
+                first = model not in self._listed
                 names = actor_names(model)
                 self._listed[model] = (time.monotonic(), names)
+                if first:  # the job started these and waited for their models before any rollout
+                    self._ready.update(names)
             for n in names:
                 if n not in self._ready and n not in self._pings:
                     try:
