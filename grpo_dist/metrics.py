@@ -48,7 +48,7 @@ class Metric:
     packed: bool = False  # learner: a token-weighted mean over every rank's tokens (learner.step.METRIC_KEYS)
     kind: str = "gauge"  # Prometheus: "gauge", or "counter" (shown with a _total suffix)
     exported: bool = True  # also a Prometheus series
-    only_with: str | None = None  # written only when this config section is set (e.g. rollout.multi_turn)
+    only_with: str | None = None  # written only when this holds: a config section set (rollout.multi_turn), or an event
 
     @property
     def is_pattern(self) -> bool:
@@ -302,6 +302,7 @@ METRICS: dict[str, Metric] = _declare(
         "reward failures: a function's calls by kind exception, timeout, wrong_length; a served model's attempts by "
         "kind exception, timeout, died (its actor died or was restarting), wrong_length; nan: rows left with no score",
         "rollout",
+        only_with="a reward failed in that batch",
     ),
     Metric("rollout/worker_failures", "calls", "generate calls lost to a failed worker for this batch", "rollout"),
     Metric(

@@ -5,9 +5,9 @@ rollout worker runs its reward functions meanwhile and then ``finish``es. Each m
 split over its actors in contiguous chunks; a chunk whose attempt fails (the actor raised, died or
 is restarting, or the attempt timed out) is sent again to the model's next actor after a backoff,
 at most ``retries`` times (``grpo_dist.reward_models.call_with_retries``), and then its rows are
-NaN. Actors are looked up by name for every request (``reward-<name>-<i>``), so a group scaled up
-or down, or an actor Ray restarted, is used at once. Scores are placed by row index, whichever
-answer comes back first.
+NaN. Actors are found by name (``reward-<name>-<i>``, listed at most once a second), so a group
+scaled up or down, or an actor Ray restarted, is used within a second (``RayActors``). Scores are
+placed by row index, whichever answer comes back first.
 """
 
 from __future__ import annotations
@@ -129,10 +129,11 @@ class ServedRewards:
 
 class RayActors:
     """The served models' actors by name, listed at most once per ``_LIST_TTL_S`` (scaling and restarts
-    apply within that). The actors of the first listing are taken as ready (the job waited for their
-    models before it started the rollout workers); one that appears later, or whose request died, gets
-    requests once it answered a ``ping``. So an actor still loading its model (or being restarted) is
-    skipped while another is ready, instead of costing a request its timeout."""
+    apply within that). The actors of the first listing are taken as ready (at job start the job waited
+    for their models before it started the rollout workers; a rollout worker restarted later may meet
+    one still loading, which costs an attempt's timeout). One that appears later, or whose request
+    died, gets requests once it answered a ``ping``. So an actor still loading its model (or being
+    restarted) is skipped while another is ready, instead of costing a request its timeout."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
