@@ -469,10 +469,12 @@ class RolloutWorker:
 
     def _score_on_finish(self, group: StreamGroup, out: Any) -> PendingScores:
         """Send a finished group's completions to the served reward models at once (engine thread)."""
-        sampled = [c.text for c in sorted(out.outputs, key=lambda c: c.index)]
-        repeat = self.algo_cfg.num_generations // len(sampled)  # greedy: one sample, repeated (repeat_records)
-        texts = [t for t in sampled for _ in range(repeat)]
-        return self._served.start(served_rows([group.row], [0] * len(texts), texts))
+        n = self.algo_cfg.num_generations
+        return self._start_scoring(group.row, self._stream_records([(group, out)], n, n))
+
+    def _start_scoring(self, row: dict, records: list[dict[str, Any]]) -> PendingScores:
+        """The served models' requests for one group's completion records."""
+        return self._served.start(served_rows([row], [0] * len(records), [r["text"] for r in records]))
 
     def _check_stream(self) -> None:
         if self._engine.failure is not None:
@@ -509,10 +511,7 @@ class RolloutWorker:
             pending = None
             if self._served is not None:  # groups whose scoring did not start as they finished start now
                 parts = [
-                    g.scoring
-                    or self._served.start(
-                        served_rows([g.row], [0] * n, [r["text"] for r in records[p * n : (p + 1) * n]])
-                    )
+                    g.scoring or self._start_scoring(g.row, records[p * n : (p + 1) * n])
                     for p, (g, _) in enumerate(done)
                 ]
                 pending = ServedRewards.join(parts)
