@@ -16,6 +16,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), size="tiny", seed=0)
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray instance for one test module (none started if one is up already)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model's body with a one-label score head (a reward classifier)."""

@@ -30,16 +30,6 @@ def rows() -> list[dict]:
     return [{"prompt": f"<q>{q}</q>", "question": q, "answer": a, "reference": "7"} for q in QUESTIONS for a in ANSWERS]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def _wait_serving(group: RewardGroup, n: int, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

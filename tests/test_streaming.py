@@ -51,16 +51,6 @@ def _config(model_dir, **rollout) -> Config:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def rows(tiny_model_dir):
     from transformers import AutoTokenizer
 
