@@ -807,8 +807,8 @@ class Config(_Section):
         - With `rollout.multi_turn`, `rollout.generate_timeout_s` is above `rollout.multi_turn.episode_timeout_s`.
         - `rewards.functions` lists at least one function, unless `rewards.models` or `rollout.multi_turn.env`
           gives the rewards.
-        - `rollout.streaming` needs `trainer.max_staleness` of at least 1, single-turn rows (no
-          `rollout.multi_turn`) and full-weight sync (not `model.lora.sync: adapter`)."""
+        - `rollout.streaming` needs `trainer.max_staleness` of at least 1 and single-turn rows (no
+          `rollout.multi_turn`)."""
         rows = self.trainer.prompts_per_step * self.algorithm.num_generations
         ln = self.learner
         # A token budget packs each rank's rows of a mini-batch itself: no whole row micro-batches are needed.
@@ -846,13 +846,6 @@ class Config(_Section):
                 )
             if self.rollout.multi_turn is not None:
                 raise ValueError("rollout.streaming generates single-turn rows; it cannot run rollout.multi_turn")
-            if self.model.lora is not None and self.model.lora.sync == "adapter":
-                # A running vLLM request keeps the adapter it started with: in-flight updates would label
-                # tokens with a version that did not sample them.
-                raise ValueError(
-                    "rollout.streaming needs full-weight sync: with model.lora.sync=adapter a running request keeps "
-                    "the adapter it started with; use model.lora.sync: merged"
-                )
         tp, gpus = self.rollout.tensor_parallel_size, self.cluster.num_gpus_per_rollout
         # A fraction of a GPU would put two engines (and two ranks of one NCCL weight-sync group,
         # which NCCL refuses) on one device.

@@ -93,6 +93,7 @@ class EngineLoop:
         self.on_failure = on_failure
         self.on_finished = on_finished
         self.llm: Any = None  # set by ``attach`` (the start-up command)
+        self.lora_request: Any = None  # the LoRA adapter every admitted request runs (set on this thread)
         self.max_running_seqs = 1
         self.failure: str | None = None  # the engine raised: nothing more is generated
         self._lock = threading.Condition()
@@ -266,7 +267,9 @@ class EngineLoop:
                 self._running[rid] = g
             # One request per group (vLLM fans out the n samples); FINAL_ONLY: one output, when all n finished.
             params = SamplingParams(**g.params, output_kind=RequestOutputKind.FINAL_ONLY)
-            engine.add_request(rid, TokensPrompt(prompt_token_ids=list(g.row["prompt_ids"])), params)
+            engine.add_request(
+                rid, TokensPrompt(prompt_token_ids=list(g.row["prompt_ids"])), params, lora_request=self.lora_request
+            )
 
     def _step(self) -> None:
         engine = self.llm.llm_engine

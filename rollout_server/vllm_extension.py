@@ -112,16 +112,10 @@ class WeightSyncExtension:
         lora_id: int,
         peft_config: dict,
     ) -> dict[str, float]:
-        """Join the sync group, receive the LoRA adapter's tensors (PEFT names) and register them
-        as adapter ``lora_id``, built from the received tensors in memory (no files). Earlier
-        adapters are evicted first: the engine holds one adapter, the current one. The base weights
-        are never touched, so a failure leaves the previous adapter (or the base model) serving."""
-        from vllm.lora.lora_model import LoRAModel
-        from vllm.lora.peft_helper import PEFTHelper
-
-        manager = getattr(self.model_runner, "lora_manager", None)
-        if manager is None:
-            raise RuntimeError("this engine was built without LoRA (vLLM enable_lora=False); it cannot take an adapter")
+        """Join the sync group, receive the LoRA adapter's tensors (PEFT names) and serve them as
+        adapter ``lora_id`` (``_grpo_install_adapter``). Nothing is installed until every tensor has
+        arrived, so a failure leaves the previous adapter (or the base model) serving."""
+        self._grpo_lora_manager()
         t0 = time.perf_counter()
         group = init_sync_group(
             host,
@@ -139,6 +133,36 @@ class WeightSyncExtension:
             tensors = dict(recv_weights(group, manifest, bucket_bytes, self.device))
         finally:
             del group
+        self._grpo_install_adapter(tensors, lora_id, peft_config)
+        return {
+            "join_seconds": t_join - t0,
+            "load_seconds": time.perf_counter() - t_join,
+            "bytes": float(sum(s.nbytes for s in manifest)),
+            "tied_refreshed": 0.0,
+        }
+
+    def grpo_zero_adapter(self, manifest: list[ParamSpec], lora_id: int, peft_config: dict) -> None:
+        """Serve an adapter of zeros as ``lora_id``: the base model's outputs exactly (B = 0, as a
+        fresh PEFT adapter), under the id every later version reuses."""
+        self._grpo_lora_manager()
+        tensors = {s.name: torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in manifest}
+        self._grpo_install_adapter(tensors, lora_id, peft_config)
+
+    def _grpo_lora_manager(self):
+        manager = getattr(self.model_runner, "lora_manager", None)
+        if manager is None:
+            raise RuntimeError("this engine was built without LoRA (vLLM enable_lora=False); it cannot take an adapter")
+        return manager
+
+    def _grpo_install_adapter(self, tensors: dict[str, torch.Tensor], lora_id: int, peft_config: dict) -> None:
+        """Register ``tensors`` (built in memory, no files) as adapter ``lora_id`` in place of every
+        adapter held: the engine holds one, the current version. Registering under an id that running
+        requests carry makes their next step run the new adapter: vLLM copies a registered adapter
+        into its slot when a step finds the id inactive, and removing it deactivated it."""
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        manager = self._grpo_lora_manager()
         helper = PEFTHelper.from_dict(peft_config)
         helper.validate_legal(manager.lora_config)
         model = manager._adapter_manager.model
@@ -156,12 +180,6 @@ class WeightSyncExtension:
         for old in manager.list_adapters():
             manager.remove_adapter(old)
         manager._adapter_manager.add_adapter(adapter)
-        return {
-            "join_seconds": t_join - t0,
-            "load_seconds": time.perf_counter() - t_join,
-            "bytes": float(sum(s.nbytes for s in manifest)),
-            "tied_refreshed": 0.0,
-        }
 
     def grpo_adapter_ids(self) -> list[int]:
         manager = getattr(self.model_runner, "lora_manager", None)

@@ -66,6 +66,9 @@ EXTENSION_CLS = "rollout_server.vllm_extension.WeightSyncExtension"
 DEFAULT_BUCKET_BYTES = int(LearnerConfig.model_fields["weight_sync_bucket_mb"].default * 2**20)
 # Seconds between refusing a broken update and exiting for a restart: lets Ray deliver the error.
 _RESTART_DELAY_S = 2.0
+# vLLM's id of the one LoRA adapter an engine serves. Every version replaces it under this id, so a
+# streaming request that runs across an update continues on the new adapter, as with full weights.
+_ADAPTER_ID = 1
 # vLLM-CPU's own default for offline engines (LLM class).
 CPU_MAX_NUM_BATCHED_TOKENS = 4096
 # KV-cache block on CPU: prefix caching shares whole blocks, so vLLM-CPU's default of 128 shares
@@ -293,6 +296,10 @@ class RolloutWorker:
                 model_cfg.path, model_cfg.lora, self._engine_kwargs["dtype"], model_cfg.trust_remote_code
             )
             self._peft_config = lora_lib.peft_config_dict(model_cfg.lora, model_cfg.path)
+            if self._streaming:
+                # A request keeps the adapter id it was admitted with: one admitted on the base model
+                # (no adapter) would go on sampling from it after an update labelled the new version.
+                self._on_engine(self._serve_zero_adapter, rollout_cfg.generate_timeout_s)
         else:
             self._expected = expected_manifest(
                 model_cfg.path, self._engine_kwargs["dtype"], model_cfg.trust_remote_code
@@ -658,26 +665,48 @@ class RolloutWorker:
         }
 
     def _load_adapter(self, manifest, version, host, port, rank, sync_group_size, timeout_s, bucket_bytes, called):
-        """Receive the adapter into a new vLLM LoRA slot (id = version + 1, ids start at 1) and
-        serve it from the next batch on; the base weights are never written, so a failed update
-        leaves the previous adapter serving and nothing needs a restart."""
-        from vllm.lora.request import LoRARequest
-
+        """Receive the adapter in place of the one served (``_ADAPTER_ID``) and serve it from the next
+        engine step on; the base weights are never written, so a failed update leaves the previous
+        adapter serving and nothing needs a restart."""
         t0 = time.perf_counter()
-        lora_id = version + 1
         try:
             stats = self._llm.collective_rpc(
                 "grpo_receive_adapter",
-                args=(manifest, host, port, rank, sync_group_size, timeout_s, bucket_bytes, lora_id, self._peft_config),
+                args=(
+                    manifest,
+                    host,
+                    port,
+                    rank,
+                    sync_group_size,
+                    timeout_s,
+                    bucket_bytes,
+                    _ADAPTER_ID,
+                    self._peft_config,
+                ),
             )
         except Exception as e:
             raise RuntimeError(
                 f"{self.name}: adapter update to version {version} failed: {e} (still serving "
                 f"version {self.weight_version})"
             ) from e
-        # vLLM never reads the path of an adapter it already holds; it names the source in its logs.
-        self._lora_request = LoRARequest(f"grpo-v{version}", lora_id, lora_path=f"grpo-dist:in-memory/v{version}")
+        self._serve_adapter()
         return self._adopt(version, t0, stats, called)
+
+    def _serve_zero_adapter(self) -> None:
+        """On the engine thread at start (streaming): version 0 as an adapter of zeros, which gives
+        the base model's outputs exactly, so every request carries the adapter id from admission."""
+        self._llm.collective_rpc(
+            "grpo_zero_adapter", args=(list(self._expected.values()), _ADAPTER_ID, self._peft_config)
+        )
+        self._serve_adapter()
+
+    def _serve_adapter(self) -> None:
+        from vllm.lora.request import LoRARequest
+
+        # vLLM never reads the path of an adapter it already holds; it names the source in its logs.
+        self._lora_request = LoRARequest("grpo-policy", _ADAPTER_ID, lora_path="grpo-dist:in-memory")
+        if self._streaming:
+            self._engine.lora_request = self._lora_request
 
 
 def _thread_info() -> dict[str, Any]:

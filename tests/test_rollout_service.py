@@ -116,15 +116,17 @@ def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
 
-def push(manager, model, version: int, manifest: list[ParamSpec] | None = None) -> list[dict]:
-    """Act as learner rank 0: start the workers' receive, join the group, send, wait."""
-    manifest = manifest or [spec_of(n, p) for n, p in model.named_parameters()]
+def push(manager, weights, version: int) -> list[dict]:
+    """Act as learner rank 0: start the workers' receive, join the group, send, wait. ``weights``: a
+    model (its parameters), or name -> tensor (a LoRA adapter in PEFT's saved names)."""
+    named = list(weights.items()) if isinstance(weights, dict) else list(weights.named_parameters())
+    manifest = [spec_of(n, t) for n, t in named]
     store = open_sync_store(60)  # listening before the workers are told the port, as the learner does
     refs = manager.start_receive_weights(
         manifest, version, "127.0.0.1", store.port, timeout_s=60, bucket_bytes=BUCKET_BYTES
     )
     group = init_sync_group("127.0.0.1", store.port, 0, manager.sync_group_size(), 60, "gloo", store=store)
-    send_weights(group, manifest, (p.detach() for _, p in model.named_parameters()), BUCKET_BYTES)
+    send_weights(group, manifest, (t.detach() for _, t in named), BUCKET_BYTES)
     return ray.get(refs, timeout=120)
 
 

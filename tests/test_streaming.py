@@ -102,6 +102,46 @@ def test_an_update_mid_generation_splits_rows_into_versions_each_exact(ray_sessi
     assert max(apart) > 100 * SEGMENT_TOL  # the other version's weights do not give them back
 
 
+def test_an_adapter_update_mid_generation_moves_running_rows_onto_the_new_adapter(
+    ray_session, tiny_model_dir, hf_models, rows
+):
+    """``model.lora.sync: adapter``: the engine serves version 0 as an adapter of zeros, so every
+    request carries the adapter from admission and a request running across the update continues
+    on the new adapter."""
+    from test_lora import tiny_peft
+
+    from grpo_dist import lora as lora_lib
+
+    data = _config(tiny_model_dir, streaming=True, max_lora_rank=8).model_dump()
+    data["model"]["lora"] = {"rank": 8, "alpha": 16, "sync": "adapter"}
+    policy = tiny_peft(tiny_model_dir)  # random B: the adapter moves every log-prob
+    adapter = {lora_lib.sync_name(n): p for n, p in policy.named_parameters() if lora_lib.is_adapter_param(n)}
+    m = _manager(Config.model_validate(data))
+    try:
+        m.stream_submit(list(enumerate(rows)))
+        stats = push(m, adapter, 1)
+        m.mark_synced(1)
+        batch, uids = m.stream_take(len(rows))
+    finally:
+        m.shutdown()
+    assert sorted(uids) == list(range(len(rows))) and stats[0]["bytes"] < 0.2 * sum(
+        p.numel() * 4 for p in hf_models["base"].parameters()
+    )
+    mixed = [i for i, v in enumerate(batch.token_versions) if len(set(v)) == 2]
+    assert mixed, "no row was running when the update landed"
+    # Version 0 is the base model (the zero adapter adds exactly 0); version 1 is the pushed adapter.
+    logp = {0: hf_logps(hf_models["base"], batch), 1: hf_logps(policy, batch)}
+    worst = {0: 0.0, 1: 0.0}
+    apart = []
+    for i, versions in enumerate(batch.token_versions):
+        assert versions == sorted(versions) and set(versions) <= {0, 1}
+        for v, ts in _segments(versions).items():
+            worst[v] = max(worst[v], *(abs(batch.sampling_logp[i][t] - logp[v][i][t]) for t in ts))
+            apart += [abs(batch.sampling_logp[i][t] - logp[1 - v][i][t]) for t in ts]
+    assert worst[0] <= SEGMENT_TOL and worst[1] <= SEGMENT_TOL, worst
+    assert max(apart) > 100 * SEGMENT_TOL
+
+
 def test_one_version_mode_reproduces_batch_generation(ray_session, tiny_model_dir, hf_models, rows):
     batch_mode = _manager(_config(tiny_model_dir))
     try:

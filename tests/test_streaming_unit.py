@@ -154,7 +154,7 @@ def test_selecting_rows_keeps_their_own_oldest_version_and_copies_the_counts():
     "field, value, match",
     [
         ("trainer", {"max_staleness": 0}, "max_staleness >= 1"),
-        ("model", {"lora": {"rank": 8, "sync": "adapter"}}, "full-weight sync"),
+        ("rollout", {"multi_turn": {"env": "grpo_dist.envs.retry:make_retry_env"}}, "single-turn rows"),
     ],
 )
 def test_streaming_config_refuses_what_it_cannot_run(tmp_path, field, value, match):
@@ -162,6 +162,12 @@ def test_streaming_config_refuses_what_it_cannot_run(tmp_path, field, value, mat
     data[field] = {**data[field], **value}
     with pytest.raises(ValueError, match=match):
         Config.model_validate(data)
+
+
+def test_streaming_takes_a_lora_adapter_sync(tmp_path):
+    data = stream_cfg(tmp_path).model_dump()
+    data["model"] = {**data["model"], "lora": {"rank": 8, "sync": "adapter"}}
+    assert Config.model_validate(data).rollout.streaming
 
 
 def test_streaming_trains_groups_in_completion_order_each_drawn_prompt_once(tmp_path):
