@@ -145,6 +145,9 @@ class StreamFeed:
                 got += self._accept(name, res)
                 stats.append(res["stats"])
         batch, uids = _first_groups(got, want, self)
+        # The engine's time is every window this take read, also those of calls that found no group
+        # finished (a worker's batch counts only the window of the call that returned it).
+        batch.timings["generate"] = sum(s["busy_seconds"] for s in stats)
         batch.metrics.update(engine_load(stats))
         return batch, uids
 

@@ -85,6 +85,7 @@ def test_an_update_mid_generation_splits_rows_into_versions_each_exact(ray_sessi
     assert sorted(uids) == list(range(len(rows))) and len(batch) == len(rows) * G
     assert stats[0]["version"] == 1 and stats[0]["wait_seconds"] >= 0
     assert batch.token_versions is not None and batch.weight_version == 0
+    assert batch.timings["generate"] > 0  # the engine's busy time over the take's windows
     mixed = [i for i, v in enumerate(batch.token_versions) if len(set(v)) == 2]
     assert mixed, "no row was running when the update landed"
     for v in batch.token_versions:
