@@ -670,20 +670,8 @@ class RolloutWorker:
         adapter serving and nothing needs a restart."""
         t0 = time.perf_counter()
         try:
-            stats = self._llm.collective_rpc(
-                "grpo_receive_adapter",
-                args=(
-                    manifest,
-                    host,
-                    port,
-                    rank,
-                    sync_group_size,
-                    timeout_s,
-                    bucket_bytes,
-                    _ADAPTER_ID,
-                    self._peft_config,
-                ),
-            )
+            sync = (manifest, host, port, rank, sync_group_size, timeout_s, bucket_bytes)
+            stats = self._llm.collective_rpc("grpo_receive_adapter", args=(*sync, _ADAPTER_ID, self._peft_config))
         except Exception as e:
             raise RuntimeError(
                 f"{self.name}: adapter update to version {version} failed: {e} (still serving "
