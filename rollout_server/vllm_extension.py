@@ -128,8 +128,7 @@ class WeightSyncExtension:
         )
         t_join = time.perf_counter()
         try:
-            # recv_weights yields views of one flat buffer per bucket; each bucket is fresh, so the
-            # views stay valid for as long as the adapter holds them.
+            # Views of one flat buffer per bucket; from_lora_tensors copies them into the adapter.
             tensors = dict(recv_weights(group, manifest, bucket_bytes, self.device))
         finally:
             del group
@@ -145,7 +144,7 @@ class WeightSyncExtension:
         """Serve an adapter of zeros as ``lora_id``: the base model's outputs exactly (B = 0, as a
         fresh PEFT adapter), under the id every later version reuses."""
         self._grpo_lora_manager()
-        tensors = {s.name: torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in manifest}
+        tensors = {s.name: torch.zeros(s.shape, dtype=s.torch_dtype) for s in manifest}
         self._grpo_install_adapter(tensors, lora_id, peft_config)
 
     def _grpo_lora_manager(self):
@@ -158,7 +157,9 @@ class WeightSyncExtension:
         """Register ``tensors`` (built in memory, no files) as adapter ``lora_id`` in place of every
         adapter held: the engine holds one, the current version. Registering under an id that running
         requests carry makes their next step run the new adapter: vLLM copies a registered adapter
-        into its slot when a step finds the id inactive, and removing it deactivated it."""
+        into its slot when a step finds the id inactive, and removing it deactivated it. If the new
+        one is refused, the old ones are put back: a requested id vLLM does not hold would be loaded
+        from its path, which does not exist, and the engine would fail."""
         from vllm.lora.lora_model import LoRAModel
         from vllm.lora.peft_helper import PEFTHelper
 
@@ -177,10 +178,12 @@ class WeightSyncExtension:
             weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
             skip_prefixes=getattr(model, "lora_skip_prefixes", None),
         )
-        for old in manager.list_adapters():
-            manager.remove_adapter(old)
-        manager._adapter_manager.add_adapter(adapter)
-
-    def grpo_adapter_ids(self) -> list[int]:
-        manager = getattr(self.model_runner, "lora_manager", None)
-        return sorted(manager.list_adapters()) if manager is not None else []
+        held = [manager._adapter_manager.get_adapter(i) for i in manager.list_adapters()]
+        for old in held:
+            manager.remove_adapter(old.id)
+        try:
+            manager._adapter_manager.add_adapter(adapter)
+        except BaseException:
+            for old in held:
+                manager._adapter_manager.add_adapter(old)
+            raise

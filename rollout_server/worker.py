@@ -109,7 +109,7 @@ def engine_kwargs(rollout: RolloutConfig, model: ModelConfig, max_model_len: int
         enable_prefix_caching=True,
     )
     if serves_adapter(model):
-        # One adapter at a time, the current version: a new one replaces the old between batches.
+        # One adapter at a time, the current version: a new one replaces the old between engine steps.
         kw.update(enable_lora=True, max_lora_rank=rollout.max_lora_rank, max_loras=1)
     if cuda:
         kw["gpu_memory_utilization"] = rollout.gpu_memory_utilization
@@ -533,7 +533,8 @@ class RolloutWorker:
                 self._served,
                 pending,
             )
-            self._gauges.generated(len(records), busy)
+        # Every window counts: a call that found no group finished still read the engine's busy time.
+        self._gauges.generated(len(batch) if batch is not None else 0, stats["busy_seconds"])
         return {"batch": batch, "uids": [g.uid for g, _ in done], "held": self._engine.held(), "stats": stats}
 
     def _run_engine(self, prompt_ids: list[list[int]], kw: dict[str, Any], seeds: list[int]):
@@ -677,7 +678,7 @@ class RolloutWorker:
                 f"{self.name}: adapter update to version {version} failed: {e} (still serving "
                 f"version {self.weight_version})"
             ) from e
-        self._serve_adapter()
+        self._serve_adapter(version)
         return self._adopt(version, t0, stats, called)
 
     def _serve_zero_adapter(self) -> None:
@@ -686,13 +687,14 @@ class RolloutWorker:
         self._llm.collective_rpc(
             "grpo_zero_adapter", args=(list(self._expected.values()), _ADAPTER_ID, self._peft_config)
         )
-        self._serve_adapter()
+        self._serve_adapter(0)
 
-    def _serve_adapter(self) -> None:
+    def _serve_adapter(self, version: int) -> None:
         from vllm.lora.request import LoRARequest
 
-        # vLLM never reads the path of an adapter it already holds; it names the source in its logs.
-        self._lora_request = LoRARequest("grpo-policy", _ADAPTER_ID, lora_path="grpo-dist:in-memory")
+        # vLLM never reads the path of an adapter it already holds. The path is part of its prefix-cache
+        # block hash, so a version's blocks never match another's even without the cache reset.
+        self._lora_request = LoRARequest("grpo-policy", _ADAPTER_ID, lora_path=f"grpo-dist:in-memory/v{version}")
         if self._streaming:
             self._engine.lora_request = self._lora_request
 

@@ -161,7 +161,7 @@ def lora_api() -> str:
     assert "self.lora_manager = LRUCacheWorkerLoRAManager(" in inspect.getsource(
         inspect.getmodule(GPUModelRunner.load_lora_model)
     )
-    LoRARequest("grpo-v1", 2, lora_path="grpo-dist:in-memory/v1")
+    LoRARequest("grpo-policy", 1, lora_path="grpo-dist:in-memory/v1")
     for cfg in gpu_configs().values():
         model = cfg.model.model_copy(update={"lora": LoraConfig(rank=16)})
         kw = engine_kwargs(cfg.rollout, model, cfg.max_model_len, cuda=True)

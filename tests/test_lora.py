@@ -93,6 +93,60 @@ def test_merged_weight_equals_peft_merge(tiny_model_dir):
     torch.testing.assert_close(got, merged.model.layers[1].mlp.up_proj.weight, rtol=0, atol=1e-6)
 
 
+@pytest.mark.vllm
+def test_a_refused_adapter_leaves_the_previous_one_registered(monkeypatch):
+    """A running request carries the adapter's id: if the new adapter is refused, the old one must
+    still be registered under it (vLLM would otherwise load the id from a path that does not exist)."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("vllm")
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    from rollout_server.vllm_extension import WeightSyncExtension
+
+    class Registry:
+        def __init__(self, refuse: bool):
+            self.held, self.refuse, self.model = {}, refuse, SimpleNamespace()
+
+        def get_adapter(self, i):
+            return self.held.get(i)
+
+        def add_adapter(self, adapter):
+            if self.refuse and adapter.tag == "new":
+                raise ValueError("refused")
+            self.held[adapter.id] = adapter
+
+    class Manager:
+        lora_config, vocab_size = SimpleNamespace(lora_dtype=torch.float32), 10
+
+        def __init__(self, refuse: bool):
+            self._adapter_manager = Registry(refuse)
+
+        def list_adapters(self):
+            return set(self._adapter_manager.held)
+
+        def remove_adapter(self, i):
+            return self._adapter_manager.held.pop(i, None) is not None
+
+    monkeypatch.setattr(PEFTHelper, "from_dict", staticmethod(lambda d: SimpleNamespace(validate_legal=lambda c: None)))
+    monkeypatch.setattr(
+        LoRAModel, "from_lora_tensors", staticmethod(lambda i, *a, **k: SimpleNamespace(id=i, tag="new"))
+    )
+    for refuse in (False, True):
+        worker = WeightSyncExtension()
+        worker.model_runner = SimpleNamespace(lora_manager=Manager(refuse))
+        old = SimpleNamespace(id=1, tag="old")
+        worker.model_runner.lora_manager._adapter_manager.held[1] = old
+        if refuse:
+            with pytest.raises(ValueError, match="refused"):
+                worker._grpo_install_adapter({}, 1, {})
+            assert worker.model_runner.lora_manager._adapter_manager.held == {1: old}
+        else:
+            worker._grpo_install_adapter({}, 1, {})
+            assert worker.model_runner.lora_manager._adapter_manager.held[1].tag == "new"
+
+
 def test_names_between_peft_and_hf():
     assert lora_lib.sync_name("base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight") == (
         "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
