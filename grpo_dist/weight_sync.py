@@ -37,9 +37,10 @@ Both sides import this module; neither imports the other. One update, in order (
    ``_gathered`` (ZeRO-3 gathers are collective, bucket by bucket) while rank 0 sends
    (``send_weights``: ``plan_buckets``, one flat buffer per bucket and dtype, one broadcast each).
 8. Rollout worker: ``_adopt`` resets the prefix cache and serves the new version (an adapter replaces
-   the previous one under the same vLLM id, so streaming requests move to it at their next step). A failure after the first tensor (``grpo_weights_partial``)
-   leaves the engine half-updated: version -1, and the process exits for Ray to restart it (a failed
-   adapter update leaves the previous adapter serving).
+   the previous one under the same vLLM id, so streaming requests move to it at their next step).
+   A failure after the first tensor (``grpo_weights_partial``) leaves the engine half-updated:
+   version -1, and the process exits for Ray to restart it (a failed adapter update leaves the
+   previous adapter serving).
 9. Driver, ``RayCluster._sync_once``: waits for the refs, checks ``RolloutManager.weight_versions``
    and calls ``RolloutManager.mark_synced``.
 

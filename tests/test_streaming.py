@@ -73,6 +73,23 @@ def _segments(versions: list[int]) -> dict[int, list[int]]:
     return out
 
 
+def _check_segments(batch, models: dict) -> None:
+    """Some row spans versions 0 and 1 (0 tokens, then 1 tokens), and each token's engine log-prob is
+    its version's model's (``models[v]``) within SEGMENT_TOL, and far from the other version's."""
+    mixed = [i for i, v in enumerate(batch.token_versions) if len(set(v)) == 2]
+    assert mixed, "no row was running when the update landed"
+    logp = {v: hf_logps(model, batch) for v, model in models.items()}
+    worst = {0: 0.0, 1: 0.0}
+    apart = []
+    for i, versions in enumerate(batch.token_versions):
+        assert versions == sorted(versions) and set(versions) <= {0, 1}
+        for v, ts in _segments(versions).items():
+            worst[v] = max(worst[v], *(abs(batch.sampling_logp[i][t] - logp[v][i][t]) for t in ts))
+            apart += [abs(batch.sampling_logp[i][t] - logp[1 - v][i][t]) for t in ts]
+    assert worst[0] <= SEGMENT_TOL and worst[1] <= SEGMENT_TOL, worst
+    assert max(apart) > 100 * SEGMENT_TOL  # the other version's weights do not give them back
+
+
 def test_an_update_mid_generation_splits_rows_into_versions_each_exact(ray_session, tiny_model_dir, hf_models, rows):
     m = _manager(_config(tiny_model_dir, streaming=True))
     try:
@@ -86,21 +103,9 @@ def test_an_update_mid_generation_splits_rows_into_versions_each_exact(ray_sessi
     assert stats[0]["version"] == 1 and stats[0]["wait_seconds"] >= 0
     assert batch.token_versions is not None and batch.weight_version == 0
     assert batch.timings["generate"] > 0  # the engine's busy time over the take's windows
-    mixed = [i for i, v in enumerate(batch.token_versions) if len(set(v)) == 2]
-    assert mixed, "no row was running when the update landed"
-    for v in batch.token_versions:
-        assert v == sorted(v) and set(v) <= {0, 1}  # each row: version 0 tokens, then version 1 tokens
     # Each token's engine log-prob is its own version's: the learner's forward (a transformers
     # forward of the whole row) under that version's weights gives it back.
-    logp = {0: hf_logps(hf_models["base"], batch), 1: hf_logps(hf_models["new"], batch)}
-    worst = {0: 0.0, 1: 0.0}
-    apart = []
-    for i, versions in enumerate(batch.token_versions):
-        for v, ts in _segments(versions).items():
-            worst[v] = max(worst[v], *(abs(batch.sampling_logp[i][t] - logp[v][i][t]) for t in ts))
-            apart += [abs(batch.sampling_logp[i][t] - logp[1 - v][i][t]) for t in ts]
-    assert worst[0] <= SEGMENT_TOL and worst[1] <= SEGMENT_TOL, worst
-    assert max(apart) > 100 * SEGMENT_TOL  # the other version's weights do not give them back
+    _check_segments(batch, {0: hf_models["base"], 1: hf_models["new"]})
 
 
 def test_an_adapter_update_mid_generation_moves_running_rows_onto_the_new_adapter(
@@ -128,19 +133,8 @@ def test_an_adapter_update_mid_generation_moves_running_rows_onto_the_new_adapte
     assert sorted(uids) == list(range(len(rows))) and stats[0]["bytes"] < 0.2 * sum(
         p.numel() * 4 for p in hf_models["base"].parameters()
     )
-    mixed = [i for i, v in enumerate(batch.token_versions) if len(set(v)) == 2]
-    assert mixed, "no row was running when the update landed"
     # Version 0 is the base model (the zero adapter adds exactly 0); version 1 is the pushed adapter.
-    logp = {0: hf_logps(hf_models["base"], batch), 1: hf_logps(policy, batch)}
-    worst = {0: 0.0, 1: 0.0}
-    apart = []
-    for i, versions in enumerate(batch.token_versions):
-        assert versions == sorted(versions) and set(versions) <= {0, 1}
-        for v, ts in _segments(versions).items():
-            worst[v] = max(worst[v], *(abs(batch.sampling_logp[i][t] - logp[v][i][t]) for t in ts))
-            apart += [abs(batch.sampling_logp[i][t] - logp[1 - v][i][t]) for t in ts]
-    assert worst[0] <= SEGMENT_TOL and worst[1] <= SEGMENT_TOL, worst
-    assert max(apart) > 100 * SEGMENT_TOL
+    _check_segments(batch, {0: hf_models["base"], 1: policy})
 
 
 def test_one_version_mode_reproduces_batch_generation(ray_session, tiny_model_dir, hf_models, rows):
